@@ -1,0 +1,312 @@
+//! The command line: debug mappings offline (`normalize`, `transform`, `validate`).
+
+use clap::{Args, Parser, Subcommand};
+use iomt_connector::model::measurement::Measurement;
+use iomt_connector::template::device::{DeviceMapping, NormalizeError, envelope};
+use iomt_connector::template::fhir::{FhirMapping, PeriodInterval, ValueKind};
+use iomt_connector::template::{TemplateError, TemplateErrors};
+use iomt_connector::transform::{CreateIdentity, transform};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "iomt-connector",
+    version,
+    about = "Device messages to FHIR R4 Observations, with Azure MedTech mapping files"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the measurements a device mapping projects out of one message.
+    #[command(after_help = NORMALIZE_HELP)]
+    Normalize(NormalizeArgs),
+    /// Print the Observations a batch of messages becomes (Create identity, empty FHIR server).
+    #[command(after_help = TRANSFORM_HELP)]
+    Transform(TransformArgs),
+    /// Check a device mapping (and a FHIR mapping) and report every problem with its position.
+    #[command(after_help = VALIDATE_HELP)]
+    Validate(ValidateArgs),
+}
+
+const NORMALIZE_HELP: &str = "\
+Prints a JSON array of measurements to stdout:
+  {\"type\", \"occurrenceTimeUtc\", \"deviceId\", \"patientId\", \"encounterId\", \"correlationId\",
+   \"properties\": [{\"name\", \"value\"}]}
+in template order, then match order; absent ids are null; times are RFC 3339 UTC with milliseconds.
+
+Without --envelope, MESSAGE_FILE is the message body and is evaluated as
+  {\"Body\": <file>, \"Properties\": {}, \"SystemProperties\": {}}
+With --envelope, MESSAGE_FILE is that whole envelope (use it for IotJsonPathContent templates).
+
+Exit status: 0 with the array (possibly []), 1 when the message cannot be normalized (not JSON, a
+required value missing, an expression failing: one line on stderr names the template's typeName,
+the expression and the reason), 2 when the mapping is invalid or a file cannot be read.
+
+Example:
+  iomt-connector normalize --device-mapping mappings/devicecontent.json mappings/messages/heartrate.json";
+
+const TRANSFORM_HELP: &str = "\
+Normalizes every MESSAGE_FILE in order as one batch, groups the measurements per device, type,
+patient, encounter, correlation id and window, and prints the JSON array of FHIR R4 Observations
+that Create-mode identity would write to an empty FHIR server: Patient and Device ids are derived
+from the message's patientId and deviceId (sha256 of \"{system}_{value}\"). Readings with equal
+timestamps: the later file wins. `issued` is the current time.
+
+Exit status: 0 when every message and group converts; 1 when any fails (each failure is one line on
+stderr; the Observations that did convert are still printed); 2 for invalid mappings or unreadable
+files.
+
+Example:
+  iomt-connector transform --device-mapping mappings/devicecontent.json \\
+      --fhir-mapping mappings/fhirmapping.json mappings/messages/heartrate.json mappings/messages/spo2.json";
+
+const VALIDATE_HELP: &str = "\
+Exits 0 and prints a summary when the mappings are valid; otherwise exits 1 and lists every problem
+as FILE:LINE:COLUMN: message, including cross-checks between the two mappings (a device typeName
+without a FHIR template; a device value name no FHIR template uses).
+
+Example:
+  iomt-connector validate --device-mapping mappings/devicecontent.json --fhir-mapping mappings/fhirmapping.json";
+
+#[derive(Args)]
+struct NormalizeArgs {
+    /// Device mapping (MedTech CollectionContent JSON).
+    #[arg(long, value_name = "FILE")]
+    device_mapping: PathBuf,
+    /// MESSAGE_FILE holds the whole {Body, Properties, SystemProperties} envelope.
+    #[arg(long)]
+    envelope: bool,
+    /// The device message (its body, or the envelope with --envelope).
+    #[arg(value_name = "MESSAGE_FILE")]
+    message: PathBuf,
+}
+
+#[derive(Args)]
+struct TransformArgs {
+    /// Device mapping (MedTech CollectionContent JSON).
+    #[arg(long, value_name = "FILE")]
+    device_mapping: PathBuf,
+    /// FHIR mapping (MedTech CollectionFhir JSON).
+    #[arg(long, value_name = "FILE")]
+    fhir_mapping: PathBuf,
+    /// Each MESSAGE_FILE holds a whole {Body, Properties, SystemProperties} envelope.
+    #[arg(long)]
+    envelope: bool,
+    /// Identifier system of Device resources (MedTech's DefaultDeviceIdentifierSystem).
+    #[arg(long, value_name = "URI")]
+    device_identifier_system: Option<String>,
+    /// Device messages, in ingestion order.
+    #[arg(value_name = "MESSAGE_FILE", required = true)]
+    messages: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct ValidateArgs {
+    /// Device mapping (MedTech CollectionContent JSON).
+    #[arg(long, value_name = "FILE")]
+    device_mapping: PathBuf,
+    /// FHIR mapping (MedTech CollectionFhir JSON); enables the cross-checks.
+    #[arg(long, value_name = "FILE")]
+    fhir_mapping: Option<PathBuf>,
+}
+
+/// A failure that ends the command: its exit code and what to print on stderr.
+struct Failure(u8, String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Normalize(a) => normalize(a),
+        Command::Transform(a) => transform_cmd(a),
+        Command::Validate(a) => validate(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, message)) => {
+            eprintln!("{message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))
+}
+
+fn mapping_errors(path: &Path, errors: &[TemplateError]) -> String {
+    let file = path.display().to_string();
+    errors
+        .iter()
+        .map(|e| e.located(&file))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn load_device(path: &Path) -> Result<DeviceMapping, Failure> {
+    DeviceMapping::parse(&read(path)?)
+        .map_err(|TemplateErrors(e)| Failure(2, mapping_errors(path, &e)))
+}
+
+fn load_fhir(path: &Path) -> Result<FhirMapping, Failure> {
+    FhirMapping::parse(&read(path)?)
+        .map_err(|TemplateErrors(e)| Failure(2, mapping_errors(path, &e)))
+}
+
+fn normalize_file(
+    mapping: &DeviceMapping,
+    path: &Path,
+    whole_envelope: bool,
+) -> Result<Vec<Measurement>, Failure> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))?;
+    let result = if whole_envelope {
+        serde_json::from_slice::<Value>(&bytes)
+            .map_err(|e| NormalizeError::InvalidJson(e.to_string()))
+            .and_then(|event| mapping.normalize(&event))
+    } else {
+        serde_json::from_slice::<Value>(&bytes)
+            .map_err(|e| NormalizeError::InvalidJson(e.to_string()))
+            .and_then(|body| mapping.normalize(&envelope(body)))
+    };
+    result.map_err(|e| Failure(1, format!("error: {}: {e}", path.display())))
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Failure(2, format!("error: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn normalize(a: NormalizeArgs) -> Result<(), Failure> {
+    let mapping = load_device(&a.device_mapping)?;
+    let measurements = normalize_file(&mapping, &a.message, a.envelope)?;
+    print_json(&measurements)
+}
+
+fn transform_cmd(a: TransformArgs) -> Result<(), Failure> {
+    let device = load_device(&a.device_mapping)?;
+    let fhir = load_fhir(&a.fhir_mapping)?;
+    let mut measurements = Vec::new();
+    for path in &a.messages {
+        measurements.extend(normalize_file(&device, path, a.envelope)?);
+    }
+    let identity = CreateIdentity {
+        device_system: a.device_identifier_system,
+    };
+    let batch = transform(&fhir, measurements, &identity, chrono::Utc::now());
+    print_json(&batch.observations)?;
+    if batch.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure(
+            1,
+            batch
+                .errors
+                .iter()
+                .map(|e| format!("error: {e}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ))
+    }
+}
+
+fn validate(a: ValidateArgs) -> Result<(), Failure> {
+    let device_text = read(&a.device_mapping)?;
+    let (device, device_errors) = DeviceMapping::parse_partial(&device_text);
+    let mut problems = mapping_errors(&a.device_mapping, &device_errors);
+    let mut summary = vec![format!(
+        "{}: {} device template(s)",
+        a.device_mapping.display(),
+        device.templates.len()
+    )];
+    let mut notes = Vec::new();
+    let mut count = device_errors.len();
+    if let Some(fhir_path) = &a.fhir_mapping {
+        let (fhir, fhir_errors) = FhirMapping::parse_partial(&read(fhir_path)?);
+        count += fhir_errors.len();
+        let mut cross = Vec::new();
+        // Cross-checks only make sense when the FHIR mapping itself is sound.
+        if fhir_errors.is_empty() {
+            for t in &device.templates {
+                let pos = |line, column| format!("{}:{line}:{column}", a.device_mapping.display());
+                let Some(ft) = fhir.template(&t.type_name) else {
+                    cross.push(format!(
+                        "{}: {} '{}': no FHIR template has this typeName; add a CodeValueFhir with typeName '{}' to {}",
+                        pos(t.line, t.column),
+                        t.kind.name(),
+                        t.type_name,
+                        t.type_name,
+                        fhir_path.display()
+                    ));
+                    continue;
+                };
+                for v in &t.values {
+                    if !ft.value_templates().any(|fv| fv.value_name == v.name) {
+                        cross.push(format!(
+                            "{}: {} '{}': value '{}' is not used by FHIR template '{}' ({}:{}); it would be dropped",
+                            pos(v.line, v.column),
+                            t.kind.name(),
+                            t.type_name,
+                            v.name,
+                            ft.type_name,
+                            fhir_path.display(),
+                            ft.line
+                        ));
+                    }
+                }
+            }
+            for ft in &fhir.templates {
+                if ft.effective_interval() != ft.period_interval
+                    && ft.period_interval != PeriodInterval::Single
+                {
+                    let kinds: Vec<&str> = ft
+                        .value_templates()
+                        .filter(|v| {
+                            matches!(v.kind, ValueKind::Quantity { .. } | ValueKind::String)
+                        })
+                        .map(|v| v.kind.name())
+                        .collect();
+                    notes.push(format!(
+                        "note: {}:{}:{}: CodeValueFhir '{}' has {} values, which hold one reading: each reading becomes its own instant Observation (periodInterval {:?} is not used)",
+                        fhir_path.display(),
+                        ft.line,
+                        ft.column,
+                        ft.type_name,
+                        kinds.join("/"),
+                        ft.period_interval
+                    ));
+                }
+            }
+        }
+        count += cross.len();
+        let fhir_problems = mapping_errors(fhir_path, &fhir_errors);
+        for p in [fhir_problems, cross.join("\n")] {
+            if !p.is_empty() {
+                if !problems.is_empty() {
+                    problems.push('\n');
+                }
+                problems.push_str(&p);
+            }
+        }
+        summary.push(format!(
+            "{}: {} FHIR template(s)",
+            fhir_path.display(),
+            fhir.templates.len()
+        ));
+    }
+    for n in &notes {
+        eprintln!("{n}");
+    }
+    if count > 0 {
+        return Err(Failure(1, format!("{problems}\n{count} problem(s) found")));
+    }
+    println!("{}\nvalid", summary.join("\n"));
+    Ok(())
+}

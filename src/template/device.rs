@@ -1,0 +1,550 @@
+//! Device mappings: `CollectionContent` of `CalculatedContent`, `JsonPathContent`,
+//! `IotJsonPathContent` and `IotCentralJsonPathContent`, and the normalization they perform.
+
+use super::expression::{self, Expression, Input, Language};
+use super::jsonpath::Scope;
+use super::{Members, Reader, TemplateError, TemplateErrors, kind_name, wrapped};
+use crate::model::measurement::{Measurement, Property};
+use crate::model::time;
+use jmespath::Rcvar;
+use jsonc_parser::ast::Value as Node;
+use serde_json::Value;
+use std::borrow::Cow;
+use std::cell::OnceCell;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentKind {
+    Calculated,
+    JsonPath,
+    IotJsonPath,
+    IotCentralJsonPath,
+}
+
+impl ContentKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ContentKind::Calculated => "CalculatedContent",
+            ContentKind::JsonPath => "JsonPathContent",
+            ContentKind::IotJsonPath => "IotJsonPathContent",
+            ContentKind::IotCentralJsonPath => "IotCentralJsonPathContent",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ContentKind> {
+        [
+            ContentKind::Calculated,
+            ContentKind::JsonPath,
+            ContentKind::IotJsonPath,
+            ContentKind::IotCentralJsonPath,
+        ]
+        .into_iter()
+        .find(|k| k.name().eq_ignore_ascii_case(s))
+    }
+
+    /// CalculatedContent evaluates against the whole event with the match added as `matchedToken`;
+    /// the older kinds evaluate against the matched token alone.
+    fn sees_whole_event(self) -> bool {
+        self == ContentKind::Calculated
+    }
+}
+
+/// Fixed expressions of the IoT kinds, as the reference hard-codes them.
+const IOT_DEVICE_ID: &str = "$.SystemProperties.iothub-connection-device-id";
+const IOT_CREATION_TIME: &str = "$.Properties.iothub-creation-time-utc";
+const IOT_ENQUEUED_TIME: &str = "$.SystemProperties.iothub-enqueuedtime";
+const IOT_CENTRAL_DEVICE_ID: &str = "$.deviceId";
+const IOT_CENTRAL_TIME: &str = "$.enqueuedTime";
+
+#[derive(Debug)]
+pub struct DeviceTemplate {
+    pub kind: ContentKind,
+    pub type_name: String,
+    /// Line of the template in the mapping file, for messages that point back to it.
+    pub line: usize,
+    pub column: usize,
+    type_match: Expression,
+    device_id: Expression,
+    /// Tried in order; the first that selects something is used (IoT Hub's enqueued-time fallback).
+    timestamp: Vec<Expression>,
+    patient_id: Option<Expression>,
+    encounter_id: Option<Expression>,
+    correlation_id: Option<Expression>,
+    pub values: Vec<ValueSpec>,
+}
+
+#[derive(Debug)]
+pub struct ValueSpec {
+    pub name: String,
+    pub line: usize,
+    pub column: usize,
+    pub required: bool,
+    expression: Expression,
+}
+
+#[derive(Debug, Default)]
+pub struct DeviceMapping {
+    pub templates: Vec<DeviceTemplate>,
+}
+
+/// Why a message could not be normalized. Every variant names what to look at.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NormalizeError {
+    #[error("message is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("template '{type_name}' ({kind}): {field} `{expression}` {reason}")]
+    Expression {
+        type_name: String,
+        kind: &'static str,
+        field: String,
+        expression: String,
+        reason: String,
+    },
+    #[error(
+        "template '{type_name}' ({kind}): required {field} is missing, null or empty (`{expression}`)"
+    )]
+    MissingValue {
+        type_name: String,
+        kind: &'static str,
+        field: String,
+        expression: String,
+    },
+}
+
+impl NormalizeError {
+    /// A stable name for metrics and dead-letter headers.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NormalizeError::InvalidJson(_) => "invalid-json",
+            NormalizeError::Expression { .. } => "expression-error",
+            NormalizeError::MissingValue { .. } => "missing-value",
+        }
+    }
+}
+
+impl DeviceMapping {
+    /// Loads a mapping; any problem rejects the whole file, with every problem listed.
+    pub fn parse(text: &str) -> Result<DeviceMapping, TemplateErrors> {
+        let (mapping, errors) = Self::parse_partial(text);
+        if errors.is_empty() {
+            Ok(mapping)
+        } else {
+            Err(TemplateErrors(errors))
+        }
+    }
+
+    /// The valid templates and the problems of the others (what a mapping debugger shows).
+    pub fn parse_partial(text: &str) -> (DeviceMapping, Vec<TemplateError>) {
+        let mut r = Reader::new(text);
+        let mut mapping = DeviceMapping::default();
+        if let Some(root) = r.parse() {
+            read_collection(&mut r, &root, &mut mapping);
+        }
+        (mapping, r.errors)
+    }
+
+    /// Projects one message envelope (`{"Body", "Properties", "SystemProperties"}`) into
+    /// measurements, in template order then match order.
+    pub fn normalize(&self, event: &Value) -> Result<Vec<Measurement>, NormalizeError> {
+        let event_var: OnceCell<Result<Rcvar, String>> = OnceCell::new();
+        let jmes_event = || {
+            event_var
+                .get_or_init(|| expression::to_variable(event))
+                .clone()
+        };
+        let mut out = Vec::new();
+        for t in &self.templates {
+            t.extract(event, &jmes_event, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Parses a message body and normalizes it in the empty envelope the command line uses.
+    pub fn normalize_body(&self, body: &[u8]) -> Result<Vec<Measurement>, NormalizeError> {
+        let body: Value =
+            serde_json::from_slice(body).map_err(|e| NormalizeError::InvalidJson(e.to_string()))?;
+        self.normalize(&envelope(body))
+    }
+}
+
+/// The evaluation document MedTech templates are written against.
+pub fn envelope(body: Value) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("Body".into(), body);
+    m.insert("Properties".into(), Value::Object(Default::default()));
+    m.insert("SystemProperties".into(), Value::Object(Default::default()));
+    Value::Object(m)
+}
+
+impl DeviceTemplate {
+    fn error(&self, field: &str, e: &Expression, reason: impl Into<String>) -> NormalizeError {
+        NormalizeError::Expression {
+            type_name: self.type_name.clone(),
+            kind: self.kind.name(),
+            field: field.to_string(),
+            expression: e.text.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn missing(&self, field: &str, e: &Expression) -> NormalizeError {
+        NormalizeError::MissingValue {
+            type_name: self.type_name.clone(),
+            kind: self.kind.name(),
+            field: field.to_string(),
+            expression: e.text.clone(),
+        }
+    }
+
+    fn extract(
+        &self,
+        event: &Value,
+        jmes_event: &dyn Fn() -> Result<Rcvar, String>,
+        out: &mut Vec<Measurement>,
+    ) -> Result<(), NormalizeError> {
+        let root_input = Input {
+            scope: Scope {
+                root: event,
+                matched: None,
+            },
+            jmes: jmes_event,
+        };
+        let matches = self
+            .type_match
+            .select_all(&root_input)
+            .map_err(|why| self.error("typeMatchExpression", &self.type_match, why))?;
+        for m in &matches {
+            let matched: &Value = m;
+            let match_var: OnceCell<Result<Rcvar, String>> = OnceCell::new();
+            let jmes_match = || {
+                match_var
+                    .get_or_init(|| expression::with_matched_token(&jmes_event()?, matched))
+                    .clone()
+            };
+            let input = if self.kind.sees_whole_event() {
+                Input {
+                    scope: Scope {
+                        root: event,
+                        matched: Some(matched),
+                    },
+                    jmes: &jmes_match,
+                }
+            } else {
+                Input {
+                    scope: Scope {
+                        root: matched,
+                        matched: None,
+                    },
+                    jmes: jmes_event,
+                }
+            };
+            out.push(self.measurement(&input)?);
+        }
+        Ok(())
+    }
+
+    fn one<'a>(
+        &self,
+        field: &str,
+        e: &Expression,
+        input: &Input<'a>,
+    ) -> Result<Option<Cow<'a, Value>>, NormalizeError> {
+        e.select_one(input).map_err(|why| self.error(field, e, why))
+    }
+
+    /// A text value; `None` for absent or null. Whitespace-only text counts as absent where the
+    /// value is required (the reference's IsNullOrWhiteSpace check).
+    fn text(
+        &self,
+        field: &str,
+        e: &Expression,
+        input: &Input<'_>,
+        required: bool,
+    ) -> Result<Option<String>, NormalizeError> {
+        let v = self.one(field, e, input)?.as_deref().and_then(text);
+        match v {
+            Some(s) if required && s.trim().is_empty() => Err(self.missing(field, e)),
+            None if required => Err(self.missing(field, e)),
+            v => Ok(v),
+        }
+    }
+
+    fn optional_id(
+        &self,
+        field: &str,
+        e: &Option<Expression>,
+        input: &Input<'_>,
+    ) -> Result<Option<String>, NormalizeError> {
+        match e {
+            Some(e) => Ok(self
+                .text(field, e, input, false)?
+                .filter(|s| !s.trim().is_empty())),
+            None => Ok(None),
+        }
+    }
+
+    fn measurement(&self, input: &Input<'_>) -> Result<Measurement, NormalizeError> {
+        let device_id = self
+            .text("deviceIdExpression", &self.device_id, input, true)?
+            .unwrap_or_default();
+        let occurrence_time = self.timestamp(input)?;
+        let patient_id = self.optional_id("patientIdExpression", &self.patient_id, input)?;
+        let encounter_id = self.optional_id("encounterIdExpression", &self.encounter_id, input)?;
+        let correlation_id = match &self.correlation_id {
+            Some(e) => self.text("correlationIdExpression", e, input, true)?,
+            None => None,
+        };
+        let mut properties = Vec::with_capacity(self.values.len());
+        for v in &self.values {
+            let field = format!("value '{}'", v.name);
+            if let Some(value) = self.text(&field, &v.expression, input, v.required)? {
+                properties.push(Property {
+                    name: v.name.clone(),
+                    value,
+                });
+            }
+        }
+        Ok(Measurement {
+            type_name: self.type_name.clone(),
+            occurrence_time,
+            ingestion_time: None,
+            device_id,
+            patient_id,
+            encounter_id,
+            correlation_id,
+            properties,
+        })
+    }
+
+    fn timestamp(
+        &self,
+        input: &Input<'_>,
+    ) -> Result<chrono::DateTime<chrono::Utc>, NormalizeError> {
+        const FIELD: &str = "timestampExpression";
+        for e in &self.timestamp {
+            let Some(token) = self.one(FIELD, e, input)? else {
+                continue;
+            };
+            return match &*token {
+                Value::Null => continue,
+                Value::String(s) => time::parse(s).ok_or_else(|| self.error(FIELD, e, format!("selected '{s}', which is not a date-time"))),
+                Value::Number(n) => Err(self.error(
+                    FIELD,
+                    e,
+                    format!("selected the number {n}; epoch times need {{\"value\": \"fromUnixTimestamp(...)\" or \"fromUnixTimestampMs(...)\", \"language\": \"JmesPath\"}}"),
+                )),
+                other => Err(self.error(FIELD, e, format!("selected {}, not a date-time string", json_kind(other)))),
+            };
+        }
+        Err(self.missing(FIELD, self.timestamp.last().unwrap_or(&self.device_id)))
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The text of a token: strings as they are, other values as their JSON text (`true`, `1.5`).
+pub fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn read_collection(r: &mut Reader<'_>, root: &Node<'_>, mapping: &mut DeviceMapping) {
+    let Some(w) = wrapped(r, root, "the device mapping") else {
+        return;
+    };
+    if !w.template_type.eq_ignore_ascii_case("CollectionContent") {
+        r.error(
+            w.at,
+            format!("a device mapping's templateType must be CollectionContent, not '{}' (is this a FHIR mapping?)", w.template_type),
+        );
+        return;
+    }
+    let Node::Array(items) = w.template else {
+        r.error(
+            w.template,
+            format!(
+                "the CollectionContent 'template' must be an array of templates, not {}",
+                kind_name(w.template)
+            ),
+        );
+        return;
+    };
+    for item in &items.elements {
+        r.context = None;
+        if let Some(t) = read_template(r, item) {
+            mapping.templates.push(t);
+        }
+    }
+    r.context = None;
+}
+
+const COMMON: [&str; 7] = [
+    "typeName",
+    "typeMatchExpression",
+    "deviceIdExpression",
+    "timestampExpression",
+    "patientIdExpression",
+    "encounterIdExpression",
+    "correlationIdExpression",
+];
+
+fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> {
+    let w = wrapped(r, item, "a device template")?;
+    let Some(kind) = ContentKind::parse(&w.template_type) else {
+        r.error(
+            w.at,
+            format!(
+                "unknown templateType '{}'; use CalculatedContent, JsonPathContent, IotJsonPathContent or IotCentralJsonPathContent",
+                w.template_type
+            ),
+        );
+        return None;
+    };
+    let Node::Object(obj) = w.template else {
+        r.error(
+            w.template,
+            format!("the {} 'template' must be an object", kind.name()),
+        );
+        return None;
+    };
+    let mut allowed: Vec<&str> = COMMON.to_vec();
+    allowed.push("values");
+    if kind == ContentKind::Calculated {
+        allowed.push("defaultExpressionLanguage");
+    }
+    let errors_before = r.errors.len();
+    let (line, column) = r.pos(obj.range.start);
+    r.context = Some(kind.name().to_string());
+    let m = Members::read(r, obj, &allowed, kind.name());
+    let type_name = m.string(r, "typeName", true).filter(|s| {
+        let blank = s.trim().is_empty();
+        if blank {
+            r.error(
+                m.get("typeName").unwrap_or(item),
+                "typeName is blank".into(),
+            );
+        }
+        !blank
+    });
+    if let Some(t) = &type_name {
+        r.context = Some(format!("{} '{}'", kind.name(), t));
+    }
+    let default = match m.string(r, "defaultExpressionLanguage", false) {
+        None => Language::JsonPath,
+        Some(l) => Language::parse(&l).unwrap_or_else(|| {
+            r.error(
+                m.get("defaultExpressionLanguage").unwrap_or(item),
+                format!("unknown defaultExpressionLanguage '{l}'; use JsonPath or JmesPath"),
+            );
+            Language::JsonPath
+        }),
+    };
+    let calc = kind == ContentKind::Calculated;
+    let expr = |r: &mut Reader<'_>, name: &str, required: bool| {
+        expression::read(r, &m, name, required, default, calc)
+    };
+    let type_match = expr(r, "typeMatchExpression", true);
+    let (device_id, timestamp) = match kind {
+        ContentKind::Calculated | ContentKind::JsonPath => (
+            expr(r, "deviceIdExpression", true),
+            expr(r, "timestampExpression", true).map(|e| vec![e]),
+        ),
+        // The IoT kinds read fixed places; the reference ignores these two members if given.
+        ContentKind::IotJsonPath => (
+            fixed(IOT_DEVICE_ID),
+            Some(vec![fixed(IOT_CREATION_TIME)?, fixed(IOT_ENQUEUED_TIME)?]),
+        ),
+        ContentKind::IotCentralJsonPath => (
+            fixed(IOT_CENTRAL_DEVICE_ID),
+            Some(vec![fixed(IOT_CENTRAL_TIME)?]),
+        ),
+    };
+    let patient_id = expr(r, "patientIdExpression", false);
+    let encounter_id = expr(r, "encounterIdExpression", false);
+    let correlation_id = expr(r, "correlationIdExpression", false);
+    let values = read_values(r, &m, default, calc);
+    if r.errors.len() > errors_before {
+        return None;
+    }
+    Some(DeviceTemplate {
+        kind,
+        type_name: type_name?,
+        line,
+        column,
+        type_match: type_match?,
+        device_id: device_id?,
+        timestamp: timestamp?,
+        patient_id,
+        encounter_id,
+        correlation_id,
+        values,
+    })
+}
+
+fn fixed(text: &str) -> Option<Expression> {
+    Expression::compile(text, Language::JsonPath).ok()
+}
+
+fn read_values(
+    r: &mut Reader<'_>,
+    m: &Members<'_, '_>,
+    default: Language,
+    calc: bool,
+) -> Vec<ValueSpec> {
+    let mut out = Vec::new();
+    let Some(items) = m.array(r, "values", false) else {
+        return out;
+    };
+    for item in items {
+        let Node::Object(obj) = item else {
+            r.error(
+                item,
+                format!(
+                    "each entry of 'values' must be an object, not {}",
+                    kind_name(item)
+                ),
+            );
+            continue;
+        };
+        let vm = Members::read(
+            r,
+            obj,
+            &["valueName", "valueExpression", "required"],
+            "a value",
+        );
+        let name = vm.string(r, "valueName", true);
+        if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+            r.error(item, "valueName is blank".into());
+        }
+        let expression = expression::read(r, &vm, "valueExpression", true, default, calc);
+        let required = vm.boolean(r, "required").unwrap_or(false);
+        if let (Some(name), Some(expression)) = (name, expression) {
+            if out.iter().any(|v: &ValueSpec| v.name == name) {
+                r.error(
+                    item,
+                    format!("valueName '{name}' is used twice in this template"),
+                );
+            }
+            let (line, column) = r.pos(obj.range.start);
+            out.push(ValueSpec {
+                name,
+                line,
+                column,
+                required,
+                expression,
+            });
+        }
+    }
+    out
+}
