@@ -4,8 +4,9 @@
 use chrono::{DateTime, TimeDelta, Utc};
 
 /// Builds the data string over slots `[start + k*period, start + (k+1)*period)` for every slot
-/// that starts at or before `end`. `values` must be in time order; readings outside the range
-/// are dropped.
+/// that starts at or before `end`. `values` must be in time order; readings before `start` or
+/// past the last slot are dropped (a reading after `end` inside the last slot is kept, as in the
+/// reference).
 pub fn build<'a>(
     values: impl IntoIterator<Item = (DateTime<Utc>, &'a str)>,
     start: DateTime<Utc>,
@@ -22,7 +23,7 @@ pub fn build<'a>(
     let mut data: Vec<Option<&str>> = vec![None; slots];
     for (t, v) in values {
         let offset = nanos(t - start);
-        if offset < 0 || t > end {
+        if offset < 0 {
             continue;
         }
         if let Some(slot) = data.get_mut((offset / period) as usize) {
@@ -50,8 +51,8 @@ pub fn decode(data: &str, start: DateTime<Utc>, period_ms: f64) -> Vec<(DateTime
         .collect()
 }
 
-/// Existing readings merged with new ones in time order; at equal times the new one comes last
-/// (and so wins its slot).
+/// Existing readings merged with new ones in time order; at equal times the new one replaces the
+/// existing one (at other times in one slot it is later, and so wins the slot).
 pub fn merge(
     existing: Vec<(DateTime<Utc>, String)>,
     new: Vec<(DateTime<Utc>, String)>,
@@ -59,7 +60,14 @@ pub fn merge(
     let mut all = existing;
     all.extend(new);
     all.sort_by_key(|(t, _)| *t);
-    all
+    let mut out: Vec<(DateTime<Utc>, String)> = Vec::with_capacity(all.len());
+    for r in all {
+        match out.last_mut() {
+            Some(last) if last.0 == r.0 => *last = r,
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 fn nanos(d: TimeDelta) -> i128 {
