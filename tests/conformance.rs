@@ -454,7 +454,8 @@ fn algo_sampleddata_processor() {
             instant(c["start"].as_str().unwrap_or_default()),
             instant(c["end"].as_str().unwrap_or_default()),
             c["periodMs"].as_u64().unwrap_or_default(),
-        );
+        )
+        .unwrap_or_else(|slots| panic!("{slots} slots"));
         assert_eq!(Some(data.as_str()), c["expected"].as_str(), "{}", c["name"]);
     }
     let d = json(f, "decode-case.json");

@@ -166,11 +166,23 @@ pub enum ObservationError {
         value: String,
         value_type: &'static str,
     },
+    #[error(
+        "FHIR template '{type_name}': value '{value_name}' would need {slots} SampledData slots (at most {max}); raise defaultPeriod or use a shorter periodInterval",
+        max = sampled::MAX_SLOTS
+    )]
+    TooManySamples {
+        type_name: String,
+        value_name: String,
+        slots: u64,
+    },
 }
 
 impl ObservationError {
     pub fn kind(&self) -> &'static str {
-        "invalid-value"
+        match self {
+            ObservationError::NotANumber { .. } => "invalid-value",
+            ObservationError::TooManySamples { .. } => "window-too-large",
+        }
     }
 }
 
@@ -230,10 +242,12 @@ pub fn build(
         component: Vec::new(),
         extra: Map::new(),
     };
-    if let Some(v) = &template.value {
-        if group.has_value(&v.value_name) {
-            obs.value = value_of(template, v, group, start, end, None)?;
-        }
+    if let Some(v) = template
+        .value
+        .as_ref()
+        .filter(|v| group.has_value(&v.value_name))
+    {
+        obs.value = value_of(template, v, group, start, end, None)?;
     }
     for c in &template.components {
         if group.has_value(&c.value.value_name) {
@@ -278,17 +292,19 @@ pub fn build_or_merge(
         start: Some(time::fhir(start)),
         end: Some(time::fhir(end)),
     });
-    if let Some(v) = &template.value {
-        if group.has_value(&v.value_name) {
-            merged.value = value_of(
-                template,
-                v,
-                group,
-                start,
-                end,
-                Some((&existing.value, old_start)),
-            )?;
-        }
+    if let Some(v) = template
+        .value
+        .as_ref()
+        .filter(|v| group.has_value(&v.value_name))
+    {
+        merged.value = value_of(
+            template,
+            v,
+            group,
+            start,
+            end,
+            Some((&existing.value, old_start)),
+        )?;
     }
     for c in &template.components {
         if !group.has_value(&c.value.value_name) {
@@ -359,24 +375,24 @@ fn value_of(
             for (t, s) in group.values(&v.value_name) {
                 readings.push((t, decimal(s).ok_or_else(|| not_a_number(s))?));
             }
-            if let Some((
-                ObservationValue {
-                    value_sampled_data: Some(old),
-                    ..
-                },
-                Some(old_start),
-            )) = existing
+            let stored = existing
+                .and_then(|(value, start)| Some((value.value_sampled_data.as_ref()?, start?)));
+            if let Some((old, old_start)) = stored
+                && let (Some(data), Some(period)) = (old.data.as_deref(), old.period.as_f64())
             {
-                if let (Some(data), Some(period)) = (old.data.as_deref(), old.period.as_f64()) {
-                    readings = sampled::merge(sampled::decode(data, old_start, period), readings);
-                }
+                readings = sampled::merge(sampled::decode(data, old_start, period), readings);
             }
             let data = sampled::build(
                 readings.iter().map(|(t, s)| (*t, s.as_str())),
                 start,
                 end,
                 *default_period_ms,
-            );
+            )
+            .map_err(|slots| ObservationError::TooManySamples {
+                type_name: template.type_name.clone(),
+                value_name: v.value_name.clone(),
+                slots,
+            })?;
             out.value_sampled_data = Some(SampledData {
                 origin: Quantity {
                     value: Some(Number::from(0)),

@@ -3,23 +3,27 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 
+/// The most slots one SampledData may hold (an hour at 1 kHz is 3.6 M); a wider window is refused
+/// rather than allocated.
+pub const MAX_SLOTS: u64 = 10_000_000;
+
 /// Builds the data string over slots `[start + k*period, start + (k+1)*period)` for every slot
 /// that starts at or before `end`. `values` must be in time order; readings before `start` or
 /// past the last slot are dropped (a reading after `end` inside the last slot is kept, as in the
-/// reference).
+/// reference). `Err(slots)` when the window needs more than [`MAX_SLOTS`].
 pub fn build<'a>(
     values: impl IntoIterator<Item = (DateTime<Utc>, &'a str)>,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     period_ms: u64,
-) -> String {
+) -> Result<String, u64> {
     let period = period_ms.max(1) as i128 * 1_000_000;
     let span = nanos(end - start);
-    let slots = if span < 0 {
-        0
-    } else {
-        (span / period + 1) as usize
-    };
+    let slots = if span < 0 { 0 } else { span / period + 1 };
+    if slots > MAX_SLOTS as i128 {
+        return Err(u64::try_from(slots).unwrap_or(u64::MAX));
+    }
+    let slots = slots as usize;
     let mut data: Vec<Option<&str>> = vec![None; slots];
     for (t, v) in values {
         let offset = nanos(t - start);
@@ -37,7 +41,7 @@ pub fn build<'a>(
         }
         out.push_str(v.unwrap_or("E"));
     }
-    out
+    Ok(out)
 }
 
 /// Reads a data string back into timed readings (slot start times); empty and error markers
@@ -72,4 +76,28 @@ pub fn merge(
 
 fn nanos(d: TimeDelta) -> i128 {
     d.num_seconds() as i128 * 1_000_000_000 + d.subsec_nanos() as i128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::time::parse;
+
+    #[test]
+    fn a_window_too_wide_is_refused_not_allocated() {
+        let (s, e) = (parse("2019-01-01T00:00:00Z"), parse("2020-01-01T00:00:00Z"));
+        let (s, e) = (s.unwrap_or_default(), e.unwrap_or_default());
+        assert!(build([(s, "1")], s, e, 1).is_err());
+        assert_eq!(build([(s, "1")], s, s, 1000), Ok("1".to_string()));
+    }
+
+    #[test]
+    fn readings_before_the_start_are_dropped() {
+        let s = parse("2019-01-01T00:00:10Z").unwrap_or_default();
+        let before = parse("2019-01-01T00:00:09Z").unwrap_or_default();
+        assert_eq!(
+            build([(before, "1")], s, s + TimeDelta::seconds(1), 1000),
+            Ok("E E".to_string())
+        );
+    }
 }

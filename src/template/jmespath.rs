@@ -258,13 +258,12 @@ fn from_unix(
     }
 }
 
+type Impl = Box<dyn Fn(&[Rcvar], &mut Context<'_>) -> Result<Rcvar, JmespathError> + Send + Sync>;
+
 fn custom(name: &str) -> Box<CustomFunction> {
     let n = ArgumentType::Number;
     let s = ArgumentType::String;
-    let (sig, f): (
-        Vec<ArgumentType>,
-        Box<dyn Fn(&[Rcvar], &mut Context<'_>) -> Result<Rcvar, JmespathError> + Send + Sync>,
-    ) = match name {
+    let (sig, f): (Vec<ArgumentType>, Impl) = match name {
         "add" => (vec![n.clone(), n], Box::new(arith("add"))),
         "subtract" => (vec![n.clone(), n], Box::new(arith("subtract"))),
         "multiply" => (vec![n.clone(), n], Box::new(arith("multiply"))),
