@@ -18,6 +18,7 @@
 #   fhir-data/           working dir of the server: sekmet.db (SQLite, WAL), keys/
 #   fhir-settings.yaml   generated settings (passed with --config)
 #   fhir.log, fhir.pid   server log and pid
+# (with FHIR_PORT other than 8090 these names get a -PORT suffix, so two servers never share files)
 #
 # Environment knobs: FHIR_PORT (8090), FHIR_START_TIMEOUT (seconds, 90), FHIR_LOG_INBOUND (false;
 # true records every request in the server's traffic table, viewable at http://127.0.0.1:PORT/ui/traffic),
@@ -36,14 +37,19 @@ FHIR_LOG_INBOUND="${FHIR_LOG_INBOUND:-false}"
 
 SERVICES_DIR="${IOMT_SERVICES_DIR:-$ROOT/.services}"
 VENV="$SERVICES_DIR/fhir-venv"
-DATA_DIR="$SERVICES_DIR/fhir-data"
-CONF="$SERVICES_DIR/fhir-settings.yaml"
-LOG="$SERVICES_DIR/fhir.log"
-PIDFILE="$SERVICES_DIR/fhir.pid"
+# a server on another FHIR_PORT gets its own data, settings, log and pid file
+SUFFIX=""
+[[ "$FHIR_PORT" == 8090 ]] || SUFFIX="-$FHIR_PORT"
+DATA_DIR="$SERVICES_DIR/fhir-data$SUFFIX"
+CONF="$SERVICES_DIR/fhir-settings$SUFFIX.yaml"
+LOG="$SERVICES_DIR/fhir$SUFFIX.log"
+PIDFILE="$SERVICES_DIR/fhir$SUFFIX.pid"
 SEKMET="$VENV/bin/sekmet"
 
 # sekmet reads these and they would override the generated settings file
 unset SEKMET_BASE_URL SEKMET_DB SEKMET_PUBLIC_URL SEKMET_PORT SEKMET_CONFIG
+# plain Python tracebacks in the log instead of rich boxes
+export TYPER_STANDARD_TRACEBACK=1
 
 log()  { printf '[fhir-server] %s\n' "$*"; }
 warn() { printf '[fhir-server] WARNING: %s\n' "$*" >&2; }
@@ -201,7 +207,9 @@ stop it or set FHIR_PORT (ss -ltnp 'sport = :$FHIR_PORT')"
             fail_with_log "sekmet exited during startup"
         fi
         if (( SECONDS >= deadline )); then
-            fail_with_log "$FHIR_BASE_URL/metadata did not answer within ${FHIR_START_TIMEOUT}s (pid $pid still running; see $LOG)"
+            warn "$FHIR_BASE_URL/metadata did not answer within ${FHIR_START_TIMEOUT}s; stopping pid $pid"
+            cmd_stop >&2
+            fail_with_log "FHIR server did not come up (raise FHIR_START_TIMEOUT if the machine is just slow)"
         fi
         sleep 0.5
     done

@@ -2,11 +2,10 @@
 
 use clap::{Args, Parser, Subcommand};
 use iomt_connector::model::measurement::Measurement;
-use iomt_connector::template::device::{DeviceMapping, NormalizeError, envelope};
+use iomt_connector::template::device::DeviceMapping;
 use iomt_connector::template::fhir::{FhirMapping, PeriodInterval, ValueKind};
 use iomt_connector::template::{TemplateError, TemplateErrors};
 use iomt_connector::transform::{CreateIdentity, transform};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -167,13 +166,9 @@ fn normalize_file(
     let bytes = std::fs::read(path)
         .map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))?;
     let result = if whole_envelope {
-        serde_json::from_slice::<Value>(&bytes)
-            .map_err(|e| NormalizeError::InvalidJson(e.to_string()))
-            .and_then(|event| mapping.normalize(&event))
+        mapping.normalize_event_bytes(&bytes)
     } else {
-        serde_json::from_slice::<Value>(&bytes)
-            .map_err(|e| NormalizeError::InvalidJson(e.to_string()))
-            .and_then(|body| mapping.normalize(&envelope(body)))
+        mapping.normalize_body(&bytes)
     };
     result.map_err(|e| Failure(1, format!("error: {}: {e}", path.display())))
 }

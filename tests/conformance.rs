@@ -325,7 +325,7 @@ fn jmes_eval(expr: &Expression, data: &Value) -> Result<Vec<Value>, String> {
         jmes: &var,
     };
     expr.select_all(&input)
-        .map(|v| v.into_iter().map(|c| c.into_owned()).collect())
+        .map(|v| v.into_iter().map(|t| t.to_json().into_owned()).collect())
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Device mappings: `CollectionContent` of `CalculatedContent`, `JsonPathContent`,
 //! `IotJsonPathContent` and `IotCentralJsonPathContent`, and the normalization they perform.
 
-use super::expression::{self, Expression, Input, Language};
+use super::expression::{self, Expression, Input, Language, Token};
 use super::jsonpath::Scope;
 use super::{Members, Reader, TemplateError, TemplateErrors, kind_name, wrapped};
 use crate::model::measurement::{Measurement, Property};
@@ -9,7 +9,6 @@ use crate::model::time;
 use jmespath::Rcvar;
 use jsonc_parser::ast::Value as Node;
 use serde_json::Value;
-use std::borrow::Cow;
 use std::cell::OnceCell;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +157,13 @@ impl DeviceMapping {
         Ok(out)
     }
 
+    /// Parses a whole `{"Body", "Properties", "SystemProperties"}` envelope and normalizes it.
+    pub fn normalize_event_bytes(&self, bytes: &[u8]) -> Result<Vec<Measurement>, NormalizeError> {
+        let event: Value = serde_json::from_slice(bytes)
+            .map_err(|e| NormalizeError::InvalidJson(e.to_string()))?;
+        self.normalize(&event)
+    }
+
     /// Parses a message body and normalizes it in the empty envelope the command line uses.
     pub fn normalize_body(&self, body: &[u8]) -> Result<Vec<Measurement>, NormalizeError> {
         let body: Value =
@@ -175,8 +181,24 @@ pub fn envelope(body: Value) -> Value {
     Value::Object(m)
 }
 
+/// Which part of a template an error is about; rendered only when an error is reported.
+#[derive(Clone, Copy)]
+enum Field<'a> {
+    Member(&'static str),
+    Value(&'a str),
+}
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Member(m) => f.write_str(m),
+            Field::Value(name) => write!(f, "value '{name}'"),
+        }
+    }
+}
+
 impl DeviceTemplate {
-    fn error(&self, field: &str, e: &Expression, reason: impl Into<String>) -> NormalizeError {
+    fn error(&self, field: Field<'_>, e: &Expression, reason: impl Into<String>) -> NormalizeError {
         NormalizeError::Expression {
             type_name: self.type_name.clone(),
             kind: self.kind.name(),
@@ -186,7 +208,7 @@ impl DeviceTemplate {
         }
     }
 
-    fn missing(&self, field: &str, e: &Expression) -> NormalizeError {
+    fn missing(&self, field: Field<'_>, e: &Expression) -> NormalizeError {
         NormalizeError::MissingValue {
             type_name: self.type_name.clone(),
             kind: self.kind.name(),
@@ -208,16 +230,17 @@ impl DeviceTemplate {
             },
             jmes: jmes_event,
         };
-        let matches = self
-            .type_match
-            .select_all(&root_input)
-            .map_err(|why| self.error("typeMatchExpression", &self.type_match, why))?;
+        let matches = self.type_match.select_all(&root_input).map_err(|why| {
+            self.error(Field::Member("typeMatchExpression"), &self.type_match, why)
+        })?;
         for m in &matches {
-            let matched: &Value = m;
+            // A JMESPath match becomes JSON only for the JSONPath expressions that read it.
+            let json = m.to_json();
+            let matched: &Value = &json;
             let match_var: OnceCell<Result<Rcvar, String>> = OnceCell::new();
             let jmes_match = || {
                 match_var
-                    .get_or_init(|| expression::with_matched_token(&jmes_event()?, matched))
+                    .get_or_init(|| expression::with_matched_token(&jmes_event()?, m))
                     .clone()
             };
             let input = if self.kind.sees_whole_event() {
@@ -234,7 +257,7 @@ impl DeviceTemplate {
                         root: matched,
                         matched: None,
                     },
-                    jmes: jmes_event,
+                    jmes: &jmes_match,
                 }
             };
             out.push(self.measurement(&input)?);
@@ -244,10 +267,10 @@ impl DeviceTemplate {
 
     fn one<'a>(
         &self,
-        field: &str,
+        field: Field<'_>,
         e: &Expression,
         input: &Input<'a>,
-    ) -> Result<Option<Cow<'a, Value>>, NormalizeError> {
+    ) -> Result<Option<Token<'a>>, NormalizeError> {
         e.select_one(input).map_err(|why| self.error(field, e, why))
     }
 
@@ -255,12 +278,12 @@ impl DeviceTemplate {
     /// value is required (the reference's IsNullOrWhiteSpace check).
     fn text(
         &self,
-        field: &str,
+        field: Field<'_>,
         e: &Expression,
         input: &Input<'_>,
         required: bool,
     ) -> Result<Option<String>, NormalizeError> {
-        let v = self.one(field, e, input)?.as_deref().and_then(text);
+        let v = self.one(field, e, input)?.and_then(|t| t.text());
         match v {
             Some(s) if required && s.trim().is_empty() => Err(self.missing(field, e)),
             None if required => Err(self.missing(field, e)),
@@ -270,7 +293,7 @@ impl DeviceTemplate {
 
     fn optional_id(
         &self,
-        field: &str,
+        field: Field<'_>,
         e: &Option<Expression>,
         input: &Input<'_>,
     ) -> Result<Option<String>, NormalizeError> {
@@ -284,19 +307,33 @@ impl DeviceTemplate {
 
     fn measurement(&self, input: &Input<'_>) -> Result<Measurement, NormalizeError> {
         let device_id = self
-            .text("deviceIdExpression", &self.device_id, input, true)?
+            .text(
+                Field::Member("deviceIdExpression"),
+                &self.device_id,
+                input,
+                true,
+            )?
             .unwrap_or_default();
         let occurrence_time = self.timestamp(input)?;
-        let patient_id = self.optional_id("patientIdExpression", &self.patient_id, input)?;
-        let encounter_id = self.optional_id("encounterIdExpression", &self.encounter_id, input)?;
+        let patient_id = self.optional_id(
+            Field::Member("patientIdExpression"),
+            &self.patient_id,
+            input,
+        )?;
+        let encounter_id = self.optional_id(
+            Field::Member("encounterIdExpression"),
+            &self.encounter_id,
+            input,
+        )?;
         let correlation_id = match &self.correlation_id {
-            Some(e) => self.text("correlationIdExpression", e, input, true)?,
+            Some(e) => self.text(Field::Member("correlationIdExpression"), e, input, true)?,
             None => None,
         };
         let mut properties = Vec::with_capacity(self.values.len());
         for v in &self.values {
-            let field = format!("value '{}'", v.name);
-            if let Some(value) = self.text(&field, &v.expression, input, v.required)? {
+            if let Some(value) =
+                self.text(Field::Value(&v.name), &v.expression, input, v.required)?
+            {
                 properties.push(Property {
                     name: v.name.clone(),
                     value,
@@ -319,43 +356,28 @@ impl DeviceTemplate {
         &self,
         input: &Input<'_>,
     ) -> Result<chrono::DateTime<chrono::Utc>, NormalizeError> {
-        const FIELD: &str = "timestampExpression";
+        const FIELD: Field<'static> = Field::Member("timestampExpression");
         for e in &self.timestamp {
             let Some(token) = self.one(FIELD, e, input)? else {
                 continue;
             };
-            return match &*token {
-                Value::Null => continue,
-                Value::String(s) => time::parse(s).ok_or_else(|| self.error(FIELD, e, format!("selected '{s}', which is not a date-time"))),
-                Value::Number(n) => Err(self.error(
+            if token.is_null() {
+                continue;
+            }
+            return match token.as_str() {
+                Some(s) => time::parse(s).ok_or_else(|| self.error(FIELD, e, format!("selected '{s}', which is not a date-time"))),
+                None if token.is_number() => Err(self.error(
                     FIELD,
                     e,
-                    format!("selected the number {n}; epoch times need {{\"value\": \"fromUnixTimestamp(...)\" or \"fromUnixTimestampMs(...)\", \"language\": \"JmesPath\"}}"),
+                    format!(
+                        "selected the number {}; epoch times need {{\"value\": \"fromUnixTimestamp(...)\" or \"fromUnixTimestampMs(...)\", \"language\": \"JmesPath\"}}",
+                        token.text().unwrap_or_default()
+                    ),
                 )),
-                other => Err(self.error(FIELD, e, format!("selected {}, not a date-time string", json_kind(other)))),
+                None => Err(self.error(FIELD, e, format!("selected {}, not a date-time string", token.kind_name()))),
             };
         }
         Err(self.missing(FIELD, self.timestamp.last().unwrap_or(&self.device_id)))
-    }
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// The text of a token: strings as they are, other values as their JSON text (`true`, `1.5`).
-pub fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
     }
 }
 

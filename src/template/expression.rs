@@ -81,21 +81,17 @@ impl Expression {
 
     /// Every token selected (a JMESPath array result is one token per element, as the reference's
     /// `SelectTokens` does; null selects nothing).
-    pub fn select_all<'a>(&self, input: &Input<'a>) -> Result<Vec<Cow<'a, Value>>, String> {
+    pub fn select_all<'a>(&self, input: &Input<'a>) -> Result<Vec<Token<'a>>, String> {
         match &self.compiled {
-            Compiled::JsonPath(p) => Ok(p
-                .select(input.scope)
-                .into_iter()
-                .map(Cow::Borrowed)
-                .collect()),
+            Compiled::JsonPath(p) => {
+                Ok(p.select(input.scope).into_iter().map(Token::Json).collect())
+            }
             Compiled::JmesPath(e) => {
                 let r = e.search((input.jmes)()?).map_err(|e| jmes::describe(&e))?;
                 Ok(match &*r {
                     Variable::Null => vec![],
-                    Variable::Array(items) => {
-                        items.iter().map(|v| Cow::Owned(to_json(v))).collect()
-                    }
-                    _ => vec![Cow::Owned(to_json(&r))],
+                    Variable::Array(items) => items.iter().cloned().map(Token::Jmes).collect(),
+                    _ => vec![Token::Jmes(r)],
                 })
             }
         }
@@ -103,15 +99,92 @@ impl Expression {
 
     /// The single token selected, if any. More than one is an error: a device id, a timestamp or a
     /// value must be one thing.
-    pub fn select_one<'a>(&self, input: &Input<'a>) -> Result<Option<Cow<'a, Value>>, String> {
-        let mut all = self.select_all(input)?;
-        if all.len() > 1 {
-            return Err(format!(
-                "returned {} tokens where one was expected",
-                all.len()
-            ));
+    pub fn select_one<'a>(&self, input: &Input<'a>) -> Result<Option<Token<'a>>, String> {
+        let too_many = |n: usize| format!("returned {n} tokens where one was expected");
+        match &self.compiled {
+            Compiled::JsonPath(p) => p
+                .select_one(input.scope)
+                .map(|v| v.map(Token::Json))
+                .map_err(too_many),
+            Compiled::JmesPath(_) => {
+                let mut all = self.select_all(input)?;
+                if all.len() > 1 {
+                    return Err(too_many(all.len()));
+                }
+                Ok(all.pop())
+            }
         }
-        Ok(all.pop())
+    }
+}
+
+/// A selected token: borrowed from the message (JSONPath) or computed (JMESPath).
+#[derive(Debug, Clone)]
+pub enum Token<'a> {
+    Json(&'a Value),
+    Jmes(Rcvar),
+}
+
+impl Token<'_> {
+    pub fn is_null(&self) -> bool {
+        match self {
+            Token::Json(v) => v.is_null(),
+            Token::Jmes(v) => v.is_null(),
+        }
+    }
+
+    /// Text as the reference stores values: strings as they are, other values as their JSON
+    /// text (`true`, `1.5`); `None` for null.
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Token::Json(Value::Null) => None,
+            Token::Json(Value::String(s)) => Some(s.clone()),
+            Token::Json(v) => Some(v.to_string()),
+            Token::Jmes(v) => match &**v {
+                Variable::Null => None,
+                Variable::String(s) => Some(s.clone()),
+                Variable::Bool(b) => Some(b.to_string()),
+                Variable::Number(n) => Some(n.to_string()),
+                other => serde_json::to_string(other).ok(),
+            },
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Token::Json(v) => v.as_str(),
+            Token::Jmes(v) => v.as_string().map(String::as_str),
+        }
+    }
+
+    pub fn is_number(&self) -> bool {
+        match self {
+            Token::Json(v) => v.is_number(),
+            Token::Jmes(v) => v.is_number(),
+        }
+    }
+
+    /// "a number", "an object", ...: for messages about a token of the wrong kind.
+    pub fn kind_name(&self) -> &'static str {
+        let v = match self {
+            Token::Json(v) => (*v).clone(),
+            Token::Jmes(v) => to_json(v),
+        };
+        match v {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "an array",
+            Value::Object(_) => "an object",
+        }
+    }
+
+    /// The token as JSON (owned only when it came from JMESPath).
+    pub fn to_json(&self) -> Cow<'_, Value> {
+        match self {
+            Token::Json(v) => Cow::Borrowed(*v),
+            Token::Jmes(v) => Cow::Owned(to_json(v)),
+        }
     }
 }
 
@@ -127,8 +200,11 @@ pub fn to_variable(v: &Value) -> Result<Rcvar, String> {
 }
 
 /// `{...event, "matchedToken": matched}` as a JMESPath variable, sharing the event's members.
-pub fn with_matched_token(event: &Rcvar, matched: &Value) -> Result<Rcvar, String> {
-    let m = to_variable(matched)?;
+pub fn with_matched_token(event: &Rcvar, matched: &Token<'_>) -> Result<Rcvar, String> {
+    let m = match matched {
+        Token::Json(v) => to_variable(v)?,
+        Token::Jmes(v) => v.clone(),
+    };
     let mut map = match &**event {
         Variable::Object(o) => o.clone(),
         _ => Default::default(),

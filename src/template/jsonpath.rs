@@ -14,6 +14,9 @@ use std::fmt;
 #[derive(Debug, Clone)]
 pub struct JsonPath {
     segments: Vec<Segment>,
+    /// Set when every segment is a plain member name (`$.a.b`), the common case, which is then
+    /// walked directly without collecting intermediate node lists.
+    names: Option<Vec<String>>,
 }
 
 /// Why an expression did not compile; `offset` is a character offset into the expression.
@@ -70,6 +73,7 @@ enum Operand {
     Path {
         from_root: bool,
         segments: Vec<Segment>,
+        names: Option<Vec<String>>,
     },
     Literal(Value),
 }
@@ -97,7 +101,26 @@ impl JsonPath {
         if !p.at_end() {
             return Err(p.error("unexpected character"));
         }
-        Ok(JsonPath { segments })
+        let names = plain_names(&segments);
+        Ok(JsonPath { segments, names })
+    }
+
+    /// The one token selected, `Ok(None)` for none, `Err(n)` when `n > 1` tokens are selected.
+    pub fn select_one<'a>(&self, scope: Scope<'a>) -> Result<Option<&'a Value>, usize> {
+        if let Some(names) = &self.names {
+            let mut it = names.iter();
+            let start = match (it.next(), scope.matched) {
+                (None, _) => return Ok(Some(scope.root)),
+                (Some(first), Some(m)) if first == MATCHED_TOKEN => Some(m),
+                (Some(first), _) => scope.root.get(first),
+            };
+            return Ok(it.try_fold(start, |v, n| v.map(|v| v.get(n))).flatten());
+        }
+        let mut all = self.select(scope);
+        match all.len() {
+            0 | 1 => Ok(all.pop()),
+            n => Err(n),
+        }
     }
 
     /// All tokens the expression selects, in document order.
@@ -236,10 +259,7 @@ impl Filter {
             Filter::And(fs) => fs.iter().all(|f| f.matches(node, root)),
             Filter::Not(f) => !f.matches(node, root),
             // An existence test: a member holding null, false or 0 still exists.
-            Filter::Exists(op) => match op {
-                Operand::Path { .. } => !op.resolve(node, root).is_empty(),
-                Operand::Literal(v) => truthy(v),
-            },
+            Filter::Exists(op) => op.exists(node, root),
             Filter::Compare(l, op, r) => {
                 let left = l.resolve(node, root);
                 let right = r.resolve(node, root);
@@ -254,15 +274,49 @@ fn truthy(v: &Value) -> bool {
     !matches!(v, Value::Null | Value::Bool(false))
 }
 
+/// The member names of a path made only of `.name` / `['name']` segments.
+fn plain_names(segments: &[Segment]) -> Option<Vec<String>> {
+    segments
+        .iter()
+        .map(|s| match s {
+            Segment::Child(Selector::Name(n)) => Some(n.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn walk_names<'a>(start: &'a Value, names: &[String]) -> Option<&'a Value> {
+    names.iter().try_fold(start, |v, n| v.get(n))
+}
+
 impl Operand {
+    fn exists(&self, node: &Value, root: &Value) -> bool {
+        match self {
+            Operand::Path {
+                from_root,
+                names: Some(names),
+                ..
+            } => walk_names(if *from_root { root } else { node }, names).is_some(),
+            Operand::Path { .. } => !self.resolve(node, root).is_empty(),
+            Operand::Literal(v) => truthy(v),
+        }
+    }
+
     fn resolve<'a>(&'a self, node: &'a Value, root: &'a Value) -> Vec<&'a Value> {
+        let start = |from_root: bool| if from_root { root } else { node };
         match self {
             Operand::Literal(v) => vec![v],
             Operand::Path {
                 from_root,
+                names: Some(names),
+                ..
+            } => walk_names(start(*from_root), names).into_iter().collect(),
+            Operand::Path {
+                from_root,
                 segments,
+                ..
             } => {
-                let mut current = vec![if *from_root { root } else { node }];
+                let mut current = vec![start(*from_root)];
                 for seg in segments {
                     let mut next = Vec::new();
                     for n in current {
@@ -640,18 +694,14 @@ impl<'t> Parser<'t> {
     fn operand(&mut self) -> Result<Operand, ParseError> {
         self.skip_ws();
         match self.peek() {
-            Some('@') => {
+            Some(c @ ('@' | '$')) => {
                 self.pos += 1;
+                let segments = self.segments(c == '@')?;
+                let names = plain_names(&segments);
                 Ok(Operand::Path {
-                    from_root: false,
-                    segments: self.segments(true)?,
-                })
-            }
-            Some('$') => {
-                self.pos += 1;
-                Ok(Operand::Path {
-                    from_root: true,
-                    segments: self.segments(false)?,
+                    from_root: c == '$',
+                    segments,
+                    names,
                 })
             }
             Some('\'') | Some('"') => Ok(Operand::Literal(Value::String(self.quoted()?))),
