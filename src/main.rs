@@ -135,41 +135,25 @@ fn main() -> ExitCode {
 }
 
 fn read(path: &Path) -> Result<String, Failure> {
-    std::fs::read_to_string(path)
-        .map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))
 }
 
 fn mapping_errors(path: &Path, errors: &[TemplateError]) -> String {
     let file = path.display().to_string();
-    errors
-        .iter()
-        .map(|e| e.located(&file))
-        .collect::<Vec<_>>()
-        .join("\n")
+    errors.iter().map(|e| e.located(&file)).collect::<Vec<_>>().join("\n")
 }
 
 fn load_device(path: &Path) -> Result<DeviceMapping, Failure> {
-    DeviceMapping::parse(&read(path)?)
-        .map_err(|TemplateErrors(e)| Failure(2, mapping_errors(path, &e)))
+    DeviceMapping::parse(&read(path)?).map_err(|TemplateErrors(e)| Failure(2, mapping_errors(path, &e)))
 }
 
 fn load_fhir(path: &Path) -> Result<FhirMapping, Failure> {
-    FhirMapping::parse(&read(path)?)
-        .map_err(|TemplateErrors(e)| Failure(2, mapping_errors(path, &e)))
+    FhirMapping::parse(&read(path)?).map_err(|TemplateErrors(e)| Failure(2, mapping_errors(path, &e)))
 }
 
-fn normalize_file(
-    mapping: &DeviceMapping,
-    path: &Path,
-    whole_envelope: bool,
-) -> Result<Vec<Measurement>, Failure> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))?;
-    let result = if whole_envelope {
-        mapping.normalize_event_bytes(&bytes)
-    } else {
-        mapping.normalize_body(&bytes)
-    };
+fn normalize_file(mapping: &DeviceMapping, path: &Path, whole_envelope: bool) -> Result<Vec<Measurement>, Failure> {
+    let bytes = std::fs::read(path).map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))?;
+    let result = if whole_envelope { mapping.normalize_event_bytes(&bytes) } else { mapping.normalize_body(&bytes) };
     result.map_err(|e| Failure(1, format!("error: {}: {e}", path.display())))
 }
 
@@ -192,23 +176,13 @@ fn transform_cmd(a: TransformArgs) -> Result<(), Failure> {
     for path in &a.messages {
         measurements.extend(normalize_file(&device, path, a.envelope)?);
     }
-    let identity = CreateIdentity {
-        device_system: a.device_identifier_system,
-    };
+    let identity = CreateIdentity { device_system: a.device_identifier_system };
     let batch = transform(&fhir, measurements, &identity, chrono::Utc::now());
     print_json(&batch.observations)?;
     if batch.errors.is_empty() {
         Ok(())
     } else {
-        Err(Failure(
-            1,
-            batch
-                .errors
-                .iter()
-                .map(|e| format!("error: {e}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ))
+        Err(Failure(1, batch.errors.iter().map(|e| format!("error: {e}")).collect::<Vec<_>>().join("\n")))
     }
 }
 
@@ -216,11 +190,7 @@ fn validate(a: ValidateArgs) -> Result<(), Failure> {
     let device_text = read(&a.device_mapping)?;
     let (device, device_errors) = DeviceMapping::parse_partial(&device_text);
     let mut problems = mapping_errors(&a.device_mapping, &device_errors);
-    let mut summary = vec![format!(
-        "{}: {} device template(s)",
-        a.device_mapping.display(),
-        device.templates.len()
-    )];
+    let mut summary = vec![format!("{}: {} device template(s)", a.device_mapping.display(), device.templates.len())];
     let mut notes = Vec::new();
     let mut count = device_errors.len();
     if let Some(fhir_path) = &a.fhir_mapping {
@@ -243,7 +213,7 @@ fn validate(a: ValidateArgs) -> Result<(), Failure> {
                     continue;
                 };
                 for v in &t.values {
-                    if !ft.value_templates().any(|fv| fv.value_name == v.name) {
+                    if !ft.value_templates().any(|fv| *fv.value_name == *v.name) {
                         cross.push(format!(
                             "{}: {} '{}': value '{}' is not used by FHIR template '{}' ({}:{}); it would be dropped",
                             pos(v.line, v.column),
@@ -258,14 +228,10 @@ fn validate(a: ValidateArgs) -> Result<(), Failure> {
                 }
             }
             for ft in &fhir.templates {
-                if ft.effective_interval() != ft.period_interval
-                    && ft.period_interval != PeriodInterval::Single
-                {
+                if ft.effective_interval() != ft.period_interval && ft.period_interval != PeriodInterval::Single {
                     let kinds: Vec<&str> = ft
                         .value_templates()
-                        .filter(|v| {
-                            matches!(v.kind, ValueKind::Quantity { .. } | ValueKind::String)
-                        })
+                        .filter(|v| matches!(v.kind, ValueKind::Quantity { .. } | ValueKind::String))
                         .map(|v| v.kind.name())
                         .collect();
                     notes.push(format!(
@@ -290,11 +256,7 @@ fn validate(a: ValidateArgs) -> Result<(), Failure> {
                 problems.push_str(&p);
             }
         }
-        summary.push(format!(
-            "{}: {} FHIR template(s)",
-            fhir_path.display(),
-            fhir.templates.len()
-        ));
+        summary.push(format!("{}: {} FHIR template(s)", fhir_path.display(), fhir.templates.len()));
     }
     for n in &notes {
         eprintln!("{n}");

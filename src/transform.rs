@@ -23,10 +23,7 @@ pub enum TransformError {
     #[error(
         "device '{device_id}', type '{type_name}': Create identity needs a patient id; add patientIdExpression to the device template"
     )]
-    MissingPatient {
-        device_id: String,
-        type_name: String,
-    },
+    MissingPatient { device_id: String, type_name: String },
     #[error(transparent)]
     Observation(#[from] ObservationError),
 }
@@ -43,13 +40,10 @@ impl TransformError {
 
 impl CreateIdentity {
     pub fn resolve(&self, key: &GroupKey) -> Result<Identity, TransformError> {
-        let patient = key
-            .patient_id
-            .as_deref()
-            .ok_or_else(|| TransformError::MissingPatient {
-                device_id: key.device_id.clone(),
-                type_name: key.type_name.clone(),
-            })?;
+        let patient = key.patient_id.as_deref().ok_or_else(|| TransformError::MissingPatient {
+            device_id: key.device_id.clone(),
+            type_name: key.type_name.to_string(),
+        })?;
         Ok(Identity {
             patient_id: ids::resource_id(None, patient),
             device_id: ids::resource_id(self.device_system.as_deref(), &key.device_id),

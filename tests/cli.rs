@@ -13,20 +13,13 @@ fn repo(p: &str) -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    let out = bin()
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output();
+    let out = bin().args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output();
     out.unwrap_or_else(|e| panic!("cannot run iomt-connector: {e}"))
 }
 
 fn stdout_json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn stderr(out: &Output) -> String {
@@ -42,30 +35,17 @@ const SAMPLES: &[(&str, &str, &str, &str)] = &[
     ("spo2", "spo2", "59408-5", "valueSampledData"),
     ("bloodpressure", "bloodpressure", "85354-9", "component"),
     ("steps", "steps", "55423-8", "valueSampledData"),
-    (
-        "bodytemperature",
-        "bodytemperature",
-        "8310-5",
-        "valueQuantity",
-    ),
+    ("bodytemperature", "bodytemperature", "8310-5", "valueQuantity"),
     ("bloodglucose", "bloodglucose", "15074-8", "valueQuantity"),
 ];
 
 #[test]
 fn sample_mappings_validate() {
-    let out = run(&[
-        "validate",
-        "--device-mapping",
-        DEVICE,
-        "--fhir-mapping",
-        FHIR,
-    ]);
+    let out = run(&["validate", "--device-mapping", DEVICE, "--fhir-mapping", FHIR]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("6 device template(s)")
-            && text.contains("6 FHIR template(s)")
-            && text.contains("valid"),
+        text.contains("6 device template(s)") && text.contains("6 FHIR template(s)") && text.contains("valid"),
         "{text}"
     );
 }
@@ -73,14 +53,8 @@ fn sample_mappings_validate() {
 #[test]
 fn every_sample_message_transforms() {
     let dir = repo("mappings/messages");
-    let count = std::fs::read_dir(&dir)
-        .map(|d| d.count())
-        .unwrap_or_default();
-    assert_eq!(
-        count,
-        SAMPLES.len(),
-        "a sample message without a row in SAMPLES"
-    );
+    let count = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or_default();
+    assert_eq!(count, SAMPLES.len(), "a sample message without a row in SAMPLES");
     for (file, type_name, loinc, value) in SAMPLES {
         let msg = format!("mappings/messages/{file}.json");
         let out = run(&["normalize", "--device-mapping", DEVICE, &msg]);
@@ -88,19 +62,9 @@ fn every_sample_message_transforms() {
         let measurements = stdout_json(&out);
         let ms = measurements.as_array().cloned().unwrap_or_default();
         assert!(!ms.is_empty(), "{msg}: no measurement");
-        assert!(
-            ms.iter().all(|m| m["type"] == *type_name),
-            "{msg}: {measurements}"
-        );
+        assert!(ms.iter().all(|m| m["type"] == *type_name), "{msg}: {measurements}");
 
-        let out = run(&[
-            "transform",
-            "--device-mapping",
-            DEVICE,
-            "--fhir-mapping",
-            FHIR,
-            &msg,
-        ]);
+        let out = run(&["transform", "--device-mapping", DEVICE, "--fhir-mapping", FHIR, &msg]);
         assert!(out.status.success(), "{msg}: {}", stderr(&out));
         let obs = stdout_json(&out);
         let obs = obs.as_array().cloned().unwrap_or_default();
@@ -109,29 +73,17 @@ fn every_sample_message_transforms() {
         assert_eq!(o["resourceType"], "Observation");
         assert_eq!(o["code"]["coding"][0]["code"], *loinc, "{msg}");
         assert!(o.get(*value).is_some(), "{msg}: no {value} in {o}");
-        assert_eq!(
-            o["subject"]["reference"].as_str().map(|s| s.len()),
-            Some("Patient/".len() + 64),
-            "{msg}"
-        );
+        assert_eq!(o["subject"]["reference"].as_str().map(|s| s.len()), Some("Patient/".len() + 64), "{msg}");
         assert_eq!(o["id"].as_str().map(str::len), Some(64));
     }
 }
 
 #[test]
 fn heart_rate_array_becomes_one_sampled_data_observation() {
-    let out = run(&[
-        "transform",
-        "--device-mapping",
-        DEVICE,
-        "--fhir-mapping",
-        FHIR,
-        "mappings/messages/heartrate.json",
-    ]);
+    let out =
+        run(&["transform", "--device-mapping", DEVICE, "--fhir-mapping", FHIR, "mappings/messages/heartrate.json"]);
     let obs = stdout_json(&out);
-    let data = obs[0]["valueSampledData"]["data"]
-        .as_str()
-        .unwrap_or_default();
+    let data = obs[0]["valueSampledData"]["data"].as_str().unwrap_or_default();
     let readings: Vec<&str> = data.split(' ').filter(|t| *t != "E").collect();
     assert_eq!(readings.len(), 10, "{data}");
     assert_eq!(data.split(' ').count(), 3600, "hourly window at 1 s");
@@ -151,12 +103,8 @@ fn transform_batches_messages_in_order_across_files() {
     let out = run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     let obs = stdout_json(&out);
-    let codes: Vec<&str> = obs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|o| o["code"]["coding"][0]["code"].as_str())
-        .collect();
+    let codes: Vec<&str> =
+        obs.as_array().into_iter().flatten().filter_map(|o| o["code"]["coding"][0]["code"].as_str()).collect();
     assert_eq!(codes, ["59408-5", "85354-9"]);
 }
 
@@ -171,12 +119,7 @@ fn temp(name: &str, content: &str) -> PathBuf {
 #[test]
 fn message_without_a_match_prints_an_empty_array() {
     let msg = temp("nomatch.json", r#"{"somethingElse": 1}"#);
-    let out = run(&[
-        "normalize",
-        "--device-mapping",
-        DEVICE,
-        msg.to_str().unwrap_or_default(),
-    ]);
+    let out = run(&["normalize", "--device-mapping", DEVICE, msg.to_str().unwrap_or_default()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout_json(&out), serde_json::json!([]));
 }
@@ -185,35 +128,19 @@ fn message_without_a_match_prints_an_empty_array() {
 fn normalization_errors_exit_1_with_one_line_naming_template_and_expression() {
     let cases = [
         ("notjson.json", r#"{"heartRate": 7"#, "not valid JSON"),
-        (
-            "missing.json",
-            r#"{"heartRate": 70, "deviceId": "d", "patientId": "p"}"#,
-            "`$.matchedToken.measurementTime`",
-        ),
-        (
-            "badtime.json",
-            r#"{"heartRate": 70, "deviceId": "d", "measurementTime": "soon"}"#,
-            "not a date-time",
-        ),
+        ("missing.json", r#"{"heartRate": 70, "deviceId": "d", "patientId": "p"}"#, "`$.matchedToken.measurementTime`"),
+        ("badtime.json", r#"{"heartRate": 70, "deviceId": "d", "measurementTime": "soon"}"#, "not a date-time"),
     ];
     for (name, body, expect) in cases {
         let msg = temp(name, body);
-        let out = run(&[
-            "normalize",
-            "--device-mapping",
-            DEVICE,
-            msg.to_str().unwrap_or_default(),
-        ]);
+        let out = run(&["normalize", "--device-mapping", DEVICE, msg.to_str().unwrap_or_default()]);
         assert_eq!(out.status.code(), Some(1), "{name}");
         assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
         let err = stderr(&out);
         assert_eq!(err.trim_end().lines().count(), 1, "{name}: one line: {err}");
         assert!(err.contains(expect), "{name}: {err}");
         if name != "notjson.json" {
-            assert!(
-                err.contains("'heartrate'"),
-                "{name}: names the typeName: {err}"
-            );
+            assert!(err.contains("'heartrate'"), "{name}: names the typeName: {err}");
         }
     }
 }
@@ -300,19 +227,9 @@ fn validate_lists_every_problem_with_line_and_column() {
             "typeName": "heartrate", "typeMatchExpression": "$..[?(@hr)]", "deviceIdExpression": "$.d", "timestampExpression": "$.t",
             "values": [{"valueName": "pulse", "valueExpression": "$.hr"}]}}]}"#,
     );
-    let out = run(&[
-        "validate",
-        "--device-mapping",
-        unused.to_str().unwrap_or_default(),
-        "--fhir-mapping",
-        FHIR,
-    ]);
+    let out = run(&["validate", "--device-mapping", unused.to_str().unwrap_or_default(), "--fhir-mapping", FHIR]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("value 'pulse' is not used by FHIR template 'heartrate'"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("value 'pulse' is not used by FHIR template 'heartrate'"), "{}", stderr(&out));
 }
 
 #[test]
@@ -322,8 +239,7 @@ fn help_documents_each_command_with_an_example() {
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            text.contains("Example:")
-                && text.contains(&format!("iomt-connector {cmd} --device-mapping")),
+            text.contains("Example:") && text.contains(&format!("iomt-connector {cmd} --device-mapping")),
             "{cmd}: {text}"
         );
     }

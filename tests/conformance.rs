@@ -44,8 +44,7 @@ fn json(folder: &str, file: &str) -> Value {
 }
 
 fn device(folder: &str) -> DeviceMapping {
-    DeviceMapping::parse(&text(folder, "device-template.json"))
-        .unwrap_or_else(|e| panic!("{folder}: {e}"))
+    DeviceMapping::parse(&text(folder, "device-template.json")).unwrap_or_else(|e| panic!("{folder}: {e}"))
 }
 
 fn fhir(folder: &str, file: &str) -> FhirMapping {
@@ -53,9 +52,7 @@ fn fhir(folder: &str, file: &str) -> FhirMapping {
 }
 
 fn normalize(folder: &str, event: &Value) -> Vec<Measurement> {
-    device(folder)
-        .normalize(event)
-        .unwrap_or_else(|e| panic!("{folder}: {e}"))
+    device(folder).normalize(event).unwrap_or_else(|e| panic!("{folder}: {e}"))
 }
 
 fn instant(s: &str) -> DateTime<Utc> {
@@ -66,7 +63,7 @@ fn instant(s: &str) -> DateTime<Utc> {
 fn measurement(v: &Value) -> Measurement {
     let s = |k: &str| v[k].as_str().map(str::to_string);
     Measurement {
-        type_name: s("Type").unwrap_or_default(),
+        type_name: s("Type").unwrap_or_default().into(),
         occurrence_time: instant(v["OccurrenceTimeUtc"].as_str().unwrap_or_default()),
         ingestion_time: v["IngestionTimeUtc"].as_str().map(instant),
         device_id: s("DeviceId").unwrap_or_default(),
@@ -88,9 +85,7 @@ fn measurement(v: &Value) -> Measurement {
 }
 
 fn measurements(v: &Value) -> Vec<Measurement> {
-    v.as_array()
-        .map(|a| a.iter().map(measurement).collect())
-        .unwrap_or_default()
+    v.as_array().map(|a| a.iter().map(measurement).collect()).unwrap_or_default()
 }
 
 fn truncate_ms(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -103,53 +98,21 @@ fn truncate_ms(t: DateTime<Utc>) -> DateTime<Utc> {
 /// (double products, which .NET and Rust print differently).
 fn assert_normalized_close(folder: &str, got: &[Measurement], expected: &Value, tolerance: f64) {
     let want = measurements(expected);
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{folder}: measurement count\n got: {got:#?}"
-    );
+    assert_eq!(got.len(), want.len(), "{folder}: measurement count\n got: {got:#?}");
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g.type_name, w.type_name, "{folder}");
+        assert_eq!(truncate_ms(g.occurrence_time), truncate_ms(w.occurrence_time), "{folder}: occurrence time");
         assert_eq!(
-            truncate_ms(g.occurrence_time),
-            truncate_ms(w.occurrence_time),
-            "{folder}: occurrence time"
-        );
-        assert_eq!(
-            (
-                &g.device_id,
-                &g.patient_id,
-                &g.encounter_id,
-                &g.correlation_id
-            ),
-            (
-                &w.device_id,
-                &w.patient_id,
-                &w.encounter_id,
-                &w.correlation_id
-            ),
+            (&g.device_id, &g.patient_id, &g.encounter_id, &g.correlation_id),
+            (&w.device_id, &w.patient_id, &w.encounter_id, &w.correlation_id),
             "{folder}: ids"
         );
-        assert_eq!(
-            g.properties.len(),
-            w.properties.len(),
-            "{folder}: properties {:?}",
-            g.properties
-        );
+        assert_eq!(g.properties.len(), w.properties.len(), "{folder}: properties {:?}", g.properties);
         for (gp, wp) in g.properties.iter().zip(&w.properties) {
             assert_eq!(gp.name, wp.name, "{folder}");
             if tolerance > 0.0 {
-                let (a, b) = (
-                    gp.value.parse::<f64>().unwrap_or(f64::NAN),
-                    wp.value.parse::<f64>().unwrap_or(f64::NAN),
-                );
-                assert!(
-                    (a - b).abs() <= tolerance,
-                    "{folder}: {} = {} vs {}",
-                    gp.name,
-                    gp.value,
-                    wp.value
-                );
+                let (a, b) = (gp.value.parse::<f64>().unwrap_or(f64::NAN), wp.value.parse::<f64>().unwrap_or(f64::NAN));
+                assert!((a - b).abs() <= tolerance, "{folder}: {} = {} vs {}", gp.name, gp.value, wp.value);
             } else {
                 assert_eq!(gp.value, wp.value, "{folder}: value of {}", gp.name);
             }
@@ -163,11 +126,7 @@ fn assert_normalized(folder: &str, got: &[Measurement], expected: &Value) {
 
 fn lookup_identity() -> Identity {
     // fhir-server-state.json (Lookup mode): Device device-res-01 belongs to Patient patient-res-01.
-    Identity {
-        patient_id: "patient-res-01".into(),
-        device_id: "device-res-01".into(),
-        encounter_id: None,
-    }
+    Identity { patient_id: "patient-res-01".into(), device_id: "device-res-01".into(), encounter_id: None }
 }
 
 fn build_all(fhir: &FhirMapping, ms: Vec<Measurement>, identity: &Identity) -> Vec<Observation> {
@@ -178,9 +137,7 @@ fn build_all(fhir: &FhirMapping, ms: Vec<Measurement>, identity: &Identity) -> V
     g.into_groups()
         .iter()
         .map(|grp| {
-            let t = fhir
-                .template(&grp.key.type_name)
-                .unwrap_or_else(|| panic!("no template"));
+            let t = fhir.template(&grp.key.type_name).unwrap_or_else(|| panic!("no template"));
             observation::build(t, grp, identity, Utc::now()).unwrap_or_else(|e| panic!("{e}"))
         })
         .collect()
@@ -190,28 +147,18 @@ fn build_all(fhir: &FhirMapping, ms: Vec<Measurement>, identity: &Identity) -> V
 /// reference instant Observation's identifier segment to ours and recomputes its id (after
 /// checking the reference id is the hash of the reference identifier, as ours is).
 fn with_ms_identifier(mut obs: Value) -> Value {
-    let value = obs["identifier"][0]["value"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let value = obs["identifier"][0]["value"].as_str().unwrap_or_default().to_string();
     assert_eq!(
         obs["id"].as_str(),
         Some(ids::resource_id(Some(SERVICE_SYSTEM), &value).as_str()),
         "reference id = sha256(system_value)"
     );
     let start = instant(obs["effectivePeriod"]["start"].as_str().unwrap_or_default());
-    assert_eq!(
-        obs["effectivePeriod"]["start"], obs["effectivePeriod"]["end"],
-        "an instant Observation"
-    );
+    assert_eq!(obs["effectivePeriod"]["start"], obs["effectivePeriod"]["end"], "an instant Observation");
     let mut parts: Vec<&str> = value.split('.').collect();
     let n = parts.len();
     let seg = time::id_millis(start);
-    assert_eq!(
-        parts[n - 1],
-        time::id_seconds(start),
-        "reference segment has second precision"
-    );
+    assert_eq!(parts[n - 1], time::id_seconds(start), "reference segment has second precision");
     parts[n - 2] = &seg;
     parts[n - 1] = &seg;
     let ours = parts.join(".");
@@ -305,10 +252,7 @@ fn every_folder_has_a_test() {
             }
         }
     }
-    assert!(
-        missing.is_empty(),
-        "conformance folders without a test: {missing:?}"
-    );
+    assert!(missing.is_empty(), "conformance folders without a test: {missing:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,15 +261,8 @@ fn every_folder_has_a_test() {
 
 fn jmes_eval(expr: &Expression, data: &Value) -> Result<Vec<Value>, String> {
     let var = || to_variable(data);
-    let input = Input {
-        scope: Scope {
-            root: data,
-            matched: None,
-        },
-        jmes: &var,
-    };
-    expr.select_all(&input)
-        .map(|v| v.into_iter().map(|t| t.to_json().into_owned()).collect())
+    let input = Input { scope: Scope { root: data, matched: None }, jmes: &var };
+    expr.select_all(&input).map(|v| v.into_iter().map(|t| t.to_json().into_owned()).collect())
 }
 
 #[test]
@@ -336,23 +273,10 @@ fn algo_custom_functions() {
         let data = &case["data"];
         if let Some(tokens) = case.get("select_tokens_expected") {
             let e = compiled.unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!(
-                &json!(jmes_eval(&e, data).unwrap_or_default()),
-                tokens,
-                "{text}: SelectTokens"
-            );
+            assert_eq!(&json!(jmes_eval(&e, data).unwrap_or_default()), tokens, "{text}: SelectTokens");
             let var = || to_variable(data);
-            let input = Input {
-                scope: Scope {
-                    root: data,
-                    matched: None,
-                },
-                jmes: &var,
-            };
-            assert!(
-                e.select_one(&input).is_err(),
-                "{text}: a single-value expression must not return several tokens"
-            );
+            let input = Input { scope: Scope { root: data, matched: None }, jmes: &var };
+            assert!(e.select_one(&input).is_err(), "{text}: a single-value expression must not return several tokens");
             continue;
         }
         let result = compiled.and_then(|e| {
@@ -360,29 +284,18 @@ fn algo_custom_functions() {
             Ok(r.pop().unwrap_or(Value::Null))
         });
         if let Some(err) = case.get("expected_error") {
-            assert!(
-                result.is_err(),
-                "{text}: expected an error like {err}, got {result:?}"
-            );
+            assert!(result.is_err(), "{text}: expected an error like {err}, got {result:?}");
         } else if let Some(docs) = case.get("expected_docs") {
             // Deliberate difference: divide() is real division, as the docs promise (the reference
             // does integer division and returns expected_code).
-            assert_eq!(
-                result.as_ref().ok().and_then(Value::as_f64),
-                docs.as_f64(),
-                "{text}"
-            );
+            assert_eq!(result.as_ref().ok().and_then(Value::as_f64), docs.as_f64(), "{text}");
         } else if case.get("expected_code").is_some() {
             // Deliberate difference (same one): pow(100, -2) of integers is 0.0001, not the
             // reference's truncation to 0; integer results stay integers only where exact.
             assert_eq!(text, "pow(left, right)");
             assert_eq!(result, Ok(json!(0.0001)), "{text}");
         } else if let Some(approx) = case["expected_approx"].as_f64() {
-            let got = result
-                .as_ref()
-                .ok()
-                .and_then(Value::as_f64)
-                .unwrap_or(f64::NAN);
+            let got = result.as_ref().ok().and_then(Value::as_f64).unwrap_or(f64::NAN);
             assert!((got - approx).abs() < 1e-4, "{text}: {got} vs {approx}");
         } else {
             let want = &case["expected"];
@@ -393,11 +306,7 @@ fn algo_custom_functions() {
                 assert_eq!(&got, want, "{text}");
             } else {
                 assert_eq!(got.as_f64(), want.as_f64(), "{text}");
-                assert_eq!(
-                    got.is_i64(),
-                    want.is_i64(),
-                    "{text}: integer results stay integers"
-                );
+                assert_eq!(got.is_i64(), want.is_i64(), "{text}: integer results stay integers");
             }
         }
     }
@@ -407,25 +316,16 @@ fn algo_custom_functions() {
 fn algo_identifiers_and_ids() {
     let f = "algo-identifiers-and-ids";
     for c in array(json(f, "create-mode-resource-id-cases.json")) {
-        let id = ids::resource_id(
-            c["identifier"]["system"].as_str(),
-            c["identifier"]["value"].as_str().unwrap_or_default(),
-        );
+        let id =
+            ids::resource_id(c["identifier"]["system"].as_str(), c["identifier"]["value"].as_str().unwrap_or_default());
         assert_eq!(Some(id.as_str()), c["id"].as_str(), "{c}");
     }
     for c in array(json(f, "observation-identifier-cases.json")) {
         let s = |k: &str| c[k].as_str().unwrap_or_default();
-        let value = ids::observation_identifier(
-            s("patientResourceId"),
-            s("deviceResourceId"),
-            s("typeName"),
-            s("idSegment"),
-        );
+        let value =
+            ids::observation_identifier(s("patientResourceId"), s("deviceResourceId"), s("typeName"), s("idSegment"));
         assert_eq!(Some(value.as_str()), c["identifier"]["value"].as_str());
-        assert_eq!(
-            Some(ids::resource_id(Some(SERVICE_SYSTEM), &value).as_str()),
-            c["observationId"].as_str()
-        );
+        assert_eq!(Some(ids::resource_id(Some(SERVICE_SYSTEM), &value).as_str()), c["observationId"].as_str());
     }
 }
 
@@ -433,12 +333,7 @@ fn pairs(v: &Value) -> Vec<(DateTime<Utc>, String)> {
     v.as_array()
         .map(|a| {
             a.iter()
-                .map(|p| {
-                    (
-                        instant(p[0].as_str().unwrap_or_default()),
-                        p[1].as_str().unwrap_or_default().to_string(),
-                    )
-                })
+                .map(|p| (instant(p[0].as_str().unwrap_or_default()), p[1].as_str().unwrap_or_default().to_string()))
                 .collect()
         })
         .unwrap_or_default()
@@ -466,12 +361,7 @@ fn algo_sampleddata_processor() {
     );
     assert_eq!(got, pairs(&d["expected"]));
     for c in array(json(f, "merge-cases.json")) {
-        assert_eq!(
-            sampled::merge(pairs(&c["existing"]), pairs(&c["new"])),
-            pairs(&c["expected"]),
-            "{}",
-            c["name"]
-        );
+        assert_eq!(sampled::merge(pairs(&c["existing"]), pairs(&c["new"])), pairs(&c["expected"]), "{}", c["name"]);
     }
     for c in array(json(f, "boundary-cases.json")) {
         let interval = c["periodInterval"].as_i64().unwrap_or_default();
@@ -491,10 +381,7 @@ fn algo_sampleddata_processor() {
             patient_id: None,
             encounter_id: None,
             correlation_id: None,
-            properties: vec![Property {
-                name: "v".into(),
-                value: "1".into(),
-            }],
+            properties: vec![Property { name: "v".into(), value: "1".into() }],
         };
         let mut g = Grouper::default();
         g.add(&mapping, m).unwrap_or_else(|e| panic!("{e}"));
@@ -548,61 +435,17 @@ fn envelope_inputs_normalize_as_the_reference() {
 #[test]
 fn bare_token_inputs_normalize_as_the_reference() {
     for (f, input, expected) in [
-        (
-            "calc-correlation-id",
-            "input.json",
-            "expected-normalized.json",
-        ),
-        (
-            "calc-jmespath-default-language",
-            "input.json",
-            "expected-normalized.json",
-        ),
-        (
-            "calc-jmespath-default-language",
-            "input-no-match.json",
-            "expected-normalized-no-match.json",
-        ),
-        (
-            "calc-optional-value-missing",
-            "input.json",
-            "expected-normalized.json",
-        ),
-        (
-            "calc-optional-value-missing",
-            "input-all.json",
-            "expected-normalized-all.json",
-        ),
-        (
-            "iotcentral-bp-enrichment-telemetry",
-            "input.json",
-            "expected-normalized.json",
-        ),
-        (
-            "jsonpath-content-patient-encounter-ids",
-            "input.json",
-            "expected-normalized.json",
-        ),
-        (
-            "property-name-with-space",
-            "input.json",
-            "expected-normalized.json",
-        ),
-        (
-            "typematch-no-match-compound-filter",
-            "input.json",
-            "expected-normalized.json",
-        ),
-        (
-            "typematch-no-match-compound-filter",
-            "input-match.json",
-            "expected-normalized-match.json",
-        ),
-        (
-            "typematch-no-match-compound-filter",
-            "input-other.json",
-            "expected-normalized-other.json",
-        ),
+        ("calc-correlation-id", "input.json", "expected-normalized.json"),
+        ("calc-jmespath-default-language", "input.json", "expected-normalized.json"),
+        ("calc-jmespath-default-language", "input-no-match.json", "expected-normalized-no-match.json"),
+        ("calc-optional-value-missing", "input.json", "expected-normalized.json"),
+        ("calc-optional-value-missing", "input-all.json", "expected-normalized-all.json"),
+        ("iotcentral-bp-enrichment-telemetry", "input.json", "expected-normalized.json"),
+        ("jsonpath-content-patient-encounter-ids", "input.json", "expected-normalized.json"),
+        ("property-name-with-space", "input.json", "expected-normalized.json"),
+        ("typematch-no-match-compound-filter", "input.json", "expected-normalized.json"),
+        ("typematch-no-match-compound-filter", "input-match.json", "expected-normalized-match.json"),
+        ("typematch-no-match-compound-filter", "input-other.json", "expected-normalized-other.json"),
     ] {
         let got = normalize(f, &json(f, input));
         assert_normalized(&format!("{f}/{input}"), &got, &json(f, expected));
@@ -621,32 +464,19 @@ fn calc_jmespath_unit_conversion() {
 #[test]
 fn calc_correlation_id_missing_is_an_error() {
     let f = "calc-correlation-id";
-    let err = device(f)
-        .normalize(&json(f, "input-missing.json"))
-        .expect_err("missing correlation id");
-    assert!(
-        matches!(&err, NormalizeError::MissingValue { field, .. } if field == "correlationIdExpression"),
-        "{err}"
-    );
+    let err = device(f).normalize(&json(f, "input-missing.json")).expect_err("missing correlation id");
+    assert!(matches!(&err, NormalizeError::MissingValue { field, .. } if field == "correlationIdExpression"), "{err}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("heartrate") && msg.contains("$.session"),
-        "names template and expression: {msg}"
-    );
+    assert!(msg.contains("heartrate") && msg.contains("$.session"), "names template and expression: {msg}");
 }
 
 #[test]
 fn calc_jmespath_fromunixtimestamp_rejects_a_string() {
     let f = "calc-jmespath-fromunixtimestamp-seconds";
-    let err = device(f)
-        .normalize(&json(f, "input-error-string-ts.json"))
-        .expect_err("string timestamp");
+    let err = device(f).normalize(&json(f, "input-error-string-ts.json")).expect_err("string timestamp");
     let msg = err.to_string();
     assert!(matches!(err, NormalizeError::Expression { .. }), "{msg}");
-    assert!(
-        msg.contains("timestampExpression") && msg.contains("fromUnixTimestamp(matchedToken.ts)"),
-        "{msg}"
-    );
+    assert!(msg.contains("timestampExpression") && msg.contains("fromUnixTimestamp(matchedToken.ts)"), "{msg}");
 }
 
 #[test]
@@ -657,12 +487,7 @@ fn calc_required_value_missing_null_empty() {
     for input in ["input-missing.json", "input-null.json", "input-empty.json"] {
         let err = device(f).normalize(&json(f, input)).expect_err(input);
         match &err {
-            NormalizeError::MissingValue {
-                type_name,
-                field,
-                expression,
-                ..
-            } => {
+            NormalizeError::MissingValue { type_name, field, expression, .. } => {
                 assert_eq!(type_name, "bloodpressure");
                 assert_eq!(field, "value 'diastolic'");
                 assert_eq!(expression, "$.matchedToken.diastolic");
@@ -675,14 +500,9 @@ fn calc_required_value_missing_null_empty() {
 #[test]
 fn invalid_json_message() {
     let f = "invalid-json-message";
-    let body = json(f, "input-body.txt.json")["raw_body_utf8"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let body = json(f, "input-body.txt.json")["raw_body_utf8"].as_str().unwrap_or_default().to_string();
     let mapping = device("calc-heartrate-sampleddata-hourly");
-    let err = mapping
-        .normalize_body(body.as_bytes())
-        .expect_err("not JSON");
+    let err = mapping.normalize_body(body.as_bytes()).expect_err("not JSON");
     assert!(matches!(err, NormalizeError::InvalidJson(_)));
     assert_eq!(err.kind(), "invalid-json");
 }
@@ -707,32 +527,18 @@ fn iothub_medtech_doc_display_form() {
 #[test]
 fn template_collection_invalid_missing_required() {
     let f = "template-collection-invalid-missing-required";
-    let errs = DeviceMapping::parse(&text(f, "device-template.json"))
-        .expect_err("invalid")
-        .0;
+    let errs = DeviceMapping::parse(&text(f, "device-template.json")).expect_err("invalid").0;
     let want = array(json(f, "expected-template-errors.json"));
     assert_eq!(errs.len(), want.len(), "{errs:#?}");
     for w in &want {
         // "Required property 'DeviceIdExpression' not found in JSON." -> our message names the member.
-        let member = w
-            .as_str()
-            .unwrap_or_default()
-            .split('\'')
-            .nth(1)
-            .unwrap_or_default()
-            .to_lowercase();
+        let member = w.as_str().unwrap_or_default().split('\'').nth(1).unwrap_or_default().to_lowercase();
         assert!(
-            errs.iter().any(|e| e
-                .message
-                .to_lowercase()
-                .contains(&format!("'{member}' is missing"))
-                && e.line > 1),
+            errs.iter().any(|e| e.message.to_lowercase().contains(&format!("'{member}' is missing")) && e.line > 1),
             "{member} not reported: {errs:#?}"
         );
     }
-    let wrong = DeviceMapping::parse(&text(f, "device-template-wrong-root.json"))
-        .expect_err("wrong root")
-        .0;
+    let wrong = DeviceMapping::parse(&text(f, "device-template-wrong-root.json")).expect_err("wrong root").0;
     assert_eq!(wrong.len(), 1);
     assert!(
         wrong[0].message.contains("CollectionContent") && wrong[0].message.contains("templateType"),
@@ -740,17 +546,12 @@ fn template_collection_invalid_missing_required() {
         wrong[0]
     );
 
-    let fe = FhirMapping::parse(&text(f, "fhir-template-invalid.json"))
-        .expect_err("invalid FHIR")
-        .0;
+    let fe = FhirMapping::parse(&text(f, "fhir-template-invalid.json")).expect_err("invalid FHIR").0;
     let all: Vec<String> = fe.iter().map(ToString::to_string).collect();
     let has = |s: &str| all.iter().any(|e| e.contains(s));
     assert!(has("'typeName' is missing"), "{all:#?}");
     assert!(has("duplicate template for typeName 'steps'"), "{all:#?}");
-    assert!(
-        has("'valueName' is missing") && has("'valueType' is missing"),
-        "{all:#?}"
-    );
+    assert!(has("'valueName' is missing") && has("'valueType' is missing"), "{all:#?}");
     assert!(has("typeName is blank"), "{all:#?}");
 }
 
@@ -758,37 +559,15 @@ fn template_collection_invalid_missing_required() {
 fn template_collection_mixed_validity() {
     let f = "template-collection-mixed-validity";
     let t = text(f, "device-template.json");
-    assert!(
-        DeviceMapping::parse(&t).is_err(),
-        "the service refuses a mapping with an invalid template"
-    );
+    assert!(DeviceMapping::parse(&t).is_err(), "the service refuses a mapping with an invalid template");
     let (valid, errors) = DeviceMapping::parse_partial(&t);
     assert_eq!(valid.templates.len(), 3);
     assert_eq!(errors.len(), 1, "{errors:#?}");
-    assert!(
-        errors[0]
-            .message
-            .contains("'typeMatchExpression' is missing"),
-        "{}",
-        errors[0]
-    );
-    assert_eq!(
-        errors[0].template.as_deref(),
-        Some("IotJsonPathContent 'bootTime'")
-    );
-    assert!(
-        (40..=46).contains(&errors[0].line),
-        "line ~43: {}",
-        errors[0]
-    );
-    let got = valid
-        .normalize(&json(f, "input.json"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_normalized(
-        f,
-        &got,
-        &json(f, "expected-normalized-partial-template.json"),
-    );
+    assert!(errors[0].message.contains("'typeMatchExpression' is missing"), "{}", errors[0]);
+    assert_eq!(errors[0].template.as_deref(), Some("IotJsonPathContent 'bootTime'"));
+    assert!((40..=46).contains(&errors[0].line), "line ~43: {}", errors[0]);
+    let got = valid.normalize(&json(f, "input.json")).unwrap_or_else(|e| panic!("{e}"));
+    assert_normalized(f, &got, &json(f, "expected-normalized-partial-template.json"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -822,11 +601,8 @@ fn fhir_stage_vectors() {
         ("fhir-daily-period-with-category", false),
         ("fhir-correlationid-grouping", false),
     ] {
-        let got = build_all(
-            &fhir(f, "fhir-template.json"),
-            measurements(&json(f, "normalized.json")),
-            &lookup_identity(),
-        );
+        let got =
+            build_all(&fhir(f, "fhir-template.json"), measurements(&json(f, "normalized.json")), &lookup_identity());
         let expected_file = if f == "fhir-correlationid-grouping" {
             "expected-observation-if-all-in-one-batch.json"
         } else {
@@ -840,10 +616,7 @@ fn fhir_stage_vectors() {
     }
     // The first two readings alone: the correlation window spans just them.
     let f = "fhir-correlationid-grouping";
-    let ms = measurements(&json(f, "normalized.json"))
-        .into_iter()
-        .take(2)
-        .collect();
+    let ms = measurements(&json(f, "normalized.json")).into_iter().take(2).collect();
     let got = build_all(&fhir(f, "fhir-template.json"), ms, &lookup_identity());
     assert_observations(f, &got, &array(json(f, "expected-observation.json")));
 }
@@ -851,10 +624,8 @@ fn fhir_stage_vectors() {
 #[test]
 fn fhir_quantity_multiple_values() {
     let f = "fhir-quantity-multiple-values-error";
-    let want: Vec<Value> = array(json(f, "expected-observation-instance.json"))
-        .into_iter()
-        .map(with_ms_identifier)
-        .collect();
+    let want: Vec<Value> =
+        array(json(f, "expected-observation-instance.json")).into_iter().map(with_ms_identifier).collect();
     let instance = build_all(
         &fhir(f, "fhir-template-instance.json"),
         measurements(&json(f, "normalized.json")),
@@ -863,11 +634,8 @@ fn fhir_quantity_multiple_values() {
     assert_observations(f, &instance, &want);
     // Deliberate difference: with periodInterval 60 the reference fails the group ("Expected 1
     // value. Received 2."); Quantity is not grouped here, each reading is its own instant.
-    let hourly = build_all(
-        &fhir(f, "fhir-template-hourly.json"),
-        measurements(&json(f, "normalized.json")),
-        &lookup_identity(),
-    );
+    let hourly =
+        build_all(&fhir(f, "fhir-template-hourly.json"), measurements(&json(f, "normalized.json")), &lookup_identity());
     assert_observations(f, &hourly, &want);
 }
 
@@ -877,20 +645,13 @@ fn batch_dedupe_same_timestamp_latest_wins() {
     let mapping = device(f);
     let mut normalized = Vec::new();
     for file in ["input-message-1.json", "input-message-2.json"] {
-        normalized.extend(
-            mapping
-                .normalize(&envelope(json(f, file)))
-                .unwrap_or_else(|e| panic!("{e}")),
-        );
+        normalized.extend(mapping.normalize(&envelope(json(f, file))).unwrap_or_else(|e| panic!("{e}")));
     }
     let stage_input = json(f, "normalized.json");
     let with_ingestion = measurements(&stage_input);
     assert_eq!(normalized.len(), with_ingestion.len());
     for (a, b) in normalized.iter().zip(&with_ingestion) {
-        assert_eq!(
-            (&a.type_name, a.occurrence_time, &a.properties),
-            (&b.type_name, b.occurrence_time, &b.properties)
-        );
+        assert_eq!((&a.type_name, a.occurrence_time, &a.properties), (&b.type_name, b.occurrence_time, &b.properties));
     }
     let mut g = Grouper::default();
     let fm = fhir(f, "fhir-template.json");
@@ -902,20 +663,10 @@ fn batch_dedupe_same_timestamp_latest_wins() {
     assert_eq!(groups.len(), want_group.len());
     let kept: Vec<&Measurement> = groups[0].readings.values().collect();
     assert_eq!(kept.len(), 1);
-    assert_eq!(
-        *kept[0],
-        measurement(&want_group[0]["Data"][0]),
-        "the latest ingested reading wins"
-    );
-    let t = fm
-        .template("bloodpressure")
-        .unwrap_or_else(|| panic!("template"));
-    let obs = observation::build(t, &groups[0], &lookup_identity(), Utc::now())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let want: Vec<Value> = array(json(f, "expected-observation.json"))
-        .into_iter()
-        .map(with_ms_identifier)
-        .collect();
+    assert_eq!(*kept[0], measurement(&want_group[0]["Data"][0]), "the latest ingested reading wins");
+    let t = fm.template("bloodpressure").unwrap_or_else(|| panic!("template"));
+    let obs = observation::build(t, &groups[0], &lookup_identity(), Utc::now()).unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<Value> = array(json(f, "expected-observation.json")).into_iter().map(with_ms_identifier).collect();
     assert_observations(f, &[obs], &want);
 }
 
@@ -923,9 +674,7 @@ fn batch_dedupe_same_timestamp_latest_wins() {
 fn fhir_sampleddata_merge_existing_observation() {
     let f = "fhir-sampleddata-merge-existing-observation";
     let fm = fhir(f, "fhir-template.json");
-    let t = fm
-        .template("heartrate")
-        .unwrap_or_else(|| panic!("template"));
+    let t = fm.template("heartrate").unwrap_or_else(|| panic!("template"));
     let group_of = |file: &str| {
         let mut g = Grouper::default();
         for m in measurements(&json(f, file)) {
@@ -936,52 +685,24 @@ fn fhir_sampleddata_merge_existing_observation() {
         groups.pop().unwrap_or_else(|| panic!("group"))
     };
     let id = lookup_identity();
-    let first = match observation::build_or_merge(
-        t,
-        &group_of("normalized-batch-1.json"),
-        &id,
-        None,
-        Utc::now(),
-    ) {
+    let first = match observation::build_or_merge(t, &group_of("normalized-batch-1.json"), &id, None, Utc::now()) {
         Ok(Outcome::Create(o)) => o,
         other => panic!("{other:?}"),
     };
-    assert_observations(
-        f,
-        std::slice::from_ref(&first),
-        &[json(f, "expected-observation-after-batch-1.json")],
-    );
+    assert_observations(f, std::slice::from_ref(&first), &[json(f, "expected-observation-after-batch-1.json")]);
 
     // As stored by the server.
     let mut stored = first.clone();
     stored.meta = Some(json!({"versionId": "1"}));
-    let second = match observation::build_or_merge(
-        t,
-        &group_of("normalized-batch-2.json"),
-        &id,
-        Some(&stored),
-        Utc::now(),
-    ) {
-        Ok(Outcome::Update(o)) => o,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(
-        second.issued, stored.issued,
-        "issued keeps the original value"
-    );
-    assert_observations(
-        f,
-        std::slice::from_ref(&second),
-        &[json(f, "expected-observation-after-batch-2.json")],
-    );
+    let second =
+        match observation::build_or_merge(t, &group_of("normalized-batch-2.json"), &id, Some(&stored), Utc::now()) {
+            Ok(Outcome::Update(o)) => o,
+            other => panic!("{other:?}"),
+        };
+    assert_eq!(second.issued, stored.issued, "issued keeps the original value");
+    assert_observations(f, std::slice::from_ref(&second), &[json(f, "expected-observation-after-batch-2.json")]);
 
-    let replay = observation::build_or_merge(
-        t,
-        &group_of("normalized-batch-2.json"),
-        &id,
-        Some(&second),
-        Utc::now(),
-    );
+    let replay = observation::build_or_merge(t, &group_of("normalized-batch-2.json"), &id, Some(&second), Utc::now());
     assert_eq!(
         replay,
         Ok(Outcome::Unchanged),
@@ -996,27 +717,16 @@ fn e2e_readme_sample_create_mode() {
     let mapping = device(f);
     let mut ms = Vec::new();
     for body in array(json(f, "input-messages.json")) {
-        ms.extend(
-            mapping
-                .normalize(&envelope(body))
-                .unwrap_or_else(|e| panic!("{e}")),
-        );
+        ms.extend(mapping.normalize(&envelope(body)).unwrap_or_else(|e| panic!("{e}")));
     }
     assert_normalized(f, &ms, &json(f, "expected-normalized.json"));
     let identity = CreateIdentity::default();
     for r in array(json(f, "expected-created-resources.json")) {
         let res = &r["resource"];
-        let id = ids::resource_id(
-            None,
-            res["identifier"][0]["value"].as_str().unwrap_or_default(),
-        );
+        let id = ids::resource_id(None, res["identifier"][0]["value"].as_str().unwrap_or_default());
         assert_eq!(res["id"].as_str(), Some(id.as_str()));
     }
     let batch = transform(&fhir(f, "fhir-template.json"), ms, &identity, Utc::now());
     assert!(batch.errors.is_empty(), "{:?}", batch.errors);
-    assert_observations(
-        f,
-        &batch.observations,
-        &array(json(f, "expected-observation.json")),
-    );
+    assert_observations(f, &batch.observations, &array(json(f, "expected-observation.json")));
 }

@@ -25,48 +25,27 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let mut mappings = vec![
-            DeviceMapping::parse(&read(&repo.join("mappings/devicecontent.json")))
-                .unwrap_or_else(|e| panic!("{e}")),
+            DeviceMapping::parse(&read(&repo.join("mappings/devicecontent.json"))).unwrap_or_else(|e| panic!("{e}")),
         ];
         let mut samples = Vec::new();
-        for entry in std::fs::read_dir(repo.join("mappings/messages"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            samples
-                .push(serde_json::from_str(&read(&entry.path())).unwrap_or_else(|e| panic!("{e}")));
+        for entry in std::fs::read_dir(repo.join("mappings/messages")).into_iter().flatten().flatten() {
+            samples.push(serde_json::from_str(&read(&entry.path())).unwrap_or_else(|e| panic!("{e}")));
         }
         // The conformance device mappings cover the IoT Hub, IoT Central and JsonPath kinds.
         let conformance = repo.join("../shared/conformance");
-        for entry in std::fs::read_dir(&conformance)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for entry in std::fs::read_dir(&conformance).into_iter().flatten().flatten() {
             let p = entry.path().join("device-template.json");
             if let Ok(m) = DeviceMapping::parse(&std::fs::read_to_string(&p).unwrap_or_default()) {
                 mappings.push(m);
             }
             let input = entry.path().join("input.json");
-            if let Ok(v) =
-                serde_json::from_str::<Value>(&std::fs::read_to_string(&input).unwrap_or_default())
-            {
+            if let Ok(v) = serde_json::from_str::<Value>(&std::fs::read_to_string(&input).unwrap_or_default()) {
                 samples.push(v);
             }
         }
-        assert!(
-            mappings.len() > 20 && samples.len() > 20,
-            "conformance folder not found at {}",
-            conformance.display()
-        );
-        let fhir = FhirMapping::parse(&read(&repo.join("mappings/fhirmapping.json")))
-            .unwrap_or_else(|e| panic!("{e}"));
-        Fixture {
-            mappings,
-            fhir,
-            samples,
-        }
+        assert!(mappings.len() > 20 && samples.len() > 20, "conformance folder not found at {}", conformance.display());
+        let fhir = FhirMapping::parse(&read(&repo.join("mappings/fhirmapping.json"))).unwrap_or_else(|e| panic!("{e}"));
+        Fixture { mappings, fhir, samples }
     })
 }
 
@@ -114,9 +93,7 @@ fn leaf() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|i| json!(i)),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(|f| json!(f)),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
         "[ -~]{0,12}".prop_map(Value::String),
         prop_oneof![
             Just("2019-02-01T22:46:01.875Z"),
@@ -136,11 +113,7 @@ fn arb_json() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
             prop::collection::vec((prop::sample::select(KEYS), inner), 0..6).prop_map(|kv| {
-                Value::Object(
-                    kv.into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect::<Map<_, _>>(),
-                )
+                Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Map<_, _>>())
             }),
         ]
     })

@@ -6,11 +6,12 @@ use super::time::{self, TICK};
 use crate::template::fhir::{CodeValueTemplate, FhirMapping, PeriodInterval};
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GroupKey {
     pub device_id: String,
-    pub type_name: String,
+    pub type_name: Arc<str>,
     pub patient_id: Option<String>,
     pub encounter_id: Option<String>,
     pub correlation_id: Option<String>,
@@ -36,9 +37,7 @@ pub struct Group {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GroupError {
-    #[error(
-        "no FHIR template has typeName '{0}': add a CodeValueFhir template for it to the FHIR mapping"
-    )]
+    #[error("no FHIR template has typeName '{0}': add a CodeValueFhir template for it to the FHIR mapping")]
     NoTemplate(String),
     #[error(
         "FHIR template '{0}' groups by correlation id (periodInterval -1), but the measurement has none: add correlationIdExpression to the device template"
@@ -81,13 +80,8 @@ impl Group {
     }
 
     /// The readings of one value, in time order.
-    pub fn values<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> impl Iterator<Item = (DateTime<Utc>, &'a str)> + 'a {
-        self.readings
-            .iter()
-            .filter_map(move |(t, m)| m.value(name).map(|v| (*t, v)))
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (DateTime<Utc>, &'a str)> + 'a {
+        self.readings.iter().filter_map(move |(t, m)| m.value(name).map(|v| (*t, v)))
     }
 
     pub fn has_value(&self, name: &str) -> bool {
@@ -113,15 +107,9 @@ impl Group {
 pub fn key_for(m: &Measurement, template: &CodeValueTemplate) -> Result<GroupKey, GroupError> {
     let t = m.occurrence_time;
     let window = match template.effective_interval() {
-        PeriodInterval::Single => {
-            Window::Instant(t.duration_trunc(TimeDelta::milliseconds(1)).unwrap_or(t))
-        }
-        p @ PeriodInterval::Hourly => {
-            Window::Bucket(p, t.duration_trunc(TimeDelta::hours(1)).unwrap_or(t))
-        }
-        p @ PeriodInterval::Daily => {
-            Window::Bucket(p, t.duration_trunc(TimeDelta::days(1)).unwrap_or(t))
-        }
+        PeriodInterval::Single => Window::Instant(t.duration_trunc(TimeDelta::milliseconds(1)).unwrap_or(t)),
+        p @ PeriodInterval::Hourly => Window::Bucket(p, t.duration_trunc(TimeDelta::hours(1)).unwrap_or(t)),
+        p @ PeriodInterval::Daily => Window::Bucket(p, t.duration_trunc(TimeDelta::days(1)).unwrap_or(t)),
         PeriodInterval::CorrelationId => {
             if m.correlation_id.is_none() {
                 return Err(GroupError::MissingCorrelationId(template.type_name.clone()));
@@ -148,18 +136,13 @@ pub struct Grouper {
 
 impl Grouper {
     pub fn add(&mut self, mapping: &FhirMapping, m: Measurement) -> Result<(), GroupError> {
-        let template = mapping
-            .template(&m.type_name)
-            .ok_or_else(|| GroupError::NoTemplate(m.type_name.clone()))?;
+        let template = mapping.template(&m.type_name).ok_or_else(|| GroupError::NoTemplate(m.type_name.to_string()))?;
         let key = key_for(&m, template)?;
         let i = match self.index.get(&key) {
             Some(&i) => i,
             None => {
                 self.index.insert(key.clone(), self.groups.len());
-                self.groups.push(Group {
-                    key,
-                    readings: BTreeMap::new(),
-                });
+                self.groups.push(Group { key, readings: BTreeMap::new() });
                 self.groups.len() - 1
             }
         };

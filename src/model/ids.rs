@@ -18,12 +18,7 @@ pub fn resource_id(system: Option<&str>, value: &str) -> String {
 }
 
 /// `{patientResId}.{deviceResId}.{typeName}.{segment}`.
-pub fn observation_identifier(
-    patient_id: &str,
-    device_id: &str,
-    type_name: &str,
-    segment: &str,
-) -> String {
+pub fn observation_identifier(patient_id: &str, device_id: &str, type_name: &str, segment: &str) -> String {
     format!("{patient_id}.{device_id}.{type_name}.{segment}")
 }
 
@@ -33,15 +28,9 @@ mod tests {
 
     #[test]
     fn matches_the_reference_hashes() {
+        assert_eq!(resource_id(None, "patient1"), "cd3ee1fc63936b0083c968fe962a726d383ab6ee83af53d4f50507ccd646b68a");
         assert_eq!(
-            resource_id(None, "patient1"),
-            "cd3ee1fc63936b0083c968fe962a726d383ab6ee83af53d4f50507ccd646b68a"
-        );
-        assert_eq!(
-            resource_id(
-                Some(SERVICE_SYSTEM),
-                "patient.device.typeName.correlationId"
-            ),
+            resource_id(Some(SERVICE_SYSTEM), "patient.device.typeName.correlationId"),
             "ebc06293d1ca5ac98ff8f1c923acdb6434144fee80c6d6ac05896e12c7bf7cbc"
         );
     }

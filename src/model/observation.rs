@@ -160,21 +160,12 @@ pub enum ObservationError {
     #[error(
         "FHIR template '{type_name}': value '{value_name}' is '{value}', which is not a number ({value_type} needs one)"
     )]
-    NotANumber {
-        type_name: String,
-        value_name: String,
-        value: String,
-        value_type: &'static str,
-    },
+    NotANumber { type_name: String, value_name: String, value: String, value_type: &'static str },
     #[error(
         "FHIR template '{type_name}': value '{value_name}' would need {slots} SampledData slots (at most {max}); raise defaultPeriod or use a shorter periodInterval",
         max = sampled::MAX_SLOTS
     )]
-    TooManySamples {
-        type_name: String,
-        value_name: String,
-        slots: u64,
-    },
+    TooManySamples { type_name: String, value_name: String, slots: u64 },
 }
 
 impl ObservationError {
@@ -219,34 +210,20 @@ pub fn build(
         resource_type: "Observation".into(),
         id: Some(id),
         meta: None,
-        identifier: vec![Identifier {
-            system: Some(SERVICE_SYSTEM.into()),
-            value: Some(value),
-            extra: Map::new(),
-        }],
+        identifier: vec![Identifier { system: Some(SERVICE_SYSTEM.into()), value: Some(value), extra: Map::new() }],
         status: "final".into(),
         category: categories(template),
         code: concept(&template.codes, &group.key.type_name),
         subject: Some(reference("Patient", &identity.patient_id)),
-        encounter: identity
-            .encounter_id
-            .as_deref()
-            .map(|e| reference("Encounter", e)),
-        effective_period: Some(Period {
-            start: Some(time::fhir(start)),
-            end: Some(time::fhir(end)),
-        }),
+        encounter: identity.encounter_id.as_deref().map(|e| reference("Encounter", e)),
+        effective_period: Some(Period { start: Some(time::fhir(start)), end: Some(time::fhir(end)) }),
         issued: Some(issued.to_rfc3339_opts(SecondsFormat::Millis, true)),
         value: ObservationValue::default(),
         device: Some(reference("Device", &identity.device_id)),
         component: Vec::new(),
         extra: Map::new(),
     };
-    if let Some(v) = template
-        .value
-        .as_ref()
-        .filter(|v| group.has_value(&v.value_name))
-    {
+    if let Some(v) = template.value.as_ref().filter(|v| group.has_value(&v.value_name)) {
         obs.value = value_of(template, v, group, start, end, None)?;
     }
     for c in &template.components {
@@ -276,55 +253,26 @@ pub fn build_or_merge(
     };
     let (gstart, gend) = group.boundary();
     let old_period = existing.effective_period.as_ref();
-    let old_start = old_period
-        .and_then(|p| p.start.as_deref())
-        .and_then(time::parse);
-    let old_end = old_period
-        .and_then(|p| p.end.as_deref())
-        .and_then(time::parse);
+    let old_start = old_period.and_then(|p| p.start.as_deref()).and_then(time::parse);
+    let old_end = old_period.and_then(|p| p.end.as_deref()).and_then(time::parse);
     let start = old_start.map_or(gstart, |s| s.min(gstart));
     let end = old_end.map_or(gend, |e| e.max(gend));
 
     let mut merged = existing.clone();
     merged.category = categories(template);
     merged.code = concept(&template.codes, &group.key.type_name);
-    merged.effective_period = Some(Period {
-        start: Some(time::fhir(start)),
-        end: Some(time::fhir(end)),
-    });
-    if let Some(v) = template
-        .value
-        .as_ref()
-        .filter(|v| group.has_value(&v.value_name))
-    {
-        merged.value = value_of(
-            template,
-            v,
-            group,
-            start,
-            end,
-            Some((&existing.value, old_start)),
-        )?;
+    merged.effective_period = Some(Period { start: Some(time::fhir(start)), end: Some(time::fhir(end)) });
+    if let Some(v) = template.value.as_ref().filter(|v| group.has_value(&v.value_name)) {
+        merged.value = value_of(template, v, group, start, end, Some((&existing.value, old_start)))?;
     }
     for c in &template.components {
         if !group.has_value(&c.value.value_name) {
             continue;
         }
         let code = concept(&c.codes, &c.value.value_name);
-        match merged
-            .component
-            .iter_mut()
-            .find(|oc| is_component_for(oc, &c.value.value_name))
-        {
+        match merged.component.iter_mut().find(|oc| is_component_for(oc, &c.value.value_name)) {
             Some(oc) => {
-                oc.value = value_of(
-                    template,
-                    &c.value,
-                    group,
-                    start,
-                    end,
-                    Some((&oc.value, old_start)),
-                )?;
+                oc.value = value_of(template, &c.value, group, start, end, Some((&oc.value, old_start)))?;
                 oc.code = code;
             }
             None => merged.component.push(ObservationComponent {
@@ -342,9 +290,10 @@ pub fn build_or_merge(
 }
 
 fn is_component_for(c: &ObservationComponent, value_name: &str) -> bool {
-    c.code.coding.iter().any(|cd| {
-        cd.system.as_deref() == Some(SERVICE_SYSTEM) && cd.code.as_deref() == Some(value_name)
-    })
+    c.code
+        .coding
+        .iter()
+        .any(|cd| cd.system.as_deref() == Some(SERVICE_SYSTEM) && cd.code.as_deref() == Some(value_name))
 }
 
 /// The value for one value template. With `existing` (the stored value and the stored period
@@ -367,39 +316,25 @@ fn value_of(
     let last = group.values(&v.value_name).last().map(|(_, s)| s);
     let mut out = ObservationValue::default();
     match &v.kind {
-        ValueKind::SampledData {
-            default_period_ms,
-            unit,
-        } => {
+        ValueKind::SampledData { default_period_ms, unit } => {
             let mut readings: Vec<(DateTime<Utc>, String)> = Vec::new();
             for (t, s) in group.values(&v.value_name) {
                 readings.push((t, decimal(s).ok_or_else(|| not_a_number(s))?));
             }
-            let stored = existing
-                .and_then(|(value, start)| Some((value.value_sampled_data.as_ref()?, start?)));
+            let stored = existing.and_then(|(value, start)| Some((value.value_sampled_data.as_ref()?, start?)));
             if let Some((old, old_start)) = stored
                 && let (Some(data), Some(period)) = (old.data.as_deref(), old.period.as_f64())
             {
                 readings = sampled::merge(sampled::decode(data, old_start, period), readings);
             }
-            let data = sampled::build(
-                readings.iter().map(|(t, s)| (*t, s.as_str())),
-                start,
-                end,
-                *default_period_ms,
-            )
-            .map_err(|slots| ObservationError::TooManySamples {
+            let data = sampled::build(readings.iter().map(|(t, s)| (*t, s.as_str())), start, end, *default_period_ms)
+                .map_err(|slots| ObservationError::TooManySamples {
                 type_name: template.type_name.clone(),
                 value_name: v.value_name.clone(),
                 slots,
             })?;
             out.value_sampled_data = Some(SampledData {
-                origin: Quantity {
-                    value: Some(Number::from(0)),
-                    unit: non_empty(unit),
-                    system: None,
-                    code: None,
-                },
+                origin: Quantity { value: Some(Number::from(0)), unit: non_empty(unit), system: None, code: None },
                 period: Number::from(*default_period_ms),
                 factor: None,
                 lower_limit: None,
@@ -410,8 +345,8 @@ fn value_of(
         }
         ValueKind::Quantity { unit, code, system } => {
             let s = last.unwrap_or_default();
-            let n: Number = serde_json::from_str(&decimal(s).ok_or_else(|| not_a_number(s))?)
-                .map_err(|_| not_a_number(s))?;
+            let n: Number =
+                serde_json::from_str(&decimal(s).ok_or_else(|| not_a_number(s))?).map_err(|_| not_a_number(s))?;
             out.value_quantity = Some(Quantity {
                 value: Some(n),
                 unit: non_empty(unit),
@@ -422,10 +357,8 @@ fn value_of(
         ValueKind::String => out.value_string = last.map(str::to_string),
         // The reading only says the concept applies; its value is not used (as in the reference).
         ValueKind::CodeableConcept { text, codes } => {
-            out.value_codeable_concept = Some(CodeableConcept {
-                coding: codes.iter().map(coding).collect(),
-                text: non_empty(text),
-            })
+            out.value_codeable_concept =
+                Some(CodeableConcept { coding: codes.iter().map(coding).collect(), text: non_empty(text) })
         }
     }
     Ok(out)
@@ -434,9 +367,7 @@ fn value_of(
 /// The reading as a FHIR decimal, if it is one.
 fn decimal(s: &str) -> Option<String> {
     let t = s.trim();
-    serde_json::from_str::<Number>(t)
-        .ok()
-        .map(|_| t.to_string())
+    serde_json::from_str::<Number>(t).ok().map(|_| t.to_string())
 }
 
 /// FHIR forbids empty strings; the reference writes `"unit": ""` for an empty unit, we omit it.
@@ -445,12 +376,7 @@ fn non_empty(s: &Option<String>) -> Option<String> {
 }
 
 fn coding(c: &Code) -> Coding {
-    Coding {
-        system: non_empty(&c.system),
-        code: non_empty(&c.code),
-        display: non_empty(&c.display),
-        extra: Map::new(),
-    }
+    Coding { system: non_empty(&c.system), code: non_empty(&c.code), display: non_empty(&c.display), extra: Map::new() }
 }
 
 /// The template's codes plus the connector's own coding for the name, with the name as text.
@@ -462,25 +388,16 @@ fn concept(codes: &[Code], name: &str) -> CodeableConcept {
         display: Some(name.into()),
         extra: Map::new(),
     });
-    CodeableConcept {
-        coding,
-        text: Some(name.into()),
-    }
+    CodeableConcept { coding, text: Some(name.into()) }
 }
 
 fn categories(t: &CodeValueTemplate) -> Vec<CodeableConcept> {
     t.category
         .iter()
-        .map(|c| CodeableConcept {
-            coding: c.codes.iter().map(coding).collect(),
-            text: non_empty(&c.text),
-        })
+        .map(|c| CodeableConcept { coding: c.codes.iter().map(coding).collect(), text: non_empty(&c.text) })
         .collect()
 }
 
 fn reference(kind: &str, id: &str) -> Reference {
-    Reference {
-        reference: Some(format!("{kind}/{id}")),
-        extra: Map::new(),
-    }
+    Reference { reference: Some(format!("{kind}/{id}")), extra: Map::new() }
 }

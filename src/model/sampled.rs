@@ -95,9 +95,6 @@ mod tests {
     fn readings_before_the_start_are_dropped() {
         let s = parse("2019-01-01T00:00:10Z").unwrap_or_default();
         let before = parse("2019-01-01T00:00:09Z").unwrap_or_default();
-        assert_eq!(
-            build([(before, "1")], s, s + TimeDelta::seconds(1), 1000),
-            Ok("E E".to_string())
-        );
+        assert_eq!(build([(before, "1")], s, s + TimeDelta::seconds(1), 1000), Ok("E E".to_string()));
     }
 }

@@ -10,6 +10,7 @@ use jmespath::Rcvar;
 use jsonc_parser::ast::Value as Node;
 use serde_json::Value;
 use std::cell::OnceCell;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentKind {
@@ -30,14 +31,9 @@ impl ContentKind {
     }
 
     fn parse(s: &str) -> Option<ContentKind> {
-        [
-            ContentKind::Calculated,
-            ContentKind::JsonPath,
-            ContentKind::IotJsonPath,
-            ContentKind::IotCentralJsonPath,
-        ]
-        .into_iter()
-        .find(|k| k.name().eq_ignore_ascii_case(s))
+        [ContentKind::Calculated, ContentKind::JsonPath, ContentKind::IotJsonPath, ContentKind::IotCentralJsonPath]
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
     }
 
     /// CalculatedContent evaluates against the whole event with the match added as `matchedToken`;
@@ -57,7 +53,7 @@ const IOT_CENTRAL_TIME: &str = "$.enqueuedTime";
 #[derive(Debug)]
 pub struct DeviceTemplate {
     pub kind: ContentKind,
-    pub type_name: String,
+    pub type_name: Arc<str>,
     /// Line of the template in the mapping file, for messages that point back to it.
     pub line: usize,
     pub column: usize,
@@ -69,11 +65,13 @@ pub struct DeviceTemplate {
     encounter_id: Option<Expression>,
     correlation_id: Option<Expression>,
     pub values: Vec<ValueSpec>,
+    /// Whether a JMESPath match must also be turned into JSON (a JSONPath expression reads it).
+    match_as_json: bool,
 }
 
 #[derive(Debug)]
 pub struct ValueSpec {
-    pub name: String,
+    pub name: Arc<str>,
     pub line: usize,
     pub column: usize,
     pub required: bool,
@@ -91,22 +89,9 @@ pub enum NormalizeError {
     #[error("message is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("template '{type_name}' ({kind}): {field} `{expression}` {reason}")]
-    Expression {
-        type_name: String,
-        kind: &'static str,
-        field: String,
-        expression: String,
-        reason: String,
-    },
-    #[error(
-        "template '{type_name}' ({kind}): required {field} is missing, null or empty (`{expression}`)"
-    )]
-    MissingValue {
-        type_name: String,
-        kind: &'static str,
-        field: String,
-        expression: String,
-    },
+    Expression { type_name: String, kind: &'static str, field: String, expression: String, reason: String },
+    #[error("template '{type_name}' ({kind}): required {field} is missing, null or empty (`{expression}`)")]
+    MissingValue { type_name: String, kind: &'static str, field: String, expression: String },
 }
 
 impl NormalizeError {
@@ -124,11 +109,7 @@ impl DeviceMapping {
     /// Loads a mapping; any problem rejects the whole file, with every problem listed.
     pub fn parse(text: &str) -> Result<DeviceMapping, TemplateErrors> {
         let (mapping, errors) = Self::parse_partial(text);
-        if errors.is_empty() {
-            Ok(mapping)
-        } else {
-            Err(TemplateErrors(errors))
-        }
+        if errors.is_empty() { Ok(mapping) } else { Err(TemplateErrors(errors)) }
     }
 
     /// The valid templates and the problems of the others (what a mapping debugger shows).
@@ -145,11 +126,7 @@ impl DeviceMapping {
     /// measurements, in template order then match order.
     pub fn normalize(&self, event: &Value) -> Result<Vec<Measurement>, NormalizeError> {
         let event_var: OnceCell<Result<Rcvar, String>> = OnceCell::new();
-        let jmes_event = || {
-            event_var
-                .get_or_init(|| expression::to_variable(event))
-                .clone()
-        };
+        let jmes_event = || event_var.get_or_init(|| expression::to_variable(event)).clone();
         let mut out = Vec::new();
         for t in &self.templates {
             t.extract(event, &jmes_event, &mut out)?;
@@ -159,15 +136,13 @@ impl DeviceMapping {
 
     /// Parses a whole `{"Body", "Properties", "SystemProperties"}` envelope and normalizes it.
     pub fn normalize_event_bytes(&self, bytes: &[u8]) -> Result<Vec<Measurement>, NormalizeError> {
-        let event: Value = serde_json::from_slice(bytes)
-            .map_err(|e| NormalizeError::InvalidJson(e.to_string()))?;
+        let event: Value = serde_json::from_slice(bytes).map_err(|e| NormalizeError::InvalidJson(e.to_string()))?;
         self.normalize(&event)
     }
 
     /// Parses a message body and normalizes it in the empty envelope the command line uses.
     pub fn normalize_body(&self, body: &[u8]) -> Result<Vec<Measurement>, NormalizeError> {
-        let body: Value =
-            serde_json::from_slice(body).map_err(|e| NormalizeError::InvalidJson(e.to_string()))?;
+        let body: Value = serde_json::from_slice(body).map_err(|e| NormalizeError::InvalidJson(e.to_string()))?;
         self.normalize(&envelope(body))
     }
 }
@@ -198,9 +173,19 @@ impl std::fmt::Display for Field<'_> {
 }
 
 impl DeviceTemplate {
+    /// Whether any expression but the type match is JSONPath (and so needs the match as JSON).
+    fn reads_match_with_jsonpath(&self) -> bool {
+        let mut exprs = [Some(&self.device_id), self.patient_id.as_ref(), self.encounter_id.as_ref(), self.correlation_id.as_ref()]
+            .into_iter()
+            .flatten()
+            .chain(&self.timestamp)
+            .chain(self.values.iter().map(|v| &v.expression));
+        exprs.any(|e| e.language() == Language::JsonPath)
+    }
+
     fn error(&self, field: Field<'_>, e: &Expression, reason: impl Into<String>) -> NormalizeError {
         NormalizeError::Expression {
-            type_name: self.type_name.clone(),
+            type_name: self.type_name.to_string(),
             kind: self.kind.name(),
             field: field.to_string(),
             expression: e.text.clone(),
@@ -210,7 +195,7 @@ impl DeviceTemplate {
 
     fn missing(&self, field: Field<'_>, e: &Expression) -> NormalizeError {
         NormalizeError::MissingValue {
-            type_name: self.type_name.clone(),
+            type_name: self.type_name.to_string(),
             kind: self.kind.name(),
             field: field.to_string(),
             expression: e.text.clone(),
@@ -223,42 +208,28 @@ impl DeviceTemplate {
         jmes_event: &dyn Fn() -> Result<Rcvar, String>,
         out: &mut Vec<Measurement>,
     ) -> Result<(), NormalizeError> {
-        let root_input = Input {
-            scope: Scope {
-                root: event,
-                matched: None,
-            },
-            jmes: jmes_event,
-        };
-        let matches = self.type_match.select_all(&root_input).map_err(|why| {
-            self.error(Field::Member("typeMatchExpression"), &self.type_match, why)
-        })?;
+        let root_input = Input { scope: Scope { root: event, matched: None }, jmes: jmes_event };
+        let matches = self
+            .type_match
+            .select_all(&root_input)
+            .map_err(|why| self.error(Field::Member("typeMatchExpression"), &self.type_match, why))?;
         for m in &matches {
             // A JMESPath match becomes JSON only for the JSONPath expressions that read it.
-            let json = m.to_json();
-            let matched: &Value = &json;
-            let match_var: OnceCell<Result<Rcvar, String>> = OnceCell::new();
-            let jmes_match = || {
-                match_var
-                    .get_or_init(|| expression::with_matched_token(&jmes_event()?, m))
-                    .clone()
+            let json;
+            let matched: &Value = match m {
+                Token::Json(v) => v,
+                Token::Jmes(_) if self.match_as_json => {
+                    json = m.to_json();
+                    &json
+                }
+                Token::Jmes(_) => &Value::Null,
             };
+            let match_var: OnceCell<Result<Rcvar, String>> = OnceCell::new();
+            let jmes_match = || match_var.get_or_init(|| expression::with_matched_token(&jmes_event()?, m)).clone();
             let input = if self.kind.sees_whole_event() {
-                Input {
-                    scope: Scope {
-                        root: event,
-                        matched: Some(matched),
-                    },
-                    jmes: &jmes_match,
-                }
+                Input { scope: Scope { root: event, matched: Some(matched) }, jmes: &jmes_match }
             } else {
-                Input {
-                    scope: Scope {
-                        root: matched,
-                        matched: None,
-                    },
-                    jmes: &jmes_match,
-                }
+                Input { scope: Scope { root: matched, matched: None }, jmes: &jmes_match }
             };
             out.push(self.measurement(&input)?);
         }
@@ -298,46 +269,25 @@ impl DeviceTemplate {
         input: &Input<'_>,
     ) -> Result<Option<String>, NormalizeError> {
         match e {
-            Some(e) => Ok(self
-                .text(field, e, input, false)?
-                .filter(|s| !s.trim().is_empty())),
+            Some(e) => Ok(self.text(field, e, input, false)?.filter(|s| !s.trim().is_empty())),
             None => Ok(None),
         }
     }
 
     fn measurement(&self, input: &Input<'_>) -> Result<Measurement, NormalizeError> {
-        let device_id = self
-            .text(
-                Field::Member("deviceIdExpression"),
-                &self.device_id,
-                input,
-                true,
-            )?
-            .unwrap_or_default();
+        let device_id =
+            self.text(Field::Member("deviceIdExpression"), &self.device_id, input, true)?.unwrap_or_default();
         let occurrence_time = self.timestamp(input)?;
-        let patient_id = self.optional_id(
-            Field::Member("patientIdExpression"),
-            &self.patient_id,
-            input,
-        )?;
-        let encounter_id = self.optional_id(
-            Field::Member("encounterIdExpression"),
-            &self.encounter_id,
-            input,
-        )?;
+        let patient_id = self.optional_id(Field::Member("patientIdExpression"), &self.patient_id, input)?;
+        let encounter_id = self.optional_id(Field::Member("encounterIdExpression"), &self.encounter_id, input)?;
         let correlation_id = match &self.correlation_id {
             Some(e) => self.text(Field::Member("correlationIdExpression"), e, input, true)?,
             None => None,
         };
         let mut properties = Vec::with_capacity(self.values.len());
         for v in &self.values {
-            if let Some(value) =
-                self.text(Field::Value(&v.name), &v.expression, input, v.required)?
-            {
-                properties.push(Property {
-                    name: v.name.clone(),
-                    value,
-                });
+            if let Some(value) = self.text(Field::Value(&v.name), &v.expression, input, v.required)? {
+                properties.push(Property { name: v.name.clone(), value });
             }
         }
         Ok(Measurement {
@@ -352,10 +302,7 @@ impl DeviceTemplate {
         })
     }
 
-    fn timestamp(
-        &self,
-        input: &Input<'_>,
-    ) -> Result<chrono::DateTime<chrono::Utc>, NormalizeError> {
+    fn timestamp(&self, input: &Input<'_>) -> Result<chrono::DateTime<chrono::Utc>, NormalizeError> {
         const FIELD: Field<'static> = Field::Member("timestampExpression");
         for e in &self.timestamp {
             let Some(token) = self.one(FIELD, e, input)? else {
@@ -388,17 +335,17 @@ fn read_collection(r: &mut Reader<'_>, root: &Node<'_>, mapping: &mut DeviceMapp
     if !w.template_type.eq_ignore_ascii_case("CollectionContent") {
         r.error(
             w.at,
-            format!("a device mapping's templateType must be CollectionContent, not '{}' (is this a FHIR mapping?)", w.template_type),
+            format!(
+                "a device mapping's templateType must be CollectionContent, not '{}' (is this a FHIR mapping?)",
+                w.template_type
+            ),
         );
         return;
     }
     let Node::Array(items) = w.template else {
         r.error(
             w.template,
-            format!(
-                "the CollectionContent 'template' must be an array of templates, not {}",
-                kind_name(w.template)
-            ),
+            format!("the CollectionContent 'template' must be an array of templates, not {}", kind_name(w.template)),
         );
         return;
     };
@@ -434,10 +381,7 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> 
         return None;
     };
     let Node::Object(obj) = w.template else {
-        r.error(
-            w.template,
-            format!("the {} 'template' must be an object", kind.name()),
-        );
+        r.error(w.template, format!("the {} 'template' must be an object", kind.name()));
         return None;
     };
     let mut allowed: Vec<&str> = COMMON.to_vec();
@@ -452,10 +396,7 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> 
     let type_name = m.string(r, "typeName", true).filter(|s| {
         let blank = s.trim().is_empty();
         if blank {
-            r.error(
-                m.get("typeName").unwrap_or(item),
-                "typeName is blank".into(),
-            );
+            r.error(m.get("typeName").unwrap_or(item), "typeName is blank".into());
         }
         !blank
     });
@@ -473,24 +414,17 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> 
         }),
     };
     let calc = kind == ContentKind::Calculated;
-    let expr = |r: &mut Reader<'_>, name: &str, required: bool| {
-        expression::read(r, &m, name, required, default, calc)
-    };
+    let expr = |r: &mut Reader<'_>, name: &str, required: bool| expression::read(r, &m, name, required, default, calc);
     let type_match = expr(r, "typeMatchExpression", true);
     let (device_id, timestamp) = match kind {
-        ContentKind::Calculated | ContentKind::JsonPath => (
-            expr(r, "deviceIdExpression", true),
-            expr(r, "timestampExpression", true).map(|e| vec![e]),
-        ),
+        ContentKind::Calculated | ContentKind::JsonPath => {
+            (expr(r, "deviceIdExpression", true), expr(r, "timestampExpression", true).map(|e| vec![e]))
+        }
         // The IoT kinds read fixed places; the reference ignores these two members if given.
-        ContentKind::IotJsonPath => (
-            fixed(IOT_DEVICE_ID),
-            Some(vec![fixed(IOT_CREATION_TIME)?, fixed(IOT_ENQUEUED_TIME)?]),
-        ),
-        ContentKind::IotCentralJsonPath => (
-            fixed(IOT_CENTRAL_DEVICE_ID),
-            Some(vec![fixed(IOT_CENTRAL_TIME)?]),
-        ),
+        ContentKind::IotJsonPath => {
+            (fixed(IOT_DEVICE_ID), Some(vec![fixed(IOT_CREATION_TIME)?, fixed(IOT_ENQUEUED_TIME)?]))
+        }
+        ContentKind::IotCentralJsonPath => (fixed(IOT_CENTRAL_DEVICE_ID), Some(vec![fixed(IOT_CENTRAL_TIME)?])),
     };
     let patient_id = expr(r, "patientIdExpression", false);
     let encounter_id = expr(r, "encounterIdExpression", false);
@@ -499,9 +433,9 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> 
     if r.errors.len() > errors_before {
         return None;
     }
-    Some(DeviceTemplate {
+    let mut t = DeviceTemplate {
         kind,
-        type_name: type_name?,
+        type_name: type_name?.into(),
         line,
         column,
         type_match: type_match?,
@@ -511,40 +445,27 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> 
         encounter_id,
         correlation_id,
         values,
-    })
+        match_as_json: false,
+    };
+    t.match_as_json = t.reads_match_with_jsonpath();
+    Some(t)
 }
 
 fn fixed(text: &str) -> Option<Expression> {
     Expression::compile(text, Language::JsonPath).ok()
 }
 
-fn read_values(
-    r: &mut Reader<'_>,
-    m: &Members<'_, '_>,
-    default: Language,
-    calc: bool,
-) -> Vec<ValueSpec> {
+fn read_values(r: &mut Reader<'_>, m: &Members<'_, '_>, default: Language, calc: bool) -> Vec<ValueSpec> {
     let mut out = Vec::new();
     let Some(items) = m.array(r, "values", false) else {
         return out;
     };
     for item in items {
         let Node::Object(obj) = item else {
-            r.error(
-                item,
-                format!(
-                    "each entry of 'values' must be an object, not {}",
-                    kind_name(item)
-                ),
-            );
+            r.error(item, format!("each entry of 'values' must be an object, not {}", kind_name(item)));
             continue;
         };
-        let vm = Members::read(
-            r,
-            obj,
-            &["valueName", "valueExpression", "required"],
-            "a value",
-        );
+        let vm = Members::read(r, obj, &["valueName", "valueExpression", "required"], "a value");
         let name = vm.string(r, "valueName", true);
         if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
             r.error(item, "valueName is blank".into());
@@ -552,20 +473,11 @@ fn read_values(
         let expression = expression::read(r, &vm, "valueExpression", true, default, calc);
         let required = vm.boolean(r, "required").unwrap_or(false);
         if let (Some(name), Some(expression)) = (name, expression) {
-            if out.iter().any(|v: &ValueSpec| v.name == name) {
-                r.error(
-                    item,
-                    format!("valueName '{name}' is used twice in this template"),
-                );
+            if out.iter().any(|v: &ValueSpec| *v.name == *name) {
+                r.error(item, format!("valueName '{name}' is used twice in this template"));
             }
             let (line, column) = r.pos(obj.range.start);
-            out.push(ValueSpec {
-                name,
-                line,
-                column,
-                required,
-                expression,
-            });
+            out.push(ValueSpec { name: name.into(), line, column, required, expression });
         }
     }
     out

@@ -61,15 +61,10 @@ pub struct Input<'a> {
 impl Expression {
     pub fn compile(text: &str, language: Language) -> Result<Expression, String> {
         let compiled = match language {
-            Language::JsonPath => {
-                Compiled::JsonPath(JsonPath::parse(text).map_err(|e| e.to_string())?)
-            }
+            Language::JsonPath => Compiled::JsonPath(JsonPath::parse(text).map_err(|e| e.to_string())?),
             Language::JmesPath => Compiled::JmesPath(Box::new(jmes::compile(text)?)),
         };
-        Ok(Expression {
-            text: text.to_string(),
-            compiled,
-        })
+        Ok(Expression { text: text.to_string(), compiled })
     }
 
     pub fn language(&self) -> Language {
@@ -83,11 +78,9 @@ impl Expression {
     /// `SelectTokens` does; null selects nothing).
     pub fn select_all<'a>(&self, input: &Input<'a>) -> Result<Vec<Token<'a>>, String> {
         match &self.compiled {
-            Compiled::JsonPath(p) => {
-                Ok(p.select(input.scope).into_iter().map(Token::Json).collect())
-            }
+            Compiled::JsonPath(p) => Ok(p.select(input.scope).into_iter().map(Token::Json).collect()),
             Compiled::JmesPath(e) => {
-                let r = e.search((input.jmes)()?).map_err(|e| jmes::describe(&e))?;
+                let r = jmes::search(e, &(input.jmes)()?).map_err(|e| jmes::describe(&e))?;
                 Ok(match &*r {
                     Variable::Null => vec![],
                     Variable::Array(items) => items.iter().cloned().map(Token::Jmes).collect(),
@@ -102,10 +95,7 @@ impl Expression {
     pub fn select_one<'a>(&self, input: &Input<'a>) -> Result<Option<Token<'a>>, String> {
         let too_many = |n: usize| format!("returned {n} tokens where one was expected");
         match &self.compiled {
-            Compiled::JsonPath(p) => p
-                .select_one(input.scope)
-                .map(|v| v.map(Token::Json))
-                .map_err(too_many),
+            Compiled::JsonPath(p) => p.select_one(input.scope).map(|v| v.map(Token::Json)).map_err(too_many),
             Compiled::JmesPath(_) => {
                 let mut all = self.select_all(input)?;
                 if all.len() > 1 {
@@ -144,7 +134,7 @@ impl Token<'_> {
                 Variable::String(s) => Some(s.clone()),
                 Variable::Bool(b) => Some(b.to_string()),
                 Variable::Number(n) => Some(n.to_string()),
-                other => serde_json::to_string(other).ok(),
+                other => Some(to_json(other).to_string()),
             },
         }
     }
@@ -188,15 +178,11 @@ impl Token<'_> {
     }
 }
 
-fn to_json(v: &Variable) -> Value {
-    serde_json::to_value(v).unwrap_or(Value::Null)
-}
+use jmes::to_json;
 
 /// Converts a message to a JMESPath variable (once per message).
 pub fn to_variable(v: &Value) -> Result<Rcvar, String> {
-    Variable::try_from(v)
-        .map(Arc::new)
-        .map_err(|e| format!("message cannot be read by JMESPath: {e}"))
+    Ok(jmes::from_json(v))
 }
 
 /// `{...event, "matchedToken": matched}` as a JMESPath variable, sharing the event's members.
@@ -223,11 +209,7 @@ pub(crate) fn read(
     default: Language,
     allow_object: bool,
 ) -> Option<Expression> {
-    let node = if required {
-        m.required(r, name)?
-    } else {
-        m.get(name)?
-    };
+    let node = if required { m.required(r, name)? } else { m.get(name)? };
     let (text, language, at) = match node {
         Node::StringLit(s) => (s.value.to_string(), default, node),
         Node::Object(obj) if allow_object => {
@@ -254,10 +236,7 @@ pub(crate) fn read(
         }
         Node::NullKeyword(_) if !required => return None,
         other => {
-            r.error(
-                other,
-                format!("{name} must be a string, not {}", kind_name(other)),
-            );
+            r.error(other, format!("{name} must be a string, not {}", kind_name(other)));
             return None;
         }
     };
@@ -268,10 +247,7 @@ pub(crate) fn read(
     match Expression::compile(&text, language) {
         Ok(e) => Some(e),
         Err(why) => {
-            r.error(
-                at,
-                format!("{name} `{text}` is not valid {}: {why}", language.name()),
-            );
+            r.error(at, format!("{name} `{text}` is not valid {}: {why}", language.name()));
             None
         }
     }

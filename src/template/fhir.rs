@@ -59,20 +59,10 @@ pub struct Category {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ValueKind {
-    SampledData {
-        default_period_ms: u64,
-        unit: Option<String>,
-    },
-    Quantity {
-        unit: Option<String>,
-        code: Option<String>,
-        system: Option<String>,
-    },
+    SampledData { default_period_ms: u64, unit: Option<String> },
+    Quantity { unit: Option<String>, code: Option<String>, system: Option<String> },
     String,
-    CodeableConcept {
-        text: Option<String>,
-        codes: Vec<Code>,
-    },
+    CodeableConcept { text: Option<String>, codes: Vec<Code> },
 }
 
 impl ValueKind {
@@ -114,23 +104,16 @@ pub struct CodeValueTemplate {
 impl CodeValueTemplate {
     /// Every value template, the main one first.
     pub fn value_templates(&self) -> impl Iterator<Item = &ValueTemplate> {
-        self.value
-            .iter()
-            .chain(self.components.iter().map(|c| &c.value))
+        self.value.iter().chain(self.components.iter().map(|c| &c.value))
     }
 
     /// Quantity and String hold one reading, so such templates are not grouped over a window:
     /// each reading becomes its own instant Observation (what the MedTech docs describe; the
     /// reference fails the group instead — a deliberate difference).
     pub fn effective_interval(&self) -> PeriodInterval {
-        let single_valued = self
-            .value_templates()
-            .any(|v| matches!(v.kind, ValueKind::Quantity { .. } | ValueKind::String));
-        if single_valued {
-            PeriodInterval::Single
-        } else {
-            self.period_interval
-        }
+        let single_valued =
+            self.value_templates().any(|v| matches!(v.kind, ValueKind::Quantity { .. } | ValueKind::String));
+        if single_valued { PeriodInterval::Single } else { self.period_interval }
     }
 }
 
@@ -143,11 +126,7 @@ pub struct FhirMapping {
 impl FhirMapping {
     pub fn parse(text: &str) -> Result<FhirMapping, TemplateErrors> {
         let (mapping, errors) = Self::parse_partial(text);
-        if errors.is_empty() {
-            Ok(mapping)
-        } else {
-            Err(TemplateErrors(errors))
-        }
+        if errors.is_empty() { Ok(mapping) } else { Err(TemplateErrors(errors)) }
     }
 
     pub fn parse_partial(text: &str) -> (FhirMapping, Vec<TemplateError>) {
@@ -161,9 +140,7 @@ impl FhirMapping {
 
     /// The template for a measurement type; type names match case-insensitively.
     pub fn template(&self, type_name: &str) -> Option<&CodeValueTemplate> {
-        self.by_type
-            .get(&type_name.to_lowercase())
-            .map(|&i| &self.templates[i])
+        self.by_type.get(&type_name.to_lowercase()).map(|&i| &self.templates[i])
     }
 }
 
@@ -172,20 +149,21 @@ fn read_collection(r: &mut Reader<'_>, root: &Node<'_>, mapping: &mut FhirMappin
         return;
     };
     if !w.template_type.eq_ignore_ascii_case("CollectionFhir")
-        && !w
-            .template_type
-            .eq_ignore_ascii_case("CollectionFhirTemplate")
+        && !w.template_type.eq_ignore_ascii_case("CollectionFhirTemplate")
     {
-        r.error(w.at, format!("a FHIR mapping's templateType must be CollectionFhir, not '{}' (is this a device mapping?)", w.template_type));
+        r.error(
+            w.at,
+            format!(
+                "a FHIR mapping's templateType must be CollectionFhir, not '{}' (is this a device mapping?)",
+                w.template_type
+            ),
+        );
         return;
     }
     let Node::Array(items) = w.template else {
         r.error(
             w.template,
-            format!(
-                "the CollectionFhir 'template' must be an array of templates, not {}",
-                kind_name(w.template)
-            ),
+            format!("the CollectionFhir 'template' must be an array of templates, not {}", kind_name(w.template)),
         );
         return;
     };
@@ -199,10 +177,7 @@ fn read_collection(r: &mut Reader<'_>, root: &Node<'_>, mapping: &mut FhirMappin
             let first_line = mapping.templates[first].line;
             r.error(
                 item,
-                format!(
-                    "duplicate template for typeName '{}' (first defined on line {first_line})",
-                    t.type_name
-                ),
+                format!("duplicate template for typeName '{}' (first defined on line {first_line})", t.type_name),
             );
             continue;
         }
@@ -215,20 +190,11 @@ fn read_collection(r: &mut Reader<'_>, root: &Node<'_>, mapping: &mut FhirMappin
 fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<CodeValueTemplate> {
     let w = wrapped(r, item, "a FHIR template")?;
     if !w.template_type.eq_ignore_ascii_case("CodeValueFhir") {
-        r.error(
-            w.at,
-            format!(
-                "unknown templateType '{}'; use CodeValueFhir",
-                w.template_type
-            ),
-        );
+        r.error(w.at, format!("unknown templateType '{}'; use CodeValueFhir", w.template_type));
         return None;
     }
     let Node::Object(obj) = w.template else {
-        r.error(
-            w.template,
-            "the CodeValueFhir 'template' must be an object".into(),
-        );
+        r.error(w.template, "the CodeValueFhir 'template' must be an object".into());
         return None;
     };
     let errors_before = r.errors.len();
@@ -237,22 +203,12 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<CodeValueTemplat
     let m = Members::read(
         r,
         obj,
-        &[
-            "typeName",
-            "codes",
-            "category",
-            "periodInterval",
-            "value",
-            "components",
-        ],
+        &["typeName", "codes", "category", "periodInterval", "value", "components"],
         "CodeValueFhir",
     );
     let type_name = m.string(r, "typeName", true);
     match &type_name {
-        Some(t) if t.trim().is_empty() => r.error(
-            m.get("typeName").unwrap_or(item),
-            "typeName is blank".into(),
-        ),
+        Some(t) if t.trim().is_empty() => r.error(m.get("typeName").unwrap_or(item), "typeName is blank".into()),
         Some(t) => r.context = Some(format!("CodeValueFhir '{t}'")),
         None => {}
     }
@@ -267,31 +223,27 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<CodeValueTemplat
     if period_interval.is_none() {
         r.error(
             m.get("periodInterval").unwrap_or(item),
-            "periodInterval must be 0 (Single), 60 (Hourly), 1440 (Daily) or -1 (CorrelationId)"
-                .into(),
+            "periodInterval must be 0 (Single), 60 (Hourly), 1440 (Daily) or -1 (CorrelationId)".into(),
         );
     }
     let value = m.get("value").and_then(|v| read_value(r, v, "value"));
     let mut components = Vec::new();
     for c in m.array(r, "components", false).unwrap_or_default() {
         let Node::Object(cobj) = c else {
-            r.error(
-                c,
-                format!("each component must be an object, not {}", kind_name(c)),
-            );
+            r.error(c, format!("each component must be an object, not {}", kind_name(c)));
             continue;
         };
         let cm = Members::read(r, cobj, &["codes", "value"], "a component");
         let codes = read_codes(r, &cm, "codes");
-        if let Some(v) = cm
-            .required(r, "value")
-            .and_then(|v| read_value(r, v, "component value"))
-        {
+        if let Some(v) = cm.required(r, "value").and_then(|v| read_value(r, v, "component value")) {
             components.push(Component { codes, value: v });
         }
     }
     if m.get("value").is_none() && components.is_empty() && r.errors.len() == errors_before {
-        r.error(item, "the template has neither a 'value' nor 'components': it would produce empty Observations".into());
+        r.error(
+            item,
+            "the template has neither a 'value' nor 'components': it would produce empty Observations".into(),
+        );
     }
     if r.errors.len() > errors_before {
         return None;
@@ -312,10 +264,7 @@ fn read_codes(r: &mut Reader<'_>, m: &Members<'_, '_>, name: &str) -> Vec<Code> 
     let mut out = Vec::new();
     for c in m.array(r, name, false).unwrap_or_default() {
         let Node::Object(obj) = c else {
-            r.error(
-                c,
-                format!("each entry of '{name}' must be an object with code, system and display"),
-            );
+            r.error(c, format!("each entry of '{name}' must be an object with code, system and display"));
             continue;
         };
         let cm = Members::read(r, obj, &["code", "system", "display"], "a code");
@@ -332,39 +281,21 @@ fn read_categories(r: &mut Reader<'_>, m: &Members<'_, '_>) -> Vec<Category> {
     let mut out = Vec::new();
     for c in m.array(r, "category", false).unwrap_or_default() {
         let Node::Object(obj) = c else {
-            r.error(
-                c,
-                "each category must be an object with text and codes".into(),
-            );
+            r.error(c, "each category must be an object with text and codes".into());
             continue;
         };
         let cm = Members::read(r, obj, &["text", "codes"], "a category");
-        out.push(Category {
-            text: cm.string(r, "text", false),
-            codes: read_codes(r, &cm, "codes"),
-        });
+        out.push(Category { text: cm.string(r, "text", false), codes: read_codes(r, &cm, "codes") });
     }
     out
 }
 
 fn read_value(r: &mut Reader<'_>, node: &Node<'_>, what: &str) -> Option<ValueTemplate> {
     let Node::Object(obj) = node else {
-        r.error(
-            node,
-            format!("{what} must be an object, not {}", kind_name(node)),
-        );
+        r.error(node, format!("{what} must be an object, not {}", kind_name(node)));
         return None;
     };
-    const ALLOWED: [&str; 8] = [
-        "valueName",
-        "valueType",
-        "defaultPeriod",
-        "unit",
-        "code",
-        "system",
-        "text",
-        "codes",
-    ];
+    const ALLOWED: [&str; 8] = ["valueName", "valueType", "defaultPeriod", "unit", "code", "system", "text", "codes"];
     let m = Members::read(r, obj, &ALLOWED, what);
     let value_name = m.string(r, "valueName", true);
     if value_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
@@ -374,10 +305,7 @@ fn read_value(r: &mut Reader<'_>, node: &Node<'_>, what: &str) -> Option<ValueTe
     let unexpected = |r: &mut Reader<'_>, members: &[&str]| {
         for name in members {
             if let Some(p) = m.prop(name) {
-                r.error(
-                    p,
-                    format!("'{name}' does not apply to a {value_type} value"),
-                );
+                r.error(p, format!("'{name}' does not apply to a {value_type} value"));
             }
         }
     };
@@ -395,15 +323,15 @@ fn read_value(r: &mut Reader<'_>, node: &Node<'_>, what: &str) -> Option<ValueTe
                 }
                 None => {
                     if m.get("defaultPeriod").is_none() {
-                        r.error(node, "a SampledData value needs 'defaultPeriod' (milliseconds between samples)".into());
+                        r.error(
+                            node,
+                            "a SampledData value needs 'defaultPeriod' (milliseconds between samples)".into(),
+                        );
                     }
                     None
                 }
             };
-            ValueKind::SampledData {
-                default_period_ms: period?,
-                unit: m.string(r, "unit", false),
-            }
+            ValueKind::SampledData { default_period_ms: period?, unit: m.string(r, "unit", false) }
         }
         "quantity" => {
             unexpected(r, &["defaultPeriod", "text", "codes"]);
@@ -414,18 +342,12 @@ fn read_value(r: &mut Reader<'_>, node: &Node<'_>, what: &str) -> Option<ValueTe
             }
         }
         "string" => {
-            unexpected(
-                r,
-                &["defaultPeriod", "unit", "code", "system", "text", "codes"],
-            );
+            unexpected(r, &["defaultPeriod", "unit", "code", "system", "text", "codes"]);
             ValueKind::String
         }
         "codeableconcept" => {
             unexpected(r, &["defaultPeriod", "unit", "code", "system"]);
-            ValueKind::CodeableConcept {
-                text: m.string(r, "text", false),
-                codes: read_codes(r, &m, "codes"),
-            }
+            ValueKind::CodeableConcept { text: m.string(r, "text", false), codes: read_codes(r, &m, "codes") }
         }
         _ => {
             r.error(
@@ -435,8 +357,5 @@ fn read_value(r: &mut Reader<'_>, node: &Node<'_>, what: &str) -> Option<ValueTe
             return None;
         }
     };
-    Some(ValueTemplate {
-        value_name: value_name?,
-        kind,
-    })
+    Some(ValueTemplate { value_name: value_name?, kind })
 }

@@ -200,9 +200,7 @@ fn walk<'a>(node: &'a Value, f: &mut impl FnMut(&'a Value)) {
 fn select_children<'a>(sel: &Selector, node: &'a Value, root: &'a Value, out: &mut Vec<&'a Value>) {
     match (sel, node) {
         (Selector::Name(n), Value::Object(map)) => out.extend(map.get(n)),
-        (Selector::Names(names), Value::Object(map)) => {
-            out.extend(names.iter().filter_map(|n| map.get(n)))
-        }
+        (Selector::Names(names), Value::Object(map)) => out.extend(names.iter().filter_map(|n| map.get(n))),
         (Selector::Wildcard, Value::Object(map)) => out.extend(map.values()),
         (Selector::Wildcard, Value::Array(items)) => out.extend(items.iter()),
         (Selector::Indices(idx), Value::Array(items)) => {
@@ -213,25 +211,15 @@ fn select_children<'a>(sel: &Selector, node: &'a Value, root: &'a Value, out: &m
                 }
             }
         }
-        (Selector::Slice(start, end, step), Value::Array(items)) => {
-            slice(items, *start, *end, *step, out)
-        }
+        (Selector::Slice(start, end, step), Value::Array(items)) => slice(items, *start, *end, *step, out),
         // Newtonsoft filters array elements only: iterating an object yields its properties,
         // which no filter expression matches.
-        (Selector::Filter(f), Value::Array(items)) => {
-            out.extend(items.iter().filter(|v| f.matches(v, root)))
-        }
+        (Selector::Filter(f), Value::Array(items)) => out.extend(items.iter().filter(|v| f.matches(v, root))),
         _ => {}
     }
 }
 
-fn slice<'a>(
-    items: &'a [Value],
-    start: Option<i64>,
-    end: Option<i64>,
-    step: i64,
-    out: &mut Vec<&'a Value>,
-) {
+fn slice<'a>(items: &'a [Value], start: Option<i64>, end: Option<i64>, step: i64, out: &mut Vec<&'a Value>) {
     let len = items.len() as i64;
     let norm = |i: i64| if i < 0 { (len + i).max(0) } else { i.min(len) };
     if step > 0 {
@@ -263,8 +251,7 @@ impl Filter {
             Filter::Compare(l, op, r) => {
                 let left = l.resolve(node, root);
                 let right = r.resolve(node, root);
-                left.iter()
-                    .any(|a| right.iter().any(|b| compare(a, *op, b)))
+                left.iter().any(|a| right.iter().any(|b| compare(a, *op, b)))
             }
         }
     }
@@ -292,11 +279,9 @@ fn walk_names<'a>(start: &'a Value, names: &[String]) -> Option<&'a Value> {
 impl Operand {
     fn exists(&self, node: &Value, root: &Value) -> bool {
         match self {
-            Operand::Path {
-                from_root,
-                names: Some(names),
-                ..
-            } => walk_names(if *from_root { root } else { node }, names).is_some(),
+            Operand::Path { from_root, names: Some(names), .. } => {
+                walk_names(if *from_root { root } else { node }, names).is_some()
+            }
             Operand::Path { .. } => !self.resolve(node, root).is_empty(),
             Operand::Literal(v) => truthy(v),
         }
@@ -306,16 +291,10 @@ impl Operand {
         let start = |from_root: bool| if from_root { root } else { node };
         match self {
             Operand::Literal(v) => vec![v],
-            Operand::Path {
-                from_root,
-                names: Some(names),
-                ..
-            } => walk_names(start(*from_root), names).into_iter().collect(),
-            Operand::Path {
-                from_root,
-                segments,
-                ..
-            } => {
+            Operand::Path { from_root, names: Some(names), .. } => {
+                walk_names(start(*from_root), names).into_iter().collect()
+            }
+            Operand::Path { from_root, segments, .. } => {
                 let mut current = vec![start(*from_root)];
                 for seg in segments {
                     let mut next = Vec::new();
@@ -337,10 +316,7 @@ fn compare(a: &Value, op: CmpOp, b: &Value) -> bool {
     let ord: Option<Ordering> = match (a, b) {
         (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
             (Some(x), Some(y)) => Some(x.cmp(&y)),
-            _ => x
-                .as_f64()
-                .zip(y.as_f64())
-                .and_then(|(x, y)| x.partial_cmp(&y)),
+            _ => x.as_f64().zip(y.as_f64()).and_then(|(x, y)| x.partial_cmp(&y)),
         },
         (Value::String(x), Value::String(y)) => Some(x.as_str().cmp(y.as_str())),
         (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(y)),
@@ -369,20 +345,12 @@ struct Parser<'t> {
 /// Characters that end an unquoted member name. Hyphens and other punctuation are allowed in names
 /// (`$.SystemProperties.iothub-connection-device-id`).
 fn ends_name(c: char) -> bool {
-    c.is_whitespace()
-        || matches!(
-            c,
-            '.' | '[' | ']' | '(' | ')' | '=' | '!' | '<' | '>' | '&' | '|' | ',' | '\'' | '"'
-        )
+    c.is_whitespace() || matches!(c, '.' | '[' | ']' | '(' | ')' | '=' | '!' | '<' | '>' | '&' | '|' | ',' | '\'' | '"')
 }
 
 impl<'t> Parser<'t> {
     fn new(text: &'t str) -> Self {
-        Parser {
-            chars: text.chars().collect(),
-            pos: 0,
-            _text: text,
-        }
+        Parser { chars: text.chars().collect(), pos: 0, _text: text }
     }
     fn at_end(&self) -> bool {
         self.pos >= self.chars.len()
@@ -403,12 +371,7 @@ impl<'t> Parser<'t> {
     }
     fn eat_str(&mut self, s: &str) -> bool {
         let n = s.chars().count();
-        if self.chars.len() >= self.pos + n
-            && self.chars[self.pos..self.pos + n]
-                .iter()
-                .copied()
-                .eq(s.chars())
-        {
+        if self.chars.len() >= self.pos + n && self.chars[self.pos..self.pos + n].iter().copied().eq(s.chars()) {
             self.pos += n;
             true
         } else {
@@ -425,10 +388,7 @@ impl<'t> Parser<'t> {
             Some(c) => format!("{message}, found '{c}'"),
             None => format!("{message}, found the end of the expression"),
         };
-        ParseError {
-            offset: self.pos,
-            message: found,
-        }
+        ParseError { offset: self.pos, message: found }
     }
 
     /// Segments after `$` or `@`. `relative` allows the `@name` shorthand (a name right after `@`).
@@ -510,11 +470,7 @@ impl<'t> Parser<'t> {
                     names.push(self.quoted()?);
                     self.skip_ws();
                 }
-                if names.len() == 1 {
-                    Selector::Name(names.pop().unwrap_or_default())
-                } else {
-                    Selector::Names(names)
-                }
+                if names.len() == 1 { Selector::Name(names.pop().unwrap_or_default()) } else { Selector::Names(names) }
             }
             Some('(') => return Err(self.error("script expressions '[(...)]' are not supported")),
             _ => self.index_or_slice()?,
@@ -571,10 +527,7 @@ impl<'t> Parser<'t> {
             return Ok(None);
         }
         let s: String = self.chars[start..self.pos].iter().collect();
-        s.parse().map(Some).map_err(|_| ParseError {
-            offset: start,
-            message: format!("'{s}' is not an integer"),
-        })
+        s.parse().map(Some).map_err(|_| ParseError { offset: start, message: format!("'{s}' is not an integer") })
     }
 
     fn quoted(&mut self) -> Result<String, ParseError> {
@@ -587,10 +540,7 @@ impl<'t> Parser<'t> {
         loop {
             match self.peek() {
                 None => {
-                    return Err(ParseError {
-                        offset: start,
-                        message: "unterminated string".into(),
-                    });
+                    return Err(ParseError { offset: start, message: "unterminated string".into() });
                 }
                 Some('\\') => {
                     self.pos += 1;
@@ -629,11 +579,7 @@ impl<'t> Parser<'t> {
                 break;
             }
         }
-        Ok(if parts.len() == 1 {
-            parts.pop().unwrap_or(Filter::Or(vec![]))
-        } else {
-            Filter::Or(parts)
-        })
+        Ok(if parts.len() == 1 { parts.pop().unwrap_or(Filter::Or(vec![])) } else { Filter::Or(parts) })
     }
 
     fn filter_and(&mut self) -> Result<Filter, ParseError> {
@@ -646,11 +592,7 @@ impl<'t> Parser<'t> {
                 break;
             }
         }
-        Ok(if parts.len() == 1 {
-            parts.pop().unwrap_or(Filter::And(vec![]))
-        } else {
-            Filter::And(parts)
-        })
+        Ok(if parts.len() == 1 { parts.pop().unwrap_or(Filter::And(vec![])) } else { Filter::And(parts) })
     }
 
     fn filter_unary(&mut self) -> Result<Filter, ParseError> {
@@ -698,27 +640,21 @@ impl<'t> Parser<'t> {
                 self.pos += 1;
                 let segments = self.segments(c == '@')?;
                 let names = plain_names(&segments);
-                Ok(Operand::Path {
-                    from_root: c == '$',
-                    segments,
-                    names,
-                })
+                Ok(Operand::Path { from_root: c == '$', segments, names })
             }
             Some('\'') | Some('"') => Ok(Operand::Literal(Value::String(self.quoted()?))),
             Some(c) if c == '-' || c.is_ascii_digit() => {
                 let start = self.pos;
-                while self.peek().is_some_and(|c| {
-                    c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E' || c.is_ascii_digit()
-                }) {
+                while self
+                    .peek()
+                    .is_some_and(|c| c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E' || c.is_ascii_digit())
+                {
                     self.pos += 1;
                 }
                 let s: String = self.chars[start..self.pos].iter().collect();
                 serde_json::from_str::<serde_json::Number>(&s)
                     .map(|n| Operand::Literal(Value::Number(n)))
-                    .map_err(|_| ParseError {
-                        offset: start,
-                        message: format!("'{s}' is not a number"),
-                    })
+                    .map_err(|_| ParseError { offset: start, message: format!("'{s}' is not a number") })
             }
             _ if self.eat_str("true") => Ok(Operand::Literal(Value::Bool(true))),
             _ if self.eat_str("false") => Ok(Operand::Literal(Value::Bool(false))),
@@ -736,10 +672,7 @@ mod tests {
     fn sel(expr: &str, doc: &Value) -> Vec<Value> {
         JsonPath::parse(expr)
             .unwrap_or_else(|e| panic!("{expr}: {e}"))
-            .select(Scope {
-                root: doc,
-                matched: None,
-            })
+            .select(Scope { root: doc, matched: None })
             .into_iter()
             .cloned()
             .collect()
@@ -754,10 +687,7 @@ mod tests {
     #[test]
     fn scan_filter_finds_array_elements_in_document_order() {
         let doc = json!({"Body": [{"hr": 1}, {"x": {"hr": 2}}, {"hr": 3}]});
-        assert_eq!(
-            sel("$..[?(@hr)]", &doc),
-            vec![json!({"hr": 1}), json!({"hr": 2}), json!({"hr": 3})]
-        );
+        assert_eq!(sel("$..[?(@hr)]", &doc), vec![json!({"hr": 1}), json!({"hr": 2}), json!({"hr": 3})]);
     }
 
     #[test]
@@ -773,14 +703,8 @@ mod tests {
         let doc = json!([{"s": 1, "d": 2}, {"s": 1}, {"unit": "inches"}, {"unit": "meters"}]);
         assert_eq!(sel("$..[?(@s && @d)]", &doc).len(), 1);
         assert_eq!(sel("$..[?(@s || @unit)]", &doc).len(), 4);
-        assert_eq!(
-            sel("$..[?(@unit == 'inches')]", &doc),
-            vec![json!({"unit": "inches"})]
-        );
-        assert_eq!(
-            sel("$..[?(@unit != 'inches')]", &doc),
-            vec![json!({"unit": "meters"})]
-        );
+        assert_eq!(sel("$..[?(@unit == 'inches')]", &doc), vec![json!({"unit": "inches"})]);
+        assert_eq!(sel("$..[?(@unit != 'inches')]", &doc), vec![json!({"unit": "meters"})]);
         assert_eq!(sel("$[?(@.s == 1)]", &doc).len(), 2);
         assert_eq!(sel("$[?(!(@s))]", &doc).len(), 2);
     }
@@ -795,10 +719,7 @@ mod tests {
     #[test]
     fn nested_existence_and_quoted_names() {
         let doc = json!({"telemetry": {"BloodPressure": {"Diastolic": 7}}, "My Property": "data"});
-        assert_eq!(
-            sel("$..[?(@telemetry.BloodPressure.Diastolic)]", &doc).len(),
-            1
-        );
+        assert_eq!(sel("$..[?(@telemetry.BloodPressure.Diastolic)]", &doc).len(), 1);
         assert_eq!(sel("$..[?(@['My Property'])]", &doc).len(), 1);
         assert_eq!(sel("$.['My Property']", &doc), vec![json!("data")]);
         assert_eq!(sel("$['My Property']", &doc), vec![json!("data")]);
@@ -807,10 +728,7 @@ mod tests {
     #[test]
     fn hyphenated_names() {
         let doc = json!({"SystemProperties": {"iothub-connection-device-id": "dev"}});
-        assert_eq!(
-            sel("$.SystemProperties.iothub-connection-device-id", &doc),
-            vec![json!("dev")]
-        );
+        assert_eq!(sel("$.SystemProperties.iothub-connection-device-id", &doc), vec![json!("dev")]);
     }
 
     #[test]
@@ -830,31 +748,15 @@ mod tests {
         let event = json!({"Body": {"deviceId": "d1"}});
         let m = json!({"hr": 5});
         let p = JsonPath::parse("$.matchedToken.hr").unwrap_or_else(|e| panic!("{e}"));
-        let got = p.select(Scope {
-            root: &event,
-            matched: Some(&m),
-        });
+        let got = p.select(Scope { root: &event, matched: Some(&m) });
         assert_eq!(got, vec![&json!(5)]);
         let p = JsonPath::parse("$.Body.deviceId").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            p.select(Scope {
-                root: &event,
-                matched: Some(&m)
-            }),
-            vec![&json!("d1")]
-        );
+        assert_eq!(p.select(Scope { root: &event, matched: Some(&m) }), vec![&json!("d1")]);
     }
 
     #[test]
     fn parse_errors_say_where() {
-        for bad in [
-            "heartRate",
-            "$.",
-            "$[",
-            "$..[?(@a",
-            "$[?(@a =~ /x/)]",
-            "$.a]",
-        ] {
+        for bad in ["heartRate", "$.", "$[", "$..[?(@a", "$[?(@a =~ /x/)]", "$.a]"] {
             let e = JsonPath::parse(bad).expect_err(bad);
             assert!(!e.message.is_empty(), "{bad}");
         }

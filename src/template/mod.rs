@@ -40,13 +40,7 @@ impl TemplateError {
 
 impl fmt::Display for TemplateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "line {}, column {}: {}",
-            self.line,
-            self.column,
-            self.what()
-        )
+        write!(f, "line {}, column {}: {}", self.line, self.column, self.what())
     }
 }
 
@@ -81,12 +75,7 @@ impl<'t> Reader<'t> {
     pub fn new(text: &'t str) -> Self {
         let mut line_starts = vec![0];
         line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        Reader {
-            text,
-            line_starts,
-            errors: Vec::new(),
-            context: None,
-        }
+        Reader { text, line_starts, errors: Vec::new(), context: None }
     }
 
     /// Parses strict JSON (no comments, trailing commas or other JSON5 leniency).
@@ -126,22 +115,13 @@ impl<'t> Reader<'t> {
     pub fn pos(&self, byte: usize) -> Pos {
         let line = self.line_starts.partition_point(|&s| s <= byte);
         let start = self.line_starts[line - 1];
-        let column = self
-            .text
-            .get(start..byte)
-            .map_or(byte - start, |s| s.chars().count())
-            + 1;
+        let column = self.text.get(start..byte).map_or(byte - start, |s| s.chars().count()) + 1;
         (line, column)
     }
 
     pub fn error_at(&mut self, byte: usize, message: String) {
         let (line, column) = self.pos(byte);
-        self.errors.push(TemplateError {
-            line,
-            column,
-            template: self.context.clone(),
-            message,
-        });
+        self.errors.push(TemplateError { line, column, template: self.context.clone(), message });
     }
 
     pub fn error(&mut self, node: &impl Ranged, message: String) {
@@ -174,13 +154,7 @@ impl<'a, 't> Members<'a, 't> {
         for p in &obj.properties {
             let name = p.name.as_str();
             let Some(canonical) = allowed.iter().find(|a| a.eq_ignore_ascii_case(name)) else {
-                r.error(
-                    p,
-                    format!(
-                        "unknown member '{name}' in {what}; expected one of: {}",
-                        allowed.join(", ")
-                    ),
-                );
+                r.error(p, format!("unknown member '{name}' in {what}; expected one of: {}", allowed.join(", ")));
                 continue;
             };
             if props.iter().any(|(n, _)| n == canonical) {
@@ -193,10 +167,7 @@ impl<'a, 't> Members<'a, 't> {
     }
 
     pub fn get(&self, name: &str) -> Option<&'a Node<'t>> {
-        self.props
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, p)| &p.value)
+        self.props.iter().find(|(n, _)| n == name).map(|(_, p)| &p.value)
     }
 
     pub fn prop(&self, name: &str) -> Option<&'a ObjectProp<'t>> {
@@ -213,19 +184,12 @@ impl<'a, 't> Members<'a, 't> {
     }
 
     pub fn string(&self, r: &mut Reader<'_>, name: &str, required: bool) -> Option<String> {
-        let node = if required {
-            self.required(r, name)?
-        } else {
-            self.get(name)?
-        };
+        let node = if required { self.required(r, name)? } else { self.get(name)? };
         match node {
             Node::StringLit(s) => Some(s.value.to_string()),
             Node::NullKeyword(_) if !required => None,
             other => {
-                r.error(
-                    other,
-                    format!("'{name}' must be a string, not {}", kind_name(other)),
-                );
+                r.error(other, format!("'{name}' must be a string, not {}", kind_name(other)));
                 None
             }
         }
@@ -249,39 +213,24 @@ impl<'a, 't> Members<'a, 't> {
             Node::NumberLit(n) => match n.value.parse::<i64>() {
                 Ok(i) => Some(i),
                 Err(_) => {
-                    r.error(
-                        n,
-                        format!("'{name}' must be a whole number, not {}", n.value),
-                    );
+                    r.error(n, format!("'{name}' must be a whole number, not {}", n.value));
                     None
                 }
             },
-            Node::StringLit(s) if s.value.trim().parse::<i64>().is_ok() => {
-                s.value.trim().parse().ok()
-            }
+            Node::StringLit(s) if s.value.trim().parse::<i64>().is_ok() => s.value.trim().parse().ok(),
             other => {
-                r.error(
-                    other,
-                    format!("'{name}' must be a whole number, not {}", kind_name(other)),
-                );
+                r.error(other, format!("'{name}' must be a whole number, not {}", kind_name(other)));
                 None
             }
         }
     }
 
     pub fn array(&self, r: &mut Reader<'_>, name: &str, required: bool) -> Option<&'a [Node<'t>]> {
-        let node = if required {
-            self.required(r, name)?
-        } else {
-            self.get(name)?
-        };
+        let node = if required { self.required(r, name)? } else { self.get(name)? };
         match node {
             Node::Array(a) => Some(&a.elements),
             other => {
-                r.error(
-                    other,
-                    format!("'{name}' must be an array, not {}", kind_name(other)),
-                );
+                r.error(other, format!("'{name}' must be an array, not {}", kind_name(other)));
                 None
             }
         }
@@ -295,27 +244,13 @@ pub(crate) struct Wrapped<'a, 't> {
     pub at: &'a Object<'t>,
 }
 
-pub(crate) fn wrapped<'a, 't>(
-    r: &mut Reader<'_>,
-    node: &'a Node<'t>,
-    what: &str,
-) -> Option<Wrapped<'a, 't>> {
+pub(crate) fn wrapped<'a, 't>(r: &mut Reader<'_>, node: &'a Node<'t>, what: &str) -> Option<Wrapped<'a, 't>> {
     let Node::Object(obj) = node else {
-        r.error(
-            node,
-            format!(
-                "{what} must be an object with 'templateType' and 'template', not {}",
-                kind_name(node)
-            ),
-        );
+        r.error(node, format!("{what} must be an object with 'templateType' and 'template', not {}", kind_name(node)));
         return None;
     };
     let m = Members::read(r, obj, &["templateType", "template"], what);
     let template_type = m.string(r, "templateType", true);
     let template = m.required(r, "template");
-    Some(Wrapped {
-        template_type: template_type?,
-        template: template?,
-        at: obj,
-    })
+    Some(Wrapped { template_type: template_type?, template: template?, at: obj })
 }
