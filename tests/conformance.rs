@@ -17,16 +17,10 @@ use iomt_connector::transform::{CreateIdentity, transform};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
+mod common;
+
 fn root() -> PathBuf {
-    let dir = std::env::var_os("IOMT_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance"));
-    assert!(
-        dir.join("README.md").is_file(),
-        "conformance vectors not found at {} (set IOMT_CONFORMANCE_DIR)",
-        dir.display()
-    );
-    dir
+    common::conformance_dir()
 }
 
 fn text(folder: &str, file: &str) -> String {

@@ -10,6 +10,8 @@ use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+mod common;
+
 struct Fixture {
     mappings: Vec<DeviceMapping>,
     fhir: FhirMapping,
@@ -32,7 +34,7 @@ fn fixture() -> &'static Fixture {
             samples.push(serde_json::from_str(&read(&entry.path())).unwrap_or_else(|e| panic!("{e}")));
         }
         // The conformance device mappings cover the IoT Hub, IoT Central and JsonPath kinds.
-        let conformance = repo.join("../shared/conformance");
+        let conformance = common::conformance_dir();
         for entry in std::fs::read_dir(&conformance).into_iter().flatten().flatten() {
             let p = entry.path().join("device-template.json");
             if let Ok(m) = DeviceMapping::parse(&std::fs::read_to_string(&p).unwrap_or_default()) {

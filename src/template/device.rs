@@ -175,11 +175,12 @@ impl std::fmt::Display for Field<'_> {
 impl DeviceTemplate {
     /// Whether any expression but the type match is JSONPath (and so needs the match as JSON).
     fn reads_match_with_jsonpath(&self) -> bool {
-        let mut exprs = [Some(&self.device_id), self.patient_id.as_ref(), self.encounter_id.as_ref(), self.correlation_id.as_ref()]
-            .into_iter()
-            .flatten()
-            .chain(&self.timestamp)
-            .chain(self.values.iter().map(|v| &v.expression));
+        let mut exprs =
+            [Some(&self.device_id), self.patient_id.as_ref(), self.encounter_id.as_ref(), self.correlation_id.as_ref()]
+                .into_iter()
+                .flatten()
+                .chain(&self.timestamp)
+                .chain(self.values.iter().map(|v| &v.expression));
         exprs.any(|e| e.language() == Language::JsonPath)
     }
 
