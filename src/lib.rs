@@ -1,5 +1,11 @@
 //! iomt-connector: device messages to FHIR R4 Observations, with Azure MedTech mapping files.
 
+pub mod config;
+pub mod fhir;
+pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod pipeline;
+pub mod source;
 pub mod template;
 pub mod transform;

@@ -1,6 +1,7 @@
 //! The command line: debug mappings offline (`normalize`, `transform`, `validate`).
 
 use clap::{Args, Parser, Subcommand};
+use iomt_connector::config::{LogFormat, Settings};
 use iomt_connector::model::measurement::Measurement;
 use iomt_connector::template::device::DeviceMapping;
 use iomt_connector::template::fhir::{FhirMapping, PeriodInterval, ValueKind};
@@ -31,6 +32,33 @@ enum Command {
     /// Check a device mapping (and a FHIR mapping) and report every problem with its position.
     #[command(after_help = VALIDATE_HELP)]
     Validate(ValidateArgs),
+    /// Run the service: consume device messages from RabbitMQ and write Observations to FHIR.
+    #[command(after_help = RUN_HELP)]
+    Run(RunArgs),
+}
+
+const RUN_HELP: &str = "\
+Settings come from config/default.toml's values, then --config FILE, then environment variables
+IOMT_<SECTION>__<KEY> (e.g. IOMT_BROKER__QUEUE=devices, IOMT_FHIR__BASE_URL=http://fhir/r4,
+IOMT_IDENTITY__MODE=Lookup). A bad value stops the start with a message naming the key.
+
+A message is acked only once every Observation derived from it is written, or it is dead-lettered
+(exchange broker.dead_letter_exchange, headers x-iomt-error-kind and x-iomt-error). SIGTERM or
+SIGINT: stop consuming, flush, wait for the writes and acks, exit 0.
+
+HTTP (http.listen): /health/live, /health/ready, /actors, /metrics.
+
+Example:
+  IOMT_BROKER__QUEUE=devices iomt-connector run --config config/default.toml";
+
+#[derive(Args)]
+struct RunArgs {
+    /// Settings file (TOML); defaults apply to what it leaves out.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Normalize, group and build Observations, but write nothing to FHIR (measures the pipeline).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 const NORMALIZE_HELP: &str = "\
@@ -124,6 +152,7 @@ fn main() -> ExitCode {
         Command::Normalize(a) => normalize(a),
         Command::Transform(a) => transform_cmd(a),
         Command::Validate(a) => validate(a),
+        Command::Run(a) => run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -183,6 +212,22 @@ fn transform_cmd(a: TransformArgs) -> Result<(), Failure> {
         Ok(())
     } else {
         Err(Failure(1, batch.errors.iter().map(|e| format!("error: {e}")).collect::<Vec<_>>().join("\n")))
+    }
+}
+
+fn run(a: RunArgs) -> Result<(), Failure> {
+    let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+    init_logging(&settings.log);
+    iomt_connector::pipeline::run(settings, a.dry_run).map_err(|e| Failure(1, format!("error: {e}")))
+}
+
+fn init_logging(log: &iomt_connector::config::Log) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }
 

@@ -55,6 +55,10 @@ impl GroupError {
 }
 
 impl Group {
+    pub fn new(key: GroupKey) -> Group {
+        Group { key, readings: BTreeMap::new() }
+    }
+
     /// The window's first and last instant (the Observation's effectivePeriod).
     pub fn boundary(&self) -> (DateTime<Utc>, DateTime<Utc>) {
         match self.key.window {
@@ -88,7 +92,8 @@ impl Group {
         self.values(name).next().is_some()
     }
 
-    fn insert(&mut self, m: Measurement) {
+    /// Adds a reading; at a time already held, the latest ingested wins.
+    pub fn insert(&mut self, m: Measurement) {
         let t = match self.key.window {
             Window::Instant(t) => t,
             _ => m.occurrence_time,
@@ -142,7 +147,7 @@ impl Grouper {
             Some(&i) => i,
             None => {
                 self.index.insert(key.clone(), self.groups.len());
-                self.groups.push(Group { key, readings: BTreeMap::new() });
+                self.groups.push(Group::new(key));
                 self.groups.len() - 1
             }
         };

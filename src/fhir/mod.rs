@@ -1,0 +1,379 @@
+//! The FHIR REST client: read, search, conditional update, batch Bundles, authentication, and
+//! retries for what can succeed later (network errors, 5xx, 429 with `Retry-After`). Knows nothing
+//! of actors.
+
+pub mod auth;
+
+use crate::config;
+use crate::metrics;
+use auth::TokenSource;
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::{Method, StatusCode, header};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FhirError {
+    #[error("FHIR server unreachable ({method} {path}): {message}")]
+    Network { method: &'static str, path: String, message: String },
+    #[error("FHIR {method} {path} returned HTTP {status}: {outcome}")]
+    Status { method: &'static str, path: String, status: u16, outcome: String, retry_after: Option<Duration> },
+    #[error("FHIR {method} {path}: the response is not the FHIR JSON expected: {message}")]
+    Decode { method: &'static str, path: String, message: String },
+    #[error("FHIR authentication failed: {0}")]
+    Auth(String),
+}
+
+impl FhirError {
+    /// Whether the same request may succeed later.
+    pub fn retryable(&self) -> bool {
+        match self {
+            FhirError::Network { .. } => true,
+            FhirError::Status { status, .. } => *status == 429 || *status >= 500,
+            FhirError::Decode { .. } | FhirError::Auth(_) => false,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            FhirError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FhirError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// A resource and the version it was read or written at.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub version: Option<String>,
+    pub resource: Value,
+}
+
+/// One entry of a batch Bundle: a conditional PUT.
+#[derive(Debug, Clone)]
+pub struct Put {
+    pub resource_type: &'static str,
+    pub id: String,
+    pub resource: Value,
+    /// The version the update is based on (`If-Match`); `None` to create.
+    pub if_match: Option<String>,
+}
+
+/// What the server said about one PUT.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PutResult {
+    pub status: u16,
+    pub version: Option<String>,
+    /// The OperationOutcome text when the server refused.
+    pub outcome: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct FhirClient {
+    http: reqwest::Client,
+    base: String,
+    token: TokenSource,
+    backoff: ExponentialBuilder,
+}
+
+impl FhirClient {
+    pub fn new(s: &config::Fhir) -> Result<FhirClient, FhirError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(s.timeout_ms))
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| FhirError::Auth(format!("cannot build the HTTP client: {e}")))?;
+        let backoff = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_millis(s.max_backoff_ms))
+            .with_max_times(s.max_retries);
+        Ok(FhirClient {
+            token: TokenSource::new(s, http.clone()),
+            http,
+            base: s.base_url.trim_end_matches('/').to_string(),
+            backoff,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// One request, retried while it can succeed later; 429/503 wait for `Retry-After`.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<Response, FhirError> {
+        let attempt = || self.request_once(method.clone(), path, body, if_match);
+        attempt
+            .retry(self.backoff)
+            .sleep(tokio::time::sleep)
+            .when(FhirError::retryable)
+            .adjust(|e, d| e.retry_after().or(d))
+            .notify(
+                |e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "FHIR request will be retried"),
+            )
+            .await
+    }
+
+    async fn request_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<Response, FhirError> {
+        let m = method_name(&method);
+        let url = format!("{}/{}", self.base, path);
+        let mut req = self.http.request(method.clone(), &url).header(header::ACCEPT, "application/fhir+json");
+        if let Some(token) = self.token.token().await? {
+            req = req.bearer_auth(token);
+        }
+        if let Some(v) = if_match {
+            req = req.header(header::IF_MATCH, format!("W/\"{v}\""));
+        }
+        if let Some(b) = body {
+            let bytes = serde_json::to_vec(b).map_err(|e| FhirError::Decode {
+                method: m,
+                path: path.into(),
+                message: e.to_string(),
+            })?;
+            req = req.header(header::CONTENT_TYPE, "application/fhir+json").body(bytes);
+        }
+        let resp = req.send().await.map_err(|e| {
+            metrics::get().fhir_requests.with_label_values(&[m, "error"]).inc();
+            FhirError::Network { method: m, path: path.into(), message: error_chain(&e) }
+        })?;
+        let status = resp.status();
+        metrics::get().fhir_requests.with_label_values(&[m, status.as_str()]).inc();
+        let etag = resp.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).map(parse_etag);
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        if status == StatusCode::UNAUTHORIZED {
+            self.token.invalidate();
+        }
+        let bytes = resp.bytes().await.map_err(|e| FhirError::Network {
+            method: m,
+            path: path.into(),
+            message: error_chain(&e),
+        })?;
+        if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+            let body =
+                if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+            return Ok(Response { status: status.as_u16(), etag, body });
+        }
+        let outcome = serde_json::from_slice::<Value>(&bytes)
+            .map(|v| outcome_text(&v))
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(300).collect());
+        Err(FhirError::Status { method: m, path: path.into(), status: status.as_u16(), outcome, retry_after })
+    }
+
+    /// `GET {type}/{id}`; `None` when the server has no such resource (404/410).
+    pub async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Versioned>, FhirError> {
+        let r = self.request(Method::GET, &format!("{resource_type}/{id}"), None, None).await?;
+        if r.status == 404 || r.status == 410 {
+            return Ok(None);
+        }
+        let version = r.etag.or_else(|| version_of(&r.body));
+        Ok(Some(Versioned { version, resource: r.body }))
+    }
+
+    /// `GET {type}?{query}`: the resources of the first page.
+    pub async fn search(&self, resource_type: &str, query: &[(&str, &str)]) -> Result<Vec<Value>, FhirError> {
+        let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+        let path = format!("{resource_type}?{}", qs.join("&"));
+        let r = self.request(Method::GET, &path, None, None).await?;
+        if r.status == 404 {
+            return Err(FhirError::Status {
+                method: "GET",
+                path,
+                status: 404,
+                outcome: "search not supported".into(),
+                retry_after: None,
+            });
+        }
+        let entries = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.pointer("/search/mode").and_then(Value::as_str).is_none_or(|m| m == "match"))
+            .filter_map(|mut e| e.get_mut("resource").map(Value::take))
+            .collect())
+    }
+
+    /// `PUT {type}/{id}`, with `If-Match` when `if_match` is given. Not retried on 409/412: the
+    /// caller re-reads and merges.
+    pub async fn update(
+        &self,
+        resource_type: &str,
+        id: &str,
+        resource: &Value,
+        if_match: Option<&str>,
+    ) -> Result<PutResult, FhirError> {
+        let path = format!("{resource_type}/{id}");
+        match self.request(Method::PUT, &path, Some(resource), if_match).await {
+            Ok(r) => Ok(PutResult { status: r.status, version: r.etag.or_else(|| version_of(&r.body)), outcome: None }),
+            Err(FhirError::Status { status, outcome, .. }) if status < 500 && status != 429 => {
+                Ok(PutResult { status, version: None, outcome: Some(outcome) })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Several PUTs in one `batch` Bundle; one result per entry, in order. Entries the server
+    /// answered with 429 or 5xx are retried (with backoff) on their own.
+    pub async fn batch(&self, puts: &[Put]) -> Result<Vec<PutResult>, FhirError> {
+        let entries: Vec<Value> = puts
+            .iter()
+            .map(|p| {
+                let mut request = json!({"method": "PUT", "url": format!("{}/{}", p.resource_type, p.id)});
+                if let Some(v) = &p.if_match {
+                    request["ifMatch"] = json!(format!("W/\"{v}\""));
+                }
+                json!({"fullUrl": format!("{}/{}/{}", self.base, p.resource_type, p.id), "resource": p.resource, "request": request})
+            })
+            .collect();
+        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+        let r = self.request(Method::POST, "", Some(&bundle), None).await?;
+        let answers = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
+        if answers.len() != puts.len() {
+            return Err(FhirError::Decode {
+                method: "POST",
+                path: "(batch)".into(),
+                message: format!("{} entries answered for {} sent", answers.len(), puts.len()),
+            });
+        }
+        let mut results = Vec::with_capacity(puts.len());
+        for (put, a) in puts.iter().zip(answers) {
+            let resp = a.get("response").cloned().unwrap_or(Value::Null);
+            let status = resp
+                .get("status")
+                .and_then(Value::as_str)
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0u16);
+            let result = if status == 429 || status >= 500 || status == 0 {
+                // Retry this entry alone; it goes through the retrying single-request path.
+                self.update(put.resource_type, &put.id, &put.resource, put.if_match.as_deref()).await?
+            } else {
+                let version = resp
+                    .get("etag")
+                    .and_then(Value::as_str)
+                    .map(parse_etag)
+                    .or_else(|| a.get("resource").and_then(version_of));
+                let outcome = resp.get("outcome").map(outcome_text).filter(|_| status >= 400);
+                PutResult { status, version, outcome }
+            };
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    /// `GET metadata`: is the server there and answering?
+    pub async fn ping(&self) -> Result<(), FhirError> {
+        self.request_once(Method::GET, "metadata", None, None).await.map(|_| ())
+    }
+}
+
+struct Response {
+    status: u16,
+    etag: Option<String>,
+    body: Value,
+}
+
+fn method_name(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+/// `W/"3"` → `3`.
+fn parse_etag(s: &str) -> String {
+    s.trim().trim_start_matches("W/").trim_matches('"').to_string()
+}
+
+fn version_of(resource: &Value) -> Option<String> {
+    resource.pointer("/meta/versionId").and_then(Value::as_str).map(str::to_string)
+}
+
+/// The human text of an OperationOutcome (its issues' diagnostics or details).
+pub fn outcome_text(v: &Value) -> String {
+    let issues = v.get("issue").and_then(Value::as_array).cloned().unwrap_or_default();
+    let texts: Vec<String> = issues
+        .iter()
+        .filter_map(|i| {
+            i.get("diagnostics")
+                .and_then(Value::as_str)
+                .or_else(|| i.pointer("/details/text").and_then(Value::as_str))
+                .map(str::to_string)
+        })
+        .collect();
+    if texts.is_empty() { v.to_string().chars().take(300).collect() } else { texts.join("; ") }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Percent-encodes a query value (identifier values may hold anything).
+fn encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// A FHIR search token `system|value`, escaping the characters search syntax reserves.
+pub fn token(system: Option<&str>, value: &str) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('|', "\\|").replace(',', "\\,").replace('$', "\\$");
+    match system {
+        Some(s) => format!("{}|{}", esc(s), esc(value)),
+        None => esc(value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_and_tokens() {
+        assert_eq!(parse_etag("W/\"12\""), "12");
+        assert_eq!(token(Some("urn:x"), "a|b,c"), "urn:x|a\\|b\\,c");
+        assert_eq!(encode("urn:x|a b"), "urn%3Ax%7Ca%20b");
+    }
+
+    #[test]
+    fn outcome_text_reads_diagnostics() {
+        let v = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "diagnostics": "status is required"}]});
+        assert_eq!(outcome_text(&v), "status is required");
+    }
+}

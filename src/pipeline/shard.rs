@@ -1,0 +1,156 @@
+//! The DeviceShard actor: buffers the measurements of the devices that hash to it, per group
+//! (device, type, patient, encounter, correlation id, window), and hands the groups to the writers
+//! every `flush_interval_ms` or as soon as it holds `flush_max_measurements`.
+
+use super::delivery::DeliveryGuard;
+use super::writer::{FhirWriter, PendingGroup, WriteBatch};
+use super::{ActorStats, Counted, writer_for};
+use crate::metrics;
+use crate::model::group::{Group, GroupKey, key_for};
+use crate::model::measurement::Measurement;
+use crate::template::fhir::FhirMapping;
+use actix::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Measurements of one message that hash to this shard.
+pub struct Ingest {
+    pub measurements: Vec<Measurement>,
+    pub guard: Arc<DeliveryGuard>,
+}
+
+impl Message for Ingest {
+    type Result = ();
+}
+
+/// Flush everything now (shutdown); answers once the groups are handed to the writers.
+pub struct FlushNow;
+
+impl Message for FlushNow {
+    type Result = ();
+}
+
+pub struct DeviceShard {
+    mapping: Arc<FhirMapping>,
+    writers: Arc<Vec<Counted<FhirWriter>>>,
+    flush_interval: Duration,
+    flush_max: usize,
+    groups: Vec<PendingGroup>,
+    index: HashMap<GroupKey, usize>,
+    devices: HashSet<String>,
+    buffered: usize,
+    stats: Arc<ActorStats>,
+}
+
+impl DeviceShard {
+    pub fn new(
+        mapping: Arc<FhirMapping>,
+        writers: Arc<Vec<Counted<FhirWriter>>>,
+        flush_interval: Duration,
+        flush_max: usize,
+        stats: Arc<ActorStats>,
+    ) -> Self {
+        DeviceShard {
+            mapping,
+            writers,
+            flush_interval,
+            flush_max,
+            groups: Vec::new(),
+            index: HashMap::new(),
+            devices: HashSet::new(),
+            buffered: 0,
+            stats,
+        }
+    }
+
+    fn add(&mut self, m: Measurement, guard: &Arc<DeliveryGuard>) {
+        let Some(template) = self.mapping.template(&m.type_name) else {
+            guard.fail(
+                "no-fhir-template",
+                format!("no FHIR template has typeName '{}': add a CodeValueFhir template for it", m.type_name),
+            );
+            return;
+        };
+        let key = match key_for(&m, template) {
+            Ok(k) => k,
+            Err(e) => {
+                guard.fail(e.kind(), e.to_string());
+                return;
+            }
+        };
+        if !self.devices.contains(&m.device_id) {
+            self.devices.insert(m.device_id.clone());
+        }
+        let i = match self.index.get(&key) {
+            Some(&i) => i,
+            None => {
+                self.index.insert(key.clone(), self.groups.len());
+                self.groups.push(PendingGroup { group: Group::new(key), guards: Vec::new() });
+                self.groups.len() - 1
+            }
+        };
+        let pending = &mut self.groups[i];
+        pending.group.insert(m);
+        // Measurements of one message arrive together: checking the last guard is enough to keep
+        // one clone per message and group.
+        if !pending.guards.last().is_some_and(|g| Arc::ptr_eq(g, guard)) {
+            pending.guards.push(guard.clone());
+        }
+        self.buffered += 1;
+    }
+
+    fn flush(&mut self) {
+        if self.groups.is_empty() {
+            return;
+        }
+        let groups = std::mem::take(&mut self.groups);
+        self.index.clear();
+        self.devices.clear();
+        self.buffered = 0;
+        metrics::get().groups.inc_by(groups.len() as u64);
+        let mut per_writer: Vec<Vec<PendingGroup>> = (0..self.writers.len()).map(|_| Vec::new()).collect();
+        for g in groups {
+            per_writer[writer_for(&g.group.key.device_id, self.writers.len())].push(g);
+        }
+        for (w, batch) in self.writers.iter().zip(per_writer) {
+            if !batch.is_empty() {
+                w.do_send(WriteBatch { groups: batch });
+            }
+        }
+        self.stats.flushed();
+        self.stats.set_devices(0);
+    }
+}
+
+impl Actor for DeviceShard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.flush_interval, |act, _| act.flush());
+    }
+}
+
+impl Handler<Ingest> for DeviceShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Ingest, _: &mut Context<Self>) {
+        self.stats.received();
+        for m in msg.measurements {
+            self.add(m, &msg.guard);
+        }
+        self.stats.set_devices(self.devices.len());
+        if self.buffered >= self.flush_max {
+            self.flush();
+        }
+    }
+}
+
+impl Handler<FlushNow> for DeviceShard {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushNow, _: &mut Context<Self>) {
+        self.stats.received();
+        self.flush();
+    }
+}

@@ -1,0 +1,352 @@
+//! The FhirWriter actor: turns groups into Observations and persists them. A writer handles one batch
+//! at a time, and a device always goes to the same writer, so a device's writes stay in order.
+//!
+//! Per batch: resolve identities (IdentityCache), read the Observations of the windows it does not
+//! hold yet (`GET Observation/{id}`: ids are deterministic), merge, and write the changed ones in
+//! one batch Bundle of `PUT`s with `If-Match`. A 409/412 means someone else wrote first: re-read,
+//! re-merge, retry. Anything else the server refuses fails the group with its OperationOutcome;
+//! what cannot be written after the client's retries fails as `fhir-unavailable`. A failed group
+//! marks its messages for the dead-letter queue; they are acked only after that.
+
+use super::delivery::DeliveryGuard;
+use super::identity::{IdentityCache, IdentityKey, Resolve, fhir_kind};
+use super::{ActorStats, Counted};
+use crate::fhir::{FhirClient, FhirError, Put, PutResult};
+use crate::metrics;
+use crate::model::group::Group;
+use crate::model::observation::{self, Identity, Observation, Outcome};
+use crate::template::fhir::{CodeValueTemplate, FhirMapping};
+use actix::prelude::*;
+use futures_util::future::join_all;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A group and the deliveries it came from.
+pub struct PendingGroup {
+    pub group: Group,
+    pub guards: Vec<Arc<DeliveryGuard>>,
+}
+
+impl PendingGroup {
+    fn fail(&self, kind: &'static str, message: &str) {
+        for g in &self.guards {
+            g.fail(kind, message);
+        }
+    }
+}
+
+pub struct WriteBatch {
+    pub groups: Vec<PendingGroup>,
+}
+
+impl Message for WriteBatch {
+    type Result = ();
+}
+
+/// Observations this writer last read or wrote, by id (`None`: the server has none).
+#[derive(Default)]
+struct Stored {
+    map: HashMap<String, Option<(Option<String>, Observation)>>,
+}
+
+/// Entries kept before the cache starts over (a miss costs one read).
+const CACHE_MAX: usize = 50_000;
+/// Re-read-and-merge rounds after a 409/412 before the group fails.
+const CONFLICT_ROUNDS: usize = 3;
+
+pub struct FhirWriter {
+    /// `None` in dry-run: Observations are built and counted, nothing is sent.
+    client: Option<FhirClient>,
+    mapping: Arc<FhirMapping>,
+    identity: Counted<IdentityCache>,
+    batch: bool,
+    stored: Stored,
+    stats: Arc<ActorStats>,
+}
+
+impl FhirWriter {
+    pub fn new(
+        client: Option<FhirClient>,
+        mapping: Arc<FhirMapping>,
+        identity: Counted<IdentityCache>,
+        batch: bool,
+        stats: Arc<ActorStats>,
+    ) -> Self {
+        FhirWriter { client, mapping, identity, batch, stored: Stored::default(), stats }
+    }
+}
+
+impl Actor for FhirWriter {
+    type Context = Context<Self>;
+}
+
+impl Handler<WriteBatch> for FhirWriter {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: WriteBatch, _: &mut Context<Self>) -> Self::Result {
+        self.stats.received();
+        // Batches are handled one at a time (AtomicResponse), so the cache can travel with the work.
+        let mut stored = std::mem::take(&mut self.stored);
+        let work = Work {
+            client: self.client.clone(),
+            mapping: self.mapping.clone(),
+            identity: self.identity.clone(),
+            batch: self.batch,
+        };
+        let fut = async move {
+            work.run(&mut stored, msg.groups).await;
+            stored
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|mut stored, act, _| {
+            if stored.map.len() > CACHE_MAX {
+                stored.map.clear();
+            }
+            act.stats.set_devices(stored.map.len());
+            act.stats.flushed();
+            act.stored = stored;
+        })))
+    }
+}
+
+struct Work {
+    client: Option<FhirClient>,
+    mapping: Arc<FhirMapping>,
+    identity: Counted<IdentityCache>,
+    batch: bool,
+}
+
+/// A group ready to be written, with what it is written with.
+struct Item {
+    pending: PendingGroup,
+    identity: Identity,
+}
+
+/// One Observation to write and the groups merged into it.
+struct Write {
+    id: String,
+    obs: Observation,
+    if_match: Option<String>,
+    items: Vec<Item>,
+}
+
+impl Write {
+    fn fail(&self, kind: &'static str, message: &str) {
+        for i in &self.items {
+            i.pending.fail(kind, message);
+        }
+    }
+}
+
+impl Work {
+    fn template(&self, g: &Group) -> Option<&CodeValueTemplate> {
+        self.mapping.template(&g.key.type_name)
+    }
+
+    async fn run(&self, stored: &mut Stored, groups: Vec<PendingGroup>) {
+        let items = self.identities(groups).await;
+        let items = self.read_missing(stored, items).await;
+        let writes = self.merge(stored, items);
+        let conflicts = self.send(stored, writes).await;
+        self.resolve_conflicts(stored, conflicts).await;
+    }
+
+    async fn identities(&self, groups: Vec<PendingGroup>) -> Vec<Item> {
+        let asks = groups.iter().map(|p| {
+            let k = &p.group.key;
+            self.identity.send(Resolve(IdentityKey {
+                device_id: k.device_id.clone(),
+                patient_id: k.patient_id.clone(),
+                encounter_id: k.encounter_id.clone(),
+            }))
+        });
+        let answers = join_all(asks).await;
+        let mut items = Vec::with_capacity(groups.len());
+        for (pending, answer) in groups.into_iter().zip(answers) {
+            match answer {
+                Ok(Ok(identity)) => items.push(Item { pending, identity }),
+                Ok(Err(e)) => pending.fail(e.kind(), &e.to_string()),
+                Err(e) => pending.fail("internal", &format!("the identity actor did not answer: {e}")),
+            }
+        }
+        items
+    }
+
+    /// Reads the stored Observation of every window not in the cache.
+    async fn read_missing(&self, stored: &mut Stored, items: Vec<Item>) -> Vec<Item> {
+        let Some(client) = &self.client else { return items };
+        let mut ids: Vec<String> = items
+            .iter()
+            .map(|i| observation::identifier(&i.pending.group, &i.identity).1)
+            .filter(|id| !stored.map.contains_key(id))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let reads = join_all(ids.iter().map(|id| client.read("Observation", id))).await;
+        let mut failed: HashMap<String, FhirError> = HashMap::new();
+        for (id, r) in ids.into_iter().zip(reads) {
+            match r {
+                Ok(None) => {
+                    stored.map.insert(id, None);
+                }
+                Ok(Some(v)) => match serde_json::from_value::<Observation>(v.resource) {
+                    Ok(obs) => {
+                        stored.map.insert(id, Some((v.version, obs)));
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "Observation/{id} on the server is not an Observation this connector can merge into: {e}"
+                        );
+                        failed
+                            .insert(id, FhirError::Decode { method: "GET", path: "Observation".into(), message: msg });
+                    }
+                },
+                Err(e) => {
+                    failed.insert(id, e);
+                }
+            }
+        }
+        items
+            .into_iter()
+            .filter(|i| {
+                let id = observation::identifier(&i.pending.group, &i.identity).1;
+                match failed.get(&id) {
+                    Some(e) => {
+                        i.pending.fail(fhir_kind(e), &e.to_string());
+                        false
+                    }
+                    None => true,
+                }
+            })
+            .collect()
+    }
+
+    /// Builds or merges each group; groups of one window are merged into one write.
+    fn merge(&self, stored: &Stored, items: Vec<Item>) -> Vec<Write> {
+        let now = chrono::Utc::now();
+        let mut writes: Vec<Write> = Vec::new();
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        for item in items {
+            let Some(template) = self.template(&item.pending.group) else {
+                item.pending.fail(
+                    "no-fhir-template",
+                    &format!("no FHIR template has typeName '{}'", item.pending.group.key.type_name),
+                );
+                continue;
+            };
+            let id = observation::identifier(&item.pending.group, &item.identity).1;
+            let (existing, version) = match by_id.get(&id) {
+                Some(&w) => (Some(&writes[w].obs), writes[w].if_match.clone()),
+                None => match stored.map.get(&id) {
+                    Some(Some((v, o))) => (Some(o), v.clone()),
+                    _ => (None, None),
+                },
+            };
+            match observation::build_or_merge(template, &item.pending.group, &item.identity, existing, now) {
+                Ok(Outcome::Create(obs) | Outcome::Update(obs)) => match by_id.get(&id) {
+                    Some(&w) => {
+                        writes[w].obs = obs;
+                        writes[w].items.push(item);
+                    }
+                    None => {
+                        by_id.insert(id.clone(), writes.len());
+                        writes.push(Write { id, obs, if_match: version, items: vec![item] });
+                    }
+                },
+                Ok(Outcome::Unchanged) => metrics::get().observations.with_label_values(&["unchanged"]).inc(),
+                Err(e) => item.pending.fail(e.kind(), &e.to_string()),
+            }
+        }
+        writes
+    }
+
+    /// Writes; returns the writes that met a conflict (409/412).
+    async fn send(&self, stored: &mut Stored, writes: Vec<Write>) -> Vec<Write> {
+        if writes.is_empty() {
+            return writes;
+        }
+        let Some(client) = &self.client else {
+            for w in writes {
+                let outcome = if w.if_match.is_some() || stored.map.get(&w.id).is_some_and(Option::is_some) {
+                    "updated"
+                } else {
+                    "created"
+                };
+                metrics::get().observations.with_label_values(&[outcome]).inc();
+                stored.map.insert(w.id, Some((Some("0".into()), w.obs)));
+            }
+            return Vec::new();
+        };
+        let mut puts = Vec::with_capacity(writes.len());
+        let mut ready = Vec::with_capacity(writes.len());
+        for w in writes {
+            match serde_json::to_value(&w.obs) {
+                Ok(resource) => {
+                    puts.push(Put {
+                        resource_type: "Observation",
+                        id: w.id.clone(),
+                        resource,
+                        if_match: w.if_match.clone(),
+                    });
+                    ready.push(w);
+                }
+                // Cannot happen for the types built here; the group fails loudly rather than vanish.
+                Err(e) => w.fail("internal", &format!("Observation/{} could not be serialized: {e}", w.id)),
+            }
+        }
+        let writes = ready;
+        let results: Vec<Result<PutResult, FhirError>> = if self.batch && puts.len() > 1 {
+            match client.batch(&puts).await {
+                Ok(r) => r.into_iter().map(Ok).collect(),
+                Err(e) => puts.iter().map(|_| Err(e.clone())).collect(),
+            }
+        } else {
+            join_all(puts.iter().map(|p| client.update(p.resource_type, &p.id, &p.resource, p.if_match.as_deref())))
+                .await
+        };
+        let mut conflicts = Vec::new();
+        for (w, r) in writes.into_iter().zip(results) {
+            match r {
+                Ok(PutResult { status: 200 | 201, version, .. }) => {
+                    let outcome = if w.if_match.is_some() { "updated" } else { "created" };
+                    metrics::get().observations.with_label_values(&[outcome]).inc();
+                    stored.map.insert(w.id, Some((version, w.obs)));
+                }
+                Ok(PutResult { status: 409 | 412, .. }) => {
+                    stored.map.remove(&w.id);
+                    conflicts.push(w);
+                }
+                Ok(PutResult { status, outcome, .. }) => {
+                    stored.map.remove(&w.id);
+                    let text =
+                        format!("PUT Observation/{} returned HTTP {status}: {}", w.id, outcome.unwrap_or_default());
+                    w.fail("fhir-rejected", &text);
+                }
+                Err(e) => {
+                    stored.map.remove(&w.id);
+                    w.fail(fhir_kind(&e), &e.to_string());
+                }
+            }
+        }
+        conflicts
+    }
+
+    /// Someone wrote the window's Observation since it was read: read it again, merge again, write
+    /// again, a few rounds.
+    async fn resolve_conflicts(&self, stored: &mut Stored, mut conflicts: Vec<Write>) {
+        for _ in 0..CONFLICT_ROUNDS {
+            if conflicts.is_empty() {
+                return;
+            }
+            let items: Vec<Item> = conflicts.drain(..).flat_map(|w| w.items).collect();
+            let items = self.read_missing(stored, items).await;
+            let writes = self.merge(stored, items);
+            conflicts = self.send(stored, writes).await;
+        }
+        for w in conflicts {
+            w.fail(
+                "fhir-conflict",
+                &format!("Observation/{} kept changing under this writer ({CONFLICT_ROUNDS} rounds of 409/412)", w.id),
+            );
+        }
+    }
+}
