@@ -153,6 +153,30 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+const SECTIONS: [&str; 7] = ["broker", "pipeline", "fhir", "identity", "mappings", "http", "log"];
+
+/// `IOMT_BROKER_URL` (one underscore) is a typo of `IOMT_BROKER__URL`: refuse it rather than
+/// ignore the value the operator meant to set.
+fn check_env_names() -> Result<(), ConfigError> {
+    for (name, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
+        let Some(rest) = name.strip_prefix("IOMT_") else { continue };
+        let lower = rest.to_lowercase();
+        for s in SECTIONS {
+            if lower.starts_with(&format!("{s}_")) && !lower.starts_with(&format!("{s}__")) {
+                return Err(ConfigError::Invalid {
+                    key: name.clone(),
+                    message: format!(
+                        "settings variables are IOMT_<SECTION>__<KEY> with two underscores: did you mean IOMT_{}__{}?",
+                        s.to_uppercase(),
+                        &rest[s.len() + 1..]
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Names the key (and the variable, when the value came from the environment).
 fn load_error(e: figment::Error) -> ConfigError {
     let key = e.path.join(".").to_lowercase();
@@ -182,7 +206,13 @@ impl Settings {
             }
             fig = fig.merge(Toml::file(f));
         }
-        let fig = fig.merge(Env::prefixed("IOMT_").split("__"));
+        check_env_names()?;
+        // Only IOMT_<SECTION>__<KEY> variables are settings; other IOMT_* names (a test suite's
+        // IOMT_TEST_*, say) are not ours to refuse.
+        let env = Env::prefixed("IOMT_")
+            .filter(|k| SECTIONS.iter().any(|s| k.as_str().to_lowercase().starts_with(&format!("{s}__"))))
+            .split("__");
+        let fig = fig.merge(env);
         let s: Settings = fig.extract().map_err(load_error)?;
         s.validate()?;
         Ok(s)
@@ -279,6 +309,21 @@ mod tests {
             let e = Settings::load(None).expect_err("bad prefetch");
             let msg = e.to_string();
             assert!(msg.contains("broker.prefetch") && msg.contains("IOMT_BROKER__PREFETCH"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn other_iomt_variables_are_left_alone_but_typos_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("m.json", "{}")?;
+            jail.set_env("IOMT_MAPPINGS__DEVICE", "m.json");
+            jail.set_env("IOMT_MAPPINGS__FHIR", "m.json");
+            jail.set_env("IOMT_TEST_FHIR_URL", "http://x");
+            assert!(Settings::load(None).is_ok());
+            jail.set_env("IOMT_BROKER_QUEUE", "q");
+            let msg = Settings::load(None).expect_err("typo").to_string();
+            assert!(msg.contains("IOMT_BROKER__QUEUE"), "{msg}");
             Ok(())
         });
     }

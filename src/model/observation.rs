@@ -43,6 +43,23 @@ pub struct Observation {
     pub extra: Map<String, Value>,
 }
 
+impl Observation {
+    /// The resource as it is sent: `meta.versionId`, `meta.lastUpdated` and `meta.source` belong to
+    /// the server (some servers refuse them in a write); the rest of `meta` (profiles, tags) stays.
+    pub fn for_write(&self) -> Observation {
+        let mut o = self.clone();
+        if let Some(Value::Object(m)) = &mut o.meta {
+            for k in ["versionId", "lastUpdated", "source"] {
+                m.remove(k);
+            }
+            if m.is_empty() {
+                o.meta = None;
+            }
+        }
+        o
+    }
+}
+
 /// Observation.value[x] and component.value[x]: at most one is set.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -279,7 +279,7 @@ impl Work {
         let mut puts = Vec::with_capacity(writes.len());
         let mut ready = Vec::with_capacity(writes.len());
         for w in writes {
-            match serde_json::to_value(&w.obs) {
+            match serde_json::to_value(w.obs.for_write()) {
                 Ok(resource) => {
                     puts.push(Put {
                         resource_type: "Observation",

@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 
-use std::path::PathBuf;
+#![allow(dead_code)]
 
+pub mod services;
+
+use std::path::PathBuf;
 /// `../shared/conformance`, where the reference vectors live (read in place, never copied).
 /// `IOMT_CONFORMANCE_DIR` overrides; a checkout elsewhere falls back to the workplace's copy.
 /// Missing vectors fail the test loudly.
