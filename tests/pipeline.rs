@@ -304,19 +304,19 @@ fn mappings_with_note(run: &str) -> (PathBuf, PathBuf) {
     };
     let mut device = read("mappings/devicecontent.json");
     let mut fhir = read("mappings/fhirmapping.json");
-    device["template"].as_array_mut().map(|a| {
+    if let Some(a) = device["template"].as_array_mut() {
         a.push(json!({"templateType": "CalculatedContent", "template": {
             "typeName": "note", "typeMatchExpression": "$..[?(@note)]",
             "deviceIdExpression": "$.matchedToken.deviceId", "patientIdExpression": "$.matchedToken.patientId",
             "timestampExpression": "$.matchedToken.measurementTime",
-            "values": [{"valueName": "note", "valueExpression": "$.matchedToken.note"}]}}))
-    });
-    fhir["template"].as_array_mut().map(|a| {
+            "values": [{"valueName": "note", "valueExpression": "$.matchedToken.note"}]}}));
+    }
+    if let Some(a) = fhir["template"].as_array_mut() {
         a.push(json!({"templateType": "CodeValueFhir", "template": {
             "typeName": "note", "codes": [{"system": "urn:iomt-test", "code": "note"}],
-            "value": {"valueName": "note", "valueType": "String"}}}))
-    });
-    let dir = std::env::temp_dir().join(&run);
+            "value": {"valueName": "note", "valueType": "String"}}}));
+    }
+    let dir = std::env::temp_dir().join(run);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let (d, f) = (dir.join("device.json"), dir.join("fhir.json"));
     std::fs::write(&d, device.to_string()).unwrap_or_else(|e| panic!("{e}"));

@@ -216,10 +216,10 @@ impl Connector {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = http().get(format!("http://{}/health/ready", self.http)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = http().get(format!("http://{}/health/ready", self.http)).send().await
+                && r.status().is_success()
+            {
+                return;
             }
             if Instant::now() > deadline {
                 panic!("the connector did not become ready in 30 s; its log:\n{}", self.log());
