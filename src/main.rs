@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use iomt_connector::config::{LogFormat, Settings};
 use iomt_connector::model::measurement::Measurement;
+use iomt_connector::source::rabbitmq::Publisher;
 use iomt_connector::template::device::DeviceMapping;
 use iomt_connector::template::fhir::{FhirMapping, PeriodInterval, ValueKind};
 use iomt_connector::template::{TemplateError, TemplateErrors};
@@ -35,6 +36,29 @@ enum Command {
     /// Run the service: consume device messages from RabbitMQ and write Observations to FHIR.
     #[command(after_help = RUN_HELP)]
     Run(RunArgs),
+    /// Publish message files to a RabbitMQ queue (one file, one message).
+    #[command(after_help = PUBLISH_HELP)]
+    Publish(PublishArgs),
+}
+
+const PUBLISH_HELP: &str = "\
+Each MESSAGE_FILE is sent as one persistent message (content-type application/json, header
+x-iomt-sent-at = now in epoch ms), with publisher confirms; the queue is declared (durable) first.
+Exit status 1 if the broker refuses any message.
+
+Example:
+  iomt-connector publish --queue iomt.devices mappings/messages/*.json";
+
+#[derive(Args)]
+struct PublishArgs {
+    /// Broker URL.
+    #[arg(long, env = "IOMT_BROKER__URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    url: String,
+    /// Queue to publish to.
+    #[arg(long, env = "IOMT_BROKER__QUEUE", default_value = "iomt.devices")]
+    queue: String,
+    #[arg(value_name = "MESSAGE_FILE", required = true)]
+    messages: Vec<PathBuf>,
 }
 
 const RUN_HELP: &str = "\
@@ -153,6 +177,7 @@ fn main() -> ExitCode {
         Command::Transform(a) => transform_cmd(a),
         Command::Validate(a) => validate(a),
         Command::Run(a) => run(a),
+        Command::Publish(a) => publish(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -219,6 +244,33 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
     init_logging(&settings.log);
     iomt_connector::pipeline::run(settings, a.dry_run).map_err(|e| Failure(1, format!("error: {e}")))
+}
+
+fn publish(a: PublishArgs) -> Result<(), Failure> {
+    let mut bodies = Vec::new();
+    for p in &a.messages {
+        bodies.push(std::fs::read(p).map_err(|e| Failure(2, format!("error: cannot read {}: {e}", p.display())))?);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure(2, format!("error: {e}")))?;
+    rt.block_on(async {
+        let fail = |e: lapin::Error| Failure(1, format!("error: broker {}: {e}", a.url));
+        let mut p = Publisher::connect(&a.url, &a.queue, 256).await.map_err(fail)?;
+        for b in &bodies {
+            p.send(b).await.map_err(fail)?;
+        }
+        p.flush().await.map_err(fail)?;
+        println!(
+            "published {} message(s) to {}: {} confirmed, {} refused",
+            bodies.len(),
+            a.queue,
+            p.confirmed,
+            p.refused
+        );
+        if p.refused > 0 { Err(Failure(1, "error: the broker refused some messages".into())) } else { Ok(()) }
+    })
 }
 
 fn init_logging(log: &iomt_connector::config::Log) {

@@ -256,6 +256,7 @@ async fn create_mode_makes_one_patient_and_one_device_with_two_instances() {
     // Prefetch 1 and no batching spreads each device's first messages over both instances.
     let mut setup = Setup::new(&queue, "Create", &system);
     setup.extra.push(("IOMT_BROKER__PREFETCH", "1".into()));
+    setup.extra.push(("IOMT_PIPELINE__FLUSH_INTERVAL_MS", "20".into()));
     let a = Connector::start(&setup).await;
     let b = Connector::start(&setup).await;
     let devices = 20;
@@ -282,6 +283,13 @@ async fn create_mode_makes_one_patient_and_one_device_with_two_instances() {
         let devs = fhir.search(&format!("Device?identifier={}", urlencode(&ident))).await;
         assert_eq!(devs.len(), 1, "one Device for device {d}");
         assert_eq!(devs[0]["patient"]["reference"], json!(format!("Patient/{}", patient_id(&run, d))));
+        // Both instances wrote readings into the same hourly window: none may be lost to the race
+        // of creating it.
+        let obs = fhir.search(&format!("Observation?subject=Patient/{}", patient_id(&run, d))).await;
+        let hr_obs: Vec<&Value> = obs.iter().filter(|o| loinc(o) == "8867-4").collect();
+        assert_eq!(hr_obs.len(), 1, "device {d}");
+        let want: BTreeMap<usize, String> = (0..5).map(|i| (i, hr(d, i).to_string())).collect();
+        assert_eq!(decode(&hr_obs[0]["valueSampledData"]), want, "device {d}: every reading of both instances");
     }
     services::delete_queue(&ch, &queue).await;
 }

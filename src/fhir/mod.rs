@@ -193,6 +193,18 @@ impl FhirClient {
         Ok(Some(Versioned { version, resource: r.body }))
     }
 
+    /// The version before the current one (`GET {type}/{id}/_history?_count=2`, newest first),
+    /// whatever form the server's version ids take.
+    pub async fn previous_version(&self, resource_type: &str, id: &str) -> Result<Option<Versioned>, FhirError> {
+        let r = self.request(Method::GET, &format!("{resource_type}/{id}/_history?_count=2"), None, None).await?;
+        let entries = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
+        Ok(entries
+            .get(1)
+            .and_then(|e| e.get("resource"))
+            .filter(|r| r.get("resourceType").is_some())
+            .map(|resource| Versioned { version: version_of(resource), resource: resource.clone() }))
+    }
+
     /// `GET {type}?{query}`: the resources of the first page.
     pub async fn search(&self, resource_type: &str, query: &[(&str, &str)]) -> Result<Vec<Value>, FhirError> {
         let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();

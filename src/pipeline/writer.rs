@@ -46,7 +46,15 @@ impl Message for WriteBatch {
 /// Observations this writer last read or wrote, by id (`None`: the server has none).
 #[derive(Default)]
 struct Stored {
-    map: HashMap<String, Option<(Option<String>, Observation)>>,
+    map: HashMap<String, Option<Known>>,
+}
+
+struct Known {
+    version: Option<String>,
+    obs: Observation,
+    /// The server's current content is not `obs` (see `recover_overwritten`): write even when a
+    /// merge changes nothing.
+    stale: bool,
 }
 
 /// Entries kept before the cache starts over (a miss costs one read).
@@ -190,7 +198,7 @@ impl Work {
                 }
                 Ok(Some(v)) => match serde_json::from_value::<Observation>(v.resource) {
                     Ok(obs) => {
-                        stored.map.insert(id, Some((v.version, obs)));
+                        stored.map.insert(id, Some(Known { version: v.version, obs, stale: false }));
                     }
                     Err(e) => {
                         let msg = format!(
@@ -234,11 +242,11 @@ impl Work {
                 continue;
             };
             let id = observation::identifier(&item.pending.group, &item.identity).1;
-            let (existing, version) = match by_id.get(&id) {
-                Some(&w) => (Some(&writes[w].obs), writes[w].if_match.clone()),
+            let (existing, version, stale) = match by_id.get(&id) {
+                Some(&w) => (Some(&writes[w].obs), writes[w].if_match.clone(), false),
                 None => match stored.map.get(&id) {
-                    Some(Some((v, o))) => (Some(o), v.clone()),
-                    _ => (None, None),
+                    Some(Some(k)) => (Some(&k.obs), k.version.clone(), k.stale),
+                    _ => (None, None, false),
                 },
             };
             match observation::build_or_merge(template, &item.pending.group, &item.identity, existing, now) {
@@ -252,6 +260,16 @@ impl Work {
                         writes.push(Write { id, obs, if_match: version, items: vec![item] });
                     }
                 },
+                Ok(Outcome::Unchanged) if stale => {
+                    let obs = existing.cloned().map(|mut o| {
+                        o.status = "amended".into();
+                        o
+                    });
+                    if let Some(obs) = obs {
+                        by_id.insert(id.clone(), writes.len());
+                        writes.push(Write { id, obs, if_match: version, items: vec![item] });
+                    }
+                }
                 Ok(Outcome::Unchanged) => metrics::get().observations.with_label_values(&["unchanged"]).inc(),
                 Err(e) => item.pending.fail(e.kind(), &e.to_string()),
             }
@@ -272,7 +290,7 @@ impl Work {
                     "created"
                 };
                 metrics::get().observations.with_label_values(&[outcome]).inc();
-                stored.map.insert(w.id, Some((Some("0".into()), w.obs)));
+                stored.map.insert(w.id, Some(Known { version: Some("0".into()), obs: w.obs, stale: false }));
             }
             return Vec::new();
         };
@@ -306,10 +324,19 @@ impl Work {
         let mut conflicts = Vec::new();
         for (w, r) in writes.into_iter().zip(results) {
             match r {
+                // A create that the server answers as an update: another writer created this window
+                // between our read and our write, and we replaced its version. Merge that version
+                // back in before anything is acked.
+                Ok(PutResult { status: 200, version: Some(v), .. }) if w.if_match.is_none() => {
+                    match self.recover_overwritten(stored, &w, &v).await {
+                        Ok(()) => conflicts.push(w),
+                        Err(e) => w.fail(fhir_kind(&e), &e.to_string()),
+                    }
+                }
                 Ok(PutResult { status: 200 | 201, version, .. }) => {
                     let outcome = if w.if_match.is_some() { "updated" } else { "created" };
                     metrics::get().observations.with_label_values(&[outcome]).inc();
-                    stored.map.insert(w.id, Some((version, w.obs)));
+                    stored.map.insert(w.id, Some(Known { version, obs: w.obs, stale: false }));
                 }
                 Ok(PutResult { status: 409 | 412, .. }) => {
                     stored.map.remove(&w.id);
@@ -328,6 +355,30 @@ impl Work {
             }
         }
         conflicts
+    }
+
+    /// After overwriting another writer's fresh version: take that version's content as the base,
+    /// with the current version number and marked stale (the server holds only this write), so
+    /// the conflict round merges this write's groups into it and writes the union with `If-Match`.
+    async fn recover_overwritten(&self, stored: &mut Stored, w: &Write, current: &str) -> Result<(), FhirError> {
+        let Some(client) = &self.client else { return Ok(()) };
+        match client
+            .previous_version("Observation", &w.id)
+            .await?
+            .map(|v| serde_json::from_value::<Observation>(v.resource))
+        {
+            Some(Ok(obs)) => {
+                stored.map.insert(w.id.clone(), Some(Known { version: Some(current.to_string()), obs, stale: true }));
+            }
+            // No readable previous version: nothing was overwritten after all.
+            _ => {
+                stored.map.insert(
+                    w.id.clone(),
+                    Some(Known { version: Some(current.to_string()), obs: w.obs.clone(), stale: false }),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Someone wrote the window's Observation since it was read: read it again, merge again, write

@@ -150,6 +150,77 @@ pub async fn dead_letter(channel: &Channel, b: &Broker, s: &Settle, failure: &Fa
     Ok(())
 }
 
+/// A publisher with confirms, keeping many messages in flight (the simulator and `publish`).
+pub struct Publisher {
+    _conn: lapin::Connection,
+    channel: Channel,
+    queue: String,
+    in_flight: std::collections::VecDeque<lapin::PublisherConfirm>,
+    max_in_flight: usize,
+    pub confirmed: u64,
+    pub refused: u64,
+}
+
+impl Publisher {
+    /// Connects and declares `queue` (durable) so that nothing published before a consumer exists
+    /// is lost.
+    pub async fn connect(url: &str, queue: &str, max_in_flight: usize) -> lapin::Result<Publisher> {
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(queue.into(), durable, FieldTable::default()).await?;
+        Ok(Publisher {
+            _conn: conn,
+            channel,
+            queue: queue.to_string(),
+            in_flight: Default::default(),
+            max_in_flight: max_in_flight.max(1),
+            confirmed: 0,
+            refused: 0,
+        })
+    }
+
+    /// Publishes a persistent message stamped with its send time (`x-iomt-sent-at`).
+    pub async fn send(&mut self, body: &[u8]) -> lapin::Result<()> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default();
+        let mut h = FieldTable::default();
+        h.insert(SENT_AT_HEADER.into(), AMQPValue::LongLongInt(now));
+        let props = BasicProperties::default()
+            .with_headers(h)
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        let confirm = self
+            .channel
+            .basic_publish("".into(), self.queue.as_str().into(), BasicPublishOptions::default(), body, props)
+            .await?;
+        self.in_flight.push_back(confirm);
+        while self.in_flight.len() >= self.max_in_flight {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> lapin::Result<()> {
+        if let Some(c) = self.in_flight.pop_front() {
+            if c.await?.is_ack() {
+                self.confirmed += 1;
+            } else {
+                self.refused += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every confirm.
+    pub async fn flush(&mut self) -> lapin::Result<()> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
