@@ -6,6 +6,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod simulate;
 pub mod source;
 pub mod template;
 pub mod transform;

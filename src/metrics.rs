@@ -46,7 +46,10 @@ pub fn get() -> &'static Metrics {
                 "iomt_end_to_end_latency_seconds",
                 "From the message's send time (x-iomt-sent-at header or AMQP timestamp; else its arrival) to its ack",
             )
-            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0]),
+            .buckets(vec![
+                0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 10.0,
+                30.0, 60.0,
+            ]),
         )
         .unwrap_or_else(|e| panic!("latency histogram: {e}"));
         r.register(Box::new(latency.clone())).unwrap_or_else(|e| panic!("latency histogram: {e}"));

@@ -81,6 +81,7 @@ pub struct FhirClient {
     base: String,
     token: TokenSource,
     backoff: ExponentialBuilder,
+    max_backoff: Duration,
 }
 
 impl FhirClient {
@@ -100,6 +101,7 @@ impl FhirClient {
             http,
             base: s.base_url.trim_end_matches('/').to_string(),
             backoff,
+            max_backoff: Duration::from_millis(s.max_backoff_ms),
         })
     }
 
@@ -120,10 +122,13 @@ impl FhirClient {
             .retry(self.backoff)
             .sleep(tokio::time::sleep)
             .when(FhirError::retryable)
-            .adjust(|e, d| e.retry_after().or(d))
-            .notify(
-                |e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "FHIR request will be retried"),
-            )
+            // Retry-After replaces the next delay while retries remain, capped like any backoff.
+            .adjust(|e, d| d.map(|d| e.retry_after().map_or(d, |r| r.min(self.max_backoff))))
+            // The path can hold device or patient identifiers: log the method and status only.
+            .notify(|e, d| {
+                let status = e.status().map_or_else(|| "network error".to_string(), |s| format!("HTTP {s}"));
+                tracing::warn!(method = %method_name(&method), %status, retry_in_ms = d.as_millis() as u64, "FHIR request will be retried")
+            })
             .await
     }
 
@@ -193,16 +198,75 @@ impl FhirClient {
         Ok(Some(Versioned { version, resource: r.body }))
     }
 
-    /// The version before the current one (`GET {type}/{id}/_history?_count=2`, newest first),
-    /// whatever form the server's version ids take.
-    pub async fn previous_version(&self, resource_type: &str, id: &str) -> Result<Option<Versioned>, FhirError> {
-        let r = self.request(Method::GET, &format!("{resource_type}/{id}/_history?_count=2"), None, None).await?;
+    /// Several reads in one `batch` Bundle of GETs; one answer per id, in order (`None`: no such
+    /// resource). Entries the server answered with 429 or 5xx are read again on their own.
+    pub async fn read_many(
+        &self,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<Result<Option<Versioned>, FhirError>>, FhirError> {
+        match ids.len() {
+            0 => return Ok(Vec::new()),
+            1 => return Ok(vec![self.read(resource_type, &ids[0]).await]),
+            _ => {}
+        }
+        let entries: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({"request": {"method": "GET", "url": format!("{resource_type}/{id}")}}))
+            .collect();
+        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+        let r = self.request(Method::POST, "", Some(&bundle), None).await?;
+        let answers = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
+        if answers.len() != ids.len() {
+            return Err(FhirError::Decode {
+                method: "POST",
+                path: "(batch)".into(),
+                message: format!("{} entries answered for {} reads", answers.len(), ids.len()),
+            });
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, mut a) in ids.iter().zip(answers) {
+            let status = a
+                .pointer("/response/status")
+                .and_then(Value::as_str)
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0u16);
+            let etag = a.pointer("/response/etag").and_then(Value::as_str).map(parse_etag);
+            out.push(match status {
+                200 => {
+                    let resource = a.get_mut("resource").map(Value::take).unwrap_or(Value::Null);
+                    Ok(Some(Versioned { version: etag.or_else(|| version_of(&resource)), resource }))
+                }
+                404 | 410 => Ok(None),
+                s if s == 429 || s >= 500 || s == 0 => self.read(resource_type, id).await,
+                s => Err(FhirError::Status {
+                    method: "GET",
+                    path: format!("{resource_type}/{id}"),
+                    status: s,
+                    outcome: a.pointer("/response/outcome").map(outcome_text).unwrap_or_default(),
+                    retry_after: None,
+                }),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The version written just before `version` (from `GET {type}/{id}/_history`, newest first),
+    /// whatever form the server's version ids take. `None` when the history does not show it.
+    pub async fn version_before(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: &str,
+    ) -> Result<Option<Versioned>, FhirError> {
+        let r = self.request(Method::GET, &format!("{resource_type}/{id}/_history?_count=50"), None, None).await?;
         let entries = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
-        Ok(entries
-            .get(1)
-            .and_then(|e| e.get("resource"))
-            .filter(|r| r.get("resourceType").is_some())
-            .map(|resource| Versioned { version: version_of(resource), resource: resource.clone() }))
+        let resources: Vec<&Value> =
+            entries.iter().filter_map(|e| e.get("resource")).filter(|r| r.get("resourceType").is_some()).collect();
+        let ours = resources.iter().position(|r| version_of(r).as_deref() == Some(version));
+        Ok(ours
+            .and_then(|i| resources.get(i + 1))
+            .map(|r| Versioned { version: version_of(r), resource: (*r).clone() }))
     }
 
     /// `GET {type}?{query}`: the resources of the first page.

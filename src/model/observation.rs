@@ -1,8 +1,9 @@
 //! Observations: built from a group with its FHIR template, and merged into the Observation already
 //! stored for the same window.
 
-use super::group::Group;
+use super::group::{Group, GroupKey};
 use super::ids::{self, SERVICE_SYSTEM};
+use super::measurement::{Measurement, Property};
 use super::sampled;
 use super::time;
 use crate::template::fhir::{Code, CodeValueTemplate, ValueKind, ValueTemplate};
@@ -306,6 +307,58 @@ pub fn build_or_merge(
     Ok(Outcome::Update(merged))
 }
 
+/// The readings an Observation holds, as a group with `key`: SampledData decoded to its slot
+/// times, single values at the period start. Lets an Observation another writer wrote be merged
+/// like any group.
+pub fn as_group(obs: &Observation, template: &CodeValueTemplate, key: GroupKey) -> Group {
+    let start = obs.effective_period.as_ref().and_then(|p| p.start.as_deref()).and_then(time::parse);
+    let mut by_time: std::collections::BTreeMap<DateTime<Utc>, Vec<Property>> = Default::default();
+    if let Some(start) = start {
+        for v in template.value_templates() {
+            let stored = if template.value.as_ref() == Some(v) {
+                Some(&obs.value)
+            } else {
+                obs.component.iter().find(|c| is_component_for(c, &v.value_name)).map(|c| &c.value)
+            };
+            let Some(stored) = stored else { continue };
+            let readings: Vec<(DateTime<Utc>, String)> = match (&v.kind, stored) {
+                (ValueKind::SampledData { .. }, ObservationValue { value_sampled_data: Some(sd), .. }) => {
+                    sampled::decode(sd.data.as_deref().unwrap_or(""), start, sd.period.as_f64().unwrap_or(0.0))
+                }
+                (
+                    ValueKind::Quantity { .. },
+                    ObservationValue { value_quantity: Some(Quantity { value: Some(n), .. }), .. },
+                ) => {
+                    vec![(start, n.to_string())]
+                }
+                (ValueKind::String, ObservationValue { value_string: Some(s), .. }) => vec![(start, s.clone())],
+                (ValueKind::CodeableConcept { .. }, ObservationValue { value_codeable_concept: Some(_), .. }) => {
+                    vec![(start, "true".into())]
+                }
+                _ => Vec::new(),
+            };
+            let name: std::sync::Arc<str> = v.value_name.as_str().into();
+            for (t, value) in readings {
+                by_time.entry(t).or_default().push(Property { name: name.clone(), value });
+            }
+        }
+    }
+    let mut group = Group::new(key);
+    for (t, properties) in by_time {
+        group.insert(Measurement {
+            type_name: group.key.type_name.clone(),
+            occurrence_time: t,
+            ingestion_time: None,
+            device_id: group.key.device_id.clone(),
+            patient_id: group.key.patient_id.clone(),
+            encounter_id: group.key.encounter_id.clone(),
+            correlation_id: group.key.correlation_id.clone(),
+            properties,
+        });
+    }
+    group
+}
+
 fn is_component_for(c: &ObservationComponent, value_name: &str) -> bool {
     c.code
         .coding
@@ -417,4 +470,53 @@ fn categories(t: &CodeValueTemplate) -> Vec<CodeableConcept> {
 
 fn reference(kind: &str, id: &str) -> Reference {
     Reference { reference: Some(format!("{kind}/{id}")), extra: Map::new() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::group::Grouper;
+    use crate::template::fhir::FhirMapping;
+
+    #[test]
+    fn an_observation_reads_back_as_the_group_it_came_from() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mappings/fhirmapping.json"))
+            .unwrap_or_default();
+        let fhir = FhirMapping::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        let at = |s: &str| time::parse(s).unwrap_or_default();
+        let m = |t: &str, ty: &str, props: &[(&str, &str)]| Measurement {
+            type_name: ty.into(),
+            occurrence_time: at(t),
+            ingestion_time: None,
+            device_id: "d".into(),
+            patient_id: Some("p".into()),
+            encounter_id: None,
+            correlation_id: None,
+            properties: props.iter().map(|(n, v)| Property { name: (*n).into(), value: (*v).into() }).collect(),
+        };
+        let mut g = Grouper::default();
+        for r in [
+            m("2026-01-01T10:00:01Z", "heartrate", &[("hr", "70")]),
+            m("2026-01-01T10:00:03Z", "heartrate", &[("hr", "72")]),
+            m("2026-01-01T10:00:05Z", "bloodpressure", &[("systolic", "120"), ("diastolic", "80")]),
+        ] {
+            g.add(&fhir, r).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let id = Identity { patient_id: "p".into(), device_id: "d".into(), encounter_id: None };
+        for group in g.into_groups() {
+            let t = fhir.template(&group.key.type_name).unwrap_or_else(|| panic!("template"));
+            let obs = build(t, &group, &id, Utc::now()).unwrap_or_else(|e| panic!("{e}"));
+            let back = as_group(&obs, t, group.key.clone());
+            let flat = |g: &Group| {
+                let mut v: Vec<(DateTime<Utc>, String, String)> = g
+                    .readings
+                    .iter()
+                    .flat_map(|(t, m)| m.properties.iter().map(|p| (*t, p.name.to_string(), p.value.clone())))
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(flat(&back), flat(&group), "{}", group.key.type_name);
+        }
+    }
 }

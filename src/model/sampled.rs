@@ -47,11 +47,19 @@ pub fn build<'a>(
 /// Reads a data string back into timed readings (slot start times); empty and error markers
 /// (E, U, L) are skipped.
 pub fn decode(data: &str, start: DateTime<Utc>, period_ms: f64) -> Vec<(DateTime<Utc>, String)> {
+    // A stored period that is not a positive number of ms (a foreign or corrupt resource) yields
+    // nothing rather than a nonsense timeline.
+    if !(period_ms.is_finite() && period_ms > 0.0 && period_ms < 1e12) {
+        return Vec::new();
+    }
     let period = TimeDelta::nanoseconds((period_ms * 1_000_000.0) as i64);
     data.split_whitespace()
         .enumerate()
         .filter(|(_, v)| !matches!(*v, "E" | "U" | "L"))
-        .filter_map(|(i, v)| Some((start + period.checked_mul(i as i32)?, v.to_string())))
+        .filter_map(|(i, v)| {
+            let offset = period.checked_mul(i32::try_from(i).ok()?)?;
+            Some((start.checked_add_signed(offset)?, v.to_string()))
+        })
         .collect()
 }
 

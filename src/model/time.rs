@@ -9,6 +9,12 @@ pub const TICK: TimeDelta = TimeDelta::nanoseconds(100);
 /// Parses a device timestamp. Offsets are converted to UTC; a timestamp without an offset is taken
 /// as UTC (as the MedTech docs state).
 pub fn parse(s: &str) -> Option<DateTime<Utc>> {
+    use chrono::Datelike;
+    // Years 1-9999, the reference's range: window arithmetic (a day past the end) cannot overflow.
+    parse_any(s).filter(|t| (1..=9999).contains(&t.year()))
+}
+
+fn parse_any(s: &str) -> Option<DateTime<Utc>> {
     let s = s.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
@@ -61,6 +67,7 @@ mod tests {
         assert!(parse("2019-02-01").is_some());
         assert!(parse("yesterday").is_none());
         assert!(parse("1625677200").is_none());
+        assert!(parse("+262143-12-31T23:30:00").is_none(), "outside years 1-9999");
     }
 
     #[test]

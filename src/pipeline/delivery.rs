@@ -59,6 +59,13 @@ impl Drop for DeliveryGuard {
     fn drop(&mut self) {
         if let Some(mut s) = self.settle.take() {
             s.failure = self.failure.lock().ok().and_then(|mut f| f.take());
+            if s.failure.is_none() && std::thread::panicking() {
+                // Dropped while unwinding: whatever held it did not finish. Never ack that.
+                s.failure = Some(Failure {
+                    kind: "internal",
+                    message: "processing was interrupted by an internal error".into(),
+                });
+            }
             // The settler outlives every guard during a run; if it is gone the process is ending
             // and the broker redelivers the unacked message.
             let _ = self.to_settler.send(s);

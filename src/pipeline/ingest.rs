@@ -250,14 +250,14 @@ pub async fn settler(
             } else {
                 acker.ack(BasicAckOptions::default()).await
             };
-            if let Err(e) = done {
+            match done {
+                Ok(true) if !requeue => m.messages_acked.inc(),
+                Ok(_) if requeue => {}
                 // The channel is gone: the broker redelivers the message, and the deterministic
                 // ids plus the merge make the redelivery converge.
-                tracing::debug!(error = %e, "ack failed; the broker will redeliver");
+                Ok(_) => tracing::debug!("ack not sent (channel closed); the broker will redeliver"),
+                Err(e) => tracing::debug!(error = %e, "ack failed; the broker will redeliver"),
             }
-        }
-        if !requeue {
-            m.messages_acked.inc();
         }
         m.unacked.dec();
         let since =

@@ -17,9 +17,11 @@ use crate::model::group::Group;
 use crate::model::observation::{self, Identity, Observation, Outcome};
 use crate::template::fhir::{CodeValueTemplate, FhirMapping};
 use actix::prelude::*;
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A group and the deliveries it came from.
 pub struct PendingGroup {
@@ -49,16 +51,32 @@ struct Stored {
     map: HashMap<String, Option<Known>>,
 }
 
+impl Stored {
+    fn trim(&mut self) {
+        let bytes: usize = self.map.values().flatten().map(Known::size).sum();
+        if bytes > CACHE_BYTES {
+            self.map.clear();
+        }
+    }
+}
+
 struct Known {
     version: Option<String>,
     obs: Observation,
-    /// The server's current content is not `obs` (see `recover_overwritten`): write even when a
-    /// merge changes nothing.
-    stale: bool,
 }
 
-/// Entries kept before the cache starts over (a miss costs one read).
-const CACHE_MAX: usize = 50_000;
+impl Known {
+    /// About what the entry holds: the SampledData strings dominate.
+    fn size(&self) -> usize {
+        let data = |v: &observation::ObservationValue| {
+            v.value_sampled_data.as_ref().and_then(|s| s.data.as_ref()).map_or(0, String::len)
+        };
+        1024 + data(&self.obs.value) + self.obs.component.iter().map(|c| data(&c.value)).sum::<usize>()
+    }
+}
+
+/// Bytes of Observations kept before the cache starts over (a miss costs one read).
+const CACHE_BYTES: usize = 64 << 20;
 /// Re-read-and-merge rounds after a 409/412 before the group fails.
 const CONFLICT_ROUNDS: usize = 3;
 
@@ -68,9 +86,16 @@ pub struct FhirWriter {
     mapping: Arc<FhirMapping>,
     identity: Counted<IdentityCache>,
     batch: bool,
-    stored: Stored,
+    /// Taken by the batch being written (batches are written one at a time).
+    stored: Option<Stored>,
+    /// Groups received since the last write: the shards' flushes of one tick become one write.
+    pending: Vec<PendingGroup>,
+    scheduled: bool,
     stats: Arc<ActorStats>,
 }
+
+/// How long a writer gathers the shards' flushes before writing them as one batch.
+const GATHER: Duration = Duration::from_millis(20);
 
 impl FhirWriter {
     pub fn new(
@@ -80,7 +105,64 @@ impl FhirWriter {
         batch: bool,
         stats: Arc<ActorStats>,
     ) -> Self {
-        FhirWriter { client, mapping, identity, batch, stored: Stored::default(), stats }
+        FhirWriter {
+            client,
+            mapping,
+            identity,
+            batch,
+            stored: Some(Stored::default()),
+            pending: Vec::new(),
+            scheduled: false,
+            stats,
+        }
+    }
+
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        if !self.scheduled && !self.pending.is_empty() {
+            self.scheduled = true;
+            ctx.run_later(GATHER, |act, ctx| act.write_pending(ctx));
+        }
+    }
+
+    /// Writes what has gathered; the actor takes no other message until it is written (`wait`),
+    /// so a device's writes stay in order.
+    fn write_pending(&mut self, ctx: &mut Context<Self>) {
+        self.scheduled = false;
+        let groups = std::mem::take(&mut self.pending);
+        let Some(mut stored) = self.stored.take() else { return };
+        let work = Work {
+            client: self.client.clone(),
+            mapping: self.mapping.clone(),
+            identity: self.identity.clone(),
+            batch: self.batch,
+        };
+        // Should anything in the batch panic, its messages are dead-lettered, never acked.
+        let guards: Vec<Arc<DeliveryGuard>> = groups.iter().flat_map(|g| g.guards.iter().cloned()).collect();
+        let fut = async move {
+            let outcome = std::panic::AssertUnwindSafe(work.run(&mut stored, groups)).catch_unwind().await;
+            if outcome.is_err() {
+                tracing::error!(
+                    groups = guards.len(),
+                    "a write batch failed with an internal error; its messages are dead-lettered"
+                );
+                for g in &guards {
+                    g.fail(
+                        "internal",
+                        "the FHIR writer failed with an internal error while writing this message's data",
+                    );
+                }
+                stored = Stored::default();
+            }
+            drop(guards);
+            stored
+        };
+        ctx.wait(fut.into_actor(self).map(|mut stored, act, ctx| {
+            stored.trim();
+            act.stats.set_devices(stored.map.len());
+            act.stats.flushed();
+            act.stored = Some(stored);
+            act.schedule(ctx);
+        }));
     }
 }
 
@@ -89,30 +171,12 @@ impl Actor for FhirWriter {
 }
 
 impl Handler<WriteBatch> for FhirWriter {
-    type Result = AtomicResponse<Self, ()>;
+    type Result = ();
 
-    fn handle(&mut self, msg: WriteBatch, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: WriteBatch, ctx: &mut Context<Self>) {
         self.stats.received();
-        // Batches are handled one at a time (AtomicResponse), so the cache can travel with the work.
-        let mut stored = std::mem::take(&mut self.stored);
-        let work = Work {
-            client: self.client.clone(),
-            mapping: self.mapping.clone(),
-            identity: self.identity.clone(),
-            batch: self.batch,
-        };
-        let fut = async move {
-            work.run(&mut stored, msg.groups).await;
-            stored
-        };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|mut stored, act, _| {
-            if stored.map.len() > CACHE_MAX {
-                stored.map.clear();
-            }
-            act.stats.set_devices(stored.map.len());
-            act.stats.flushed();
-            act.stored = stored;
-        })))
+        self.pending.extend(msg.groups);
+        self.schedule(ctx);
     }
 }
 
@@ -132,6 +196,8 @@ struct Item {
 /// One Observation to write and the groups merged into it.
 struct Write {
     id: String,
+    /// An instant window: written once, rarely again, so not kept in the cache.
+    instant: bool,
     obs: Observation,
     if_match: Option<String>,
     items: Vec<Item>,
@@ -145,6 +211,10 @@ impl Write {
     }
 }
 
+fn is_instant(item: &Item) -> bool {
+    matches!(item.pending.group.key.window, crate::model::group::Window::Instant(_))
+}
+
 impl Work {
     fn template(&self, g: &Group) -> Option<&CodeValueTemplate> {
         self.mapping.template(&g.key.type_name)
@@ -156,6 +226,8 @@ impl Work {
         let writes = self.merge(stored, items);
         let conflicts = self.send(stored, writes).await;
         self.resolve_conflicts(stored, conflicts).await;
+        // "Not on the server" is only true for a moment: re-read next time rather than create blind.
+        stored.map.retain(|_, k| k.is_some());
     }
 
     async fn identities(&self, groups: Vec<PendingGroup>) -> Vec<Item> {
@@ -189,7 +261,14 @@ impl Work {
             .collect();
         ids.sort();
         ids.dedup();
-        let reads = join_all(ids.iter().map(|id| client.read("Observation", id))).await;
+        let reads = if self.batch {
+            match client.read_many("Observation", &ids).await {
+                Ok(r) => r,
+                Err(e) => ids.iter().map(|_| Err(e.clone())).collect(),
+            }
+        } else {
+            join_all(ids.iter().map(|id| client.read("Observation", id))).await
+        };
         let mut failed: HashMap<String, FhirError> = HashMap::new();
         for (id, r) in ids.into_iter().zip(reads) {
             match r {
@@ -198,7 +277,7 @@ impl Work {
                 }
                 Ok(Some(v)) => match serde_json::from_value::<Observation>(v.resource) {
                     Ok(obs) => {
-                        stored.map.insert(id, Some(Known { version: v.version, obs, stale: false }));
+                        stored.map.insert(id, Some(Known { version: v.version, obs }));
                     }
                     Err(e) => {
                         let msg = format!(
@@ -242,11 +321,11 @@ impl Work {
                 continue;
             };
             let id = observation::identifier(&item.pending.group, &item.identity).1;
-            let (existing, version, stale) = match by_id.get(&id) {
-                Some(&w) => (Some(&writes[w].obs), writes[w].if_match.clone(), false),
+            let (existing, version) = match by_id.get(&id) {
+                Some(&w) => (Some(&writes[w].obs), writes[w].if_match.clone()),
                 None => match stored.map.get(&id) {
-                    Some(Some(k)) => (Some(&k.obs), k.version.clone(), k.stale),
-                    _ => (None, None, false),
+                    Some(Some(k)) => (Some(&k.obs), k.version.clone()),
+                    _ => (None, None),
                 },
             };
             match observation::build_or_merge(template, &item.pending.group, &item.identity, existing, now) {
@@ -257,17 +336,20 @@ impl Work {
                     }
                     None => {
                         by_id.insert(id.clone(), writes.len());
-                        writes.push(Write { id, obs, if_match: version, items: vec![item] });
+                        writes.push(Write {
+                            id,
+                            instant: is_instant(&item),
+                            obs,
+                            if_match: version,
+                            items: vec![item],
+                        });
                     }
                 },
-                Ok(Outcome::Unchanged) if stale => {
-                    let obs = existing.cloned().map(|mut o| {
-                        o.status = "amended".into();
-                        o
-                    });
-                    if let Some(obs) = obs {
-                        by_id.insert(id.clone(), writes.len());
-                        writes.push(Write { id, obs, if_match: version, items: vec![item] });
+                // Nothing new on top of a write already in this batch: the group is persisted
+                // with that write, and acked only after it.
+                Ok(Outcome::Unchanged) if by_id.contains_key(&id) => {
+                    if let Some(&w) = by_id.get(&id) {
+                        writes[w].items.push(item);
                     }
                 }
                 Ok(Outcome::Unchanged) => metrics::get().observations.with_label_values(&["unchanged"]).inc(),
@@ -290,7 +372,11 @@ impl Work {
                     "created"
                 };
                 metrics::get().observations.with_label_values(&[outcome]).inc();
-                stored.map.insert(w.id, Some(Known { version: Some("0".into()), obs: w.obs, stale: false }));
+                if w.instant {
+                    stored.map.remove(&w.id);
+                } else {
+                    stored.map.insert(w.id, Some(Known { version: Some("0".into()), obs: w.obs }));
+                }
             }
             return Vec::new();
         };
@@ -328,15 +414,20 @@ impl Work {
                 // between our read and our write, and we replaced its version. Merge that version
                 // back in before anything is acked.
                 Ok(PutResult { status: 200, version: Some(v), .. }) if w.if_match.is_none() => {
-                    match self.recover_overwritten(stored, &w, &v).await {
+                    let mut w = w;
+                    match self.recover_overwritten(stored, &mut w, &v).await {
                         Ok(()) => conflicts.push(w),
-                        Err(e) => w.fail(fhir_kind(&e), &e.to_string()),
+                        Err(e) => w.fail("fhir-conflict", &e.to_string()),
                     }
                 }
                 Ok(PutResult { status: 200 | 201, version, .. }) => {
                     let outcome = if w.if_match.is_some() { "updated" } else { "created" };
                     metrics::get().observations.with_label_values(&[outcome]).inc();
-                    stored.map.insert(w.id, Some(Known { version, obs: w.obs, stale: false }));
+                    if w.instant {
+                        stored.map.remove(&w.id);
+                    } else {
+                        stored.map.insert(w.id, Some(Known { version, obs: w.obs }));
+                    }
                 }
                 Ok(PutResult { status: 409 | 412, .. }) => {
                     stored.map.remove(&w.id);
@@ -357,27 +448,28 @@ impl Work {
         conflicts
     }
 
-    /// After overwriting another writer's fresh version: take that version's content as the base,
-    /// with the current version number and marked stale (the server holds only this write), so
-    /// the conflict round merges this write's groups into it and writes the union with `If-Match`.
-    async fn recover_overwritten(&self, stored: &mut Stored, w: &Write, current: &str) -> Result<(), FhirError> {
+    /// After overwriting another writer's fresh version: that version's readings join this write
+    /// as one more group, so every conflict round merges them again until the union is written.
+    /// If the history cannot show what was overwritten, the write fails (and is dead-lettered)
+    /// rather than claim a success it cannot vouch for.
+    async fn recover_overwritten(&self, stored: &mut Stored, w: &mut Write, ours: &str) -> Result<(), FhirError> {
         let Some(client) = &self.client else { return Ok(()) };
-        match client
-            .previous_version("Observation", &w.id)
-            .await?
-            .map(|v| serde_json::from_value::<Observation>(v.resource))
-        {
-            Some(Ok(obs)) => {
-                stored.map.insert(w.id.clone(), Some(Known { version: Some(current.to_string()), obs, stale: true }));
-            }
-            // No readable previous version: nothing was overwritten after all.
-            _ => {
-                stored.map.insert(
-                    w.id.clone(),
-                    Some(Known { version: Some(current.to_string()), obs: w.obs.clone(), stale: false }),
-                );
-            }
-        }
+        stored.map.remove(&w.id);
+        let lost = || FhirError::Decode {
+            method: "GET",
+            path: "Observation/_history".into(),
+            message: format!(
+                "Observation/{} was created by another writer at the same time, and its history does not show the version this write replaced",
+                w.id
+            ),
+        };
+        let previous = client.version_before("Observation", &w.id, ours).await?.ok_or_else(lost)?;
+        let obs = serde_json::from_value::<Observation>(previous.resource).map_err(|_| lost())?;
+        let first = w.items.first().ok_or_else(lost)?;
+        let template = self.template(&first.pending.group).ok_or_else(lost)?;
+        let group = observation::as_group(&obs, template, first.pending.group.key.clone());
+        let identity = first.identity.clone();
+        w.items.push(Item { pending: PendingGroup { group, guards: Vec::new() }, identity });
         Ok(())
     }
 

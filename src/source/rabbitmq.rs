@@ -45,7 +45,7 @@ pub fn envelope(
     put("user-id", props.user_id());
     put("app-id", props.app_id());
     if let Some(ts) = props.timestamp()
-        && let Some(t) = chrono::DateTime::from_timestamp(*ts as i64, 0)
+        && let Some(t) = i64::try_from(*ts).ok().and_then(|s| chrono::DateTime::from_timestamp(s, 0))
     {
         system.insert("timestamp".into(), Value::String(crate::model::time::millis(t)));
     }
@@ -75,9 +75,10 @@ fn amqp_json(v: &AMQPValue) -> Value {
         AMQPValue::ShortString(s) => json!(s.as_str()),
         AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_json).collect()),
-        AMQPValue::Timestamp(t) => {
-            chrono::DateTime::from_timestamp(*t as i64, 0).map_or(Value::Null, |t| json!(crate::model::time::millis(t)))
-        }
+        AMQPValue::Timestamp(t) => i64::try_from(*t)
+            .ok()
+            .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+            .map_or(Value::Null, |t| json!(crate::model::time::millis(t))),
         AMQPValue::FieldTable(t) => table_json(t),
         AMQPValue::ByteArray(_) | AMQPValue::Void => Value::Null,
     }
@@ -96,8 +97,8 @@ pub fn sent_at(props: &BasicProperties) -> Option<SystemTime> {
         _ => None,
     });
     match header {
-        Some(ms) => Some(UNIX_EPOCH + Duration::from_millis(ms)),
-        None => props.timestamp().map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+        Some(ms) => UNIX_EPOCH.checked_add(Duration::from_millis(ms)),
+        None => props.timestamp().and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s))),
     }
 }
 
@@ -241,6 +242,9 @@ mod tests {
         assert_eq!(e["SystemProperties"]["routing-key"], "rk");
         assert_eq!(sent_at(&props), Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)));
         assert!(envelope(b"{not json", &props, "", "", false).is_err());
+        let absurd = BasicProperties::default().with_timestamp(u64::MAX);
+        assert_eq!(sent_at(&absurd), None);
+        assert!(envelope(b"{}", &absurd, "", "", false).is_ok());
         assert_eq!(envelope(b"", &props, "", "", false).map(|e| e["Body"].clone()), Ok(Value::Null));
     }
 }

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# End-to-end benchmark on this machine, against the real RabbitMQ and FHIR server, printed as one
+# table (markdown). For the `vitals` profile (few devices, many readings) and `spot` (many devices,
+# one reading each):
+#   1. broker ceiling: the same messages consumed by a bare lapin consumer that only acks;
+#   2. the connector with --dry-run (normalize, group, build Observations, count; no FHIR);
+#   3. the connector end to end against the FHIR server;
+#   4. end to end at a steady rate below saturation: delay from send to persisted (p50/p99) and
+#      FHIR requests per 1,000 messages once warm;
+# and peak RSS with 100,000 distinct devices in the shards.
+#
+#   scripts/bench.sh            (after scripts/setup.sh; sizes via BENCH_N, BENCH_N_E2E, ...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${BENCH_N:-100000}              # messages for the ceiling and dry-run phases
+N_E2E=${BENCH_N_E2E:-20000}       # messages for the end-to-end phase (FHIR is the slow part)
+STEADY_SECS=${BENCH_STEADY_SECS:-40}
+MEM_DEVICES=${BENCH_MEM_DEVICES:-100000}
+RUN=bench-$(date +%s)
+
+scripts/setup.sh --no-build > /dev/null
+cargo build --release --quiet --bin iomt-connector --example ack_consumer
+BIN=target/release/iomt-connector
+ACK=target/release/examples/ack_consumer
+TICK=$(getconf CLK_TCK)
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+metric() { curl -fsS "http://$HTTP/metrics" | awk -v m="$1" '$1==m {print $2; f=1} END {if(!f) print 0}'; }
+metric_sum() { curl -fsS "http://$HTTP/metrics" | awk -v m="$1" 'index($1,m)==1 {s+=$2} END {print s+0}'; }
+cpu_secs() { awk -v t="$TICK" '{print ($14+$15)/t}' "/proc/$1/stat"; }
+peak_rss_mb() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$1/status"; }
+
+# Starts the connector on queue $1 with extra env; sets PID and HTTP.
+start() {
+    local queue=$1; shift
+    HTTP=127.0.0.1:$(port)
+    env IOMT_BROKER__QUEUE="$queue" IOMT_HTTP__LISTEN="$HTTP" IOMT_IDENTITY__DEVICE_IDENTIFIER_SYSTEM="urn:$RUN" \
+        IOMT_LOG__LEVEL=warn "$@" "$BIN" run $DRY > "/tmp/$queue.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 1 200); do
+        curl -fsS "http://$HTTP/health/ready" > /dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "connector did not start:"; cat "/tmp/$queue.log"; exit 1
+}
+
+stop() { kill -TERM "$PID"; wait "$PID" || true; }
+
+# Waits until $1 messages are acked; prints elapsed seconds since $2 (epoch ns).
+wait_acked() {
+    local want=$1 t0=$2
+    while true; do
+        local acked; acked=$(metric iomt_messages_acked_total)
+        [[ ${acked%.*} -ge $want ]] && break
+        sleep 0.05
+    done
+    echo "scale=3; ($(date +%s%N) - $t0) / 1000000000" | bc
+}
+
+# Percentile from the latency histogram (upper bound of the bucket that reaches it).
+percentile() {
+    curl -fsS "http://$HTTP/metrics" | awk -v p="$1" '
+        /^iomt_end_to_end_latency_seconds_bucket/ { match($0, /le="[^"]+"/); le=substr($0, RSTART+4, RLENGTH-5); n++; les[n]=le; cs[n]=$2 }
+        /^iomt_end_to_end_latency_seconds_count/ { total=$2 }
+        END { for (i=1;i<=n;i++) if (cs[i] >= p*total) { print les[i]; exit } }'
+}
+
+declare -A ROW
+phase() {   # profile devices
+    local profile=$1 devices=$2 q
+    echo "== $profile: $devices devices" >&2
+
+    q=$RUN.$profile.ceiling
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$N" --rate 0 --prefix "$RUN-c" > /dev/null
+    read -r _ secs ceiling < <($ACK "$q" "$N" 2000)
+    ROW[$profile,ceiling]=$ceiling
+
+    q=$RUN.$profile.dry
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$N" --rate 0 --prefix "$RUN-d" > /dev/null
+    DRY=--dry-run start "$q"
+    local t0 c0; t0=$(date +%s%N); c0=$(cpu_secs "$PID")
+    secs=$(wait_acked "$N" "$t0")
+    local c1; c1=$(cpu_secs "$PID")
+    ROW[$profile,dry]=$(echo "$N / $secs" | bc)
+    ROW[$profile,dry_cpu]=$(echo "scale=1; ($c1 - $c0) * 100000 / $N" | bc)
+    ROW[$profile,dry_rss]=$(peak_rss_mb "$PID")
+    stop
+
+    q=$RUN.$profile.e2e
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$N_E2E" --rate 0 --prefix "$RUN-e" > /dev/null
+    DRY= start "$q"
+    t0=$(date +%s%N); c0=$(cpu_secs "$PID")
+    secs=$(wait_acked "$N_E2E" "$t0")
+    c1=$(cpu_secs "$PID")
+    ROW[$profile,e2e]=$(echo "$N_E2E / $secs" | bc)
+    ROW[$profile,e2e_cpu]=$(echo "scale=1; ($c1 - $c0) * 100000 / $N_E2E" | bc)
+    ROW[$profile,e2e_req]=$(echo "scale=1; $(metric_sum iomt_fhir_requests_total) * 1000 / $N_E2E" | bc)
+    ROW[$profile,e2e_rss]=$(peak_rss_mb "$PID")
+    stop
+}
+
+steady() {  # profile devices rate
+    local profile=$1 devices=$2 rate=$3 q=$RUN.$1.steady
+    echo "== $profile steady: $devices devices at $rate msg/s for ${STEADY_SECS}s" >&2
+    DRY= start "$q"
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --rate "$rate" --duration 10 --prefix "$RUN-s" > /dev/null
+    local warm_req warm_acked; warm_req=$(metric_sum iomt_fhir_requests_total); warm_acked=$(metric iomt_messages_acked_total)
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --rate "$rate" --duration "$STEADY_SECS" --prefix "$RUN-s" > /dev/null
+    sleep 2
+    local req acked; req=$(metric_sum iomt_fhir_requests_total); acked=$(metric iomt_messages_acked_total)
+    ROW[$profile,steady]="$devices dev, $rate msg/s"
+    ROW[$profile,steady_req]=$(echo "scale=1; ($req - $warm_req) * 1000 / ($acked - $warm_acked)" | bc)
+    ROW[$profile,p50]=$(percentile 0.50)
+    ROW[$profile,p99]=$(percentile 0.99)
+    stop
+}
+
+phase vitals 100
+phase spot 20000
+steady vitals 100 200
+steady spot 2000 200
+
+echo "== memory: $MEM_DEVICES distinct devices (spot, dry-run)" >&2
+q=$RUN.mem
+$BIN simulate --queue "$q" --profile spot --devices "$MEM_DEVICES" --count "$MEM_DEVICES" --rate 0 --prefix "$RUN-m" > /dev/null
+DRY=--dry-run start "$q" IOMT_BROKER__PREFETCH=20000 IOMT_PIPELINE__FLUSH_MAX_MEASUREMENTS=50000
+t0=$(date +%s%N)
+wait_acked "$MEM_DEVICES" "$t0" > /dev/null
+MEM_RSS=$(peak_rss_mb "$PID")
+stop
+
+cat <<EOF
+
+Machine: $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/Mem:/ {print $2}') GiB; RabbitMQ $(rabbitmqctl version 2>/dev/null || echo '?') and the FHIR server on the same machine.
+Messages: ceiling and dry-run $N per profile; end to end $N_E2E; all pre-published, then consumed.
+
+| | vitals (100 devices) | spot (20,000 devices) |
+|---|---|---|
+| broker ceiling (bare consumer, ack only) | ${ROW[vitals,ceiling]} msg/s | ${ROW[spot,ceiling]} msg/s |
+| dry-run pipeline | ${ROW[vitals,dry]} msg/s ($(echo "scale=2; ${ROW[vitals,dry]} / ${ROW[vitals,ceiling]}" | bc)x ceiling) | ${ROW[spot,dry]} msg/s ($(echo "scale=2; ${ROW[spot,dry]} / ${ROW[spot,ceiling]}" | bc)x ceiling) |
+| dry-run CPU seconds per 100k messages | ${ROW[vitals,dry_cpu]} | ${ROW[spot,dry_cpu]} |
+| dry-run peak RSS | ${ROW[vitals,dry_rss]} MB | ${ROW[spot,dry_rss]} MB |
+| end to end (FHIR) | ${ROW[vitals,e2e]} msg/s ($(echo "scale=2; ${ROW[vitals,e2e]} / ${ROW[vitals,ceiling]}" | bc)x ceiling) | ${ROW[spot,e2e]} msg/s ($(echo "scale=2; ${ROW[spot,e2e]} / ${ROW[spot,ceiling]}" | bc)x ceiling) |
+| end to end: FHIR requests per 1,000 messages | ${ROW[vitals,e2e_req]} | ${ROW[spot,e2e_req]} |
+| end to end: CPU seconds per 100k messages | ${ROW[vitals,e2e_cpu]} | ${ROW[spot,e2e_cpu]} |
+| end to end: peak RSS | ${ROW[vitals,e2e_rss]} MB | ${ROW[spot,e2e_rss]} MB |
+| steady rate below saturation | ${ROW[vitals,steady]} | ${ROW[spot,steady]} |
+| steady: FHIR requests per 1,000 messages (warm) | ${ROW[vitals,steady_req]} | ${ROW[spot,steady_req]} |
+| steady: send-to-persisted delay p50 / p99 (histogram bucket) | ≤ ${ROW[vitals,p50]} s / ≤ ${ROW[vitals,p99]} s | ≤ ${ROW[spot,p50]} s / ≤ ${ROW[spot,p99]} s |
+
+Peak RSS with $MEM_DEVICES distinct devices (spot, dry-run, all in flight at once): $MEM_RSS MB.
+EOF
