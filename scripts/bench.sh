@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 N=${BENCH_N:-100000}              # messages for the ceiling and dry-run phases
 N_E2E=${BENCH_N_E2E:-20000}       # messages for the end-to-end phase (FHIR is the slow part)
+SPOT_E2E_DEVICES=${BENCH_SPOT_E2E_DEVICES:-2000}   # spot end to end: each new device costs 4 FHIR requests (Create identity)
 STEADY_SECS=${BENCH_STEADY_SECS:-40}
 MEM_DEVICES=${BENCH_MEM_DEVICES:-100000}
 RUN=bench-$(date +%s)
@@ -67,8 +68,8 @@ percentile() {
 }
 
 declare -A ROW
-phase() {   # profile devices
-    local profile=$1 devices=$2 q
+phase() {   # profile devices e2e_devices
+    local profile=$1 devices=$2 e2e_devices=$3 q
     echo "== $profile: $devices devices" >&2
 
     q=$RUN.$profile.ceiling
@@ -88,7 +89,7 @@ phase() {   # profile devices
     stop
 
     q=$RUN.$profile.e2e
-    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$N_E2E" --rate 0 --prefix "$RUN-e" > /dev/null
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$e2e_devices" --count "$N_E2E" --rate 0 --prefix "$RUN-e" > /dev/null
     DRY= start "$q"
     t0=$(date +%s%N); c0=$(cpu_secs "$PID")
     secs=$(wait_acked "$N_E2E" "$t0")
@@ -104,9 +105,11 @@ steady() {  # profile devices rate
     local profile=$1 devices=$2 rate=$3 q=$RUN.$1.steady
     echo "== $profile steady: $devices devices at $rate msg/s for ${STEADY_SECS}s" >&2
     DRY= start "$q"
-    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --rate "$rate" --duration 10 --prefix "$RUN-s" > /dev/null
+    # Warm-up: every device once (Create identity makes its Patient and Device), until written.
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$devices" --rate 0 --prefix "$RUN-s-$profile" > /dev/null
+    wait_acked "$devices" "$(date +%s%N)" > /dev/null
     local warm_req warm_acked; warm_req=$(metric_sum iomt_fhir_requests_total); warm_acked=$(metric iomt_messages_acked_total)
-    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --rate "$rate" --duration "$STEADY_SECS" --prefix "$RUN-s" > /dev/null
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --rate "$rate" --duration "$STEADY_SECS" --prefix "$RUN-s-$profile" > /dev/null
     sleep 2
     local req acked; req=$(metric_sum iomt_fhir_requests_total); acked=$(metric iomt_messages_acked_total)
     ROW[$profile,steady]="$devices dev, $rate msg/s"
@@ -116,8 +119,8 @@ steady() {  # profile devices rate
     stop
 }
 
-phase vitals 100
-phase spot 20000
+phase vitals 100 100
+phase spot 20000 "$SPOT_E2E_DEVICES"
 steady vitals 100 200
 steady spot 2000 200
 
@@ -133,9 +136,10 @@ stop
 cat <<EOF
 
 Machine: $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/Mem:/ {print $2}') GiB; RabbitMQ $(rabbitmqctl version 2>/dev/null || echo '?') and the FHIR server on the same machine.
-Messages: ceiling and dry-run $N per profile; end to end $N_E2E; all pre-published, then consumed.
+Messages: ceiling and dry-run $N per profile; end to end $N_E2E (spot over $SPOT_E2E_DEVICES devices, each new device first
+costing 4 FHIR requests for Create identity); all pre-published, then consumed. Steady: after every device was seen once.
 
-| | vitals (100 devices) | spot (20,000 devices) |
+| | vitals (100 devices) | spot (20,000 devices; end to end $SPOT_E2E_DEVICES) |
 |---|---|---|
 | broker ceiling (bare consumer, ack only) | ${ROW[vitals,ceiling]} msg/s | ${ROW[spot,ceiling]} msg/s |
 | dry-run pipeline | ${ROW[vitals,dry]} msg/s ($(echo "scale=2; ${ROW[vitals,dry]} / ${ROW[vitals,ceiling]}" | bc)x ceiling) | ${ROW[spot,dry]} msg/s ($(echo "scale=2; ${ROW[spot,dry]} / ${ROW[spot,ceiling]}" | bc)x ceiling) |

@@ -594,3 +594,65 @@ async fn health_actors_and_metrics_answer_as_documented() {
     }
     services::delete_queue(&ch, &queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnects_when_the_broker_drops_the_connection() {
+    services::require_fhir().await;
+    let run = services::unique("reconnect");
+    let system = format!("urn:iomt-test:{run}");
+    let queue = format!("{run}.q");
+    let conn = services::broker().await;
+    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
+    services::declare(&ch, &queue).await;
+    let mut setup = Setup::new(&queue, "Create", &system);
+    setup.extra.push(("IOMT_BROKER__RECONNECT_DELAY_SECS", "1".into()));
+    let c = Connector::start(&setup).await;
+    let first = bodies(&run, 2, 3, &[Vital::HeartRate]);
+    services::publish(&ch, &queue, &first).await;
+    c.wait_acked(first.len() as f64, Duration::from_secs(60)).await;
+
+    // What a broker restart looks like to the connector: the server closes its connection.
+    let list =
+        std::process::Command::new("rabbitmqctl").args(["-q", "list_connections", "pid", "client_properties"]).output();
+    let list = list.unwrap_or_else(|e| panic!("rabbitmqctl (needed to drop the connector's connection): {e}"));
+    let text = String::from_utf8_lossy(&list.stdout);
+    let name = text
+        .lines()
+        .find(|l| l.contains(&format!("iomt-connector {queue}")))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("the connector's connection is not listed:\n{text}"))
+        .to_string();
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &name, "test: broker going away"])
+        .status();
+    assert!(closed.map(|s| s.success()).unwrap_or(false), "rabbitmqctl close_connection");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut saw_down = false;
+    loop {
+        let (status, _) = c.get("/health/ready").await;
+        saw_down |= status == 503;
+        if saw_down && status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not reconnect (saw not-ready: {saw_down}); log:\n{}",
+            services::tail(&c.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And it consumes again.
+    let second = bodies(&run, 2, 6, &[Vital::HeartRate])[first.len()..].to_vec();
+    services::publish(&ch, &queue, &second).await;
+    c.wait_acked((first.len() + second.len()) as f64, Duration::from_secs(60)).await;
+    assert!(c.log().contains("broker connection lost; reconnecting"), "{}", c.log());
+    let fhir = Fhir::new();
+    for d in 0..2 {
+        let obs = fhir.search(&format!("Observation?subject=Patient/{}", patient_id(&run, d))).await;
+        let want: BTreeMap<usize, String> = (0..6).map(|i| (i, hr(d, i).to_string())).collect();
+        assert_eq!(obs.len(), 1);
+        assert_eq!(decode(&obs[0]["valueSampledData"]), want, "device {d}: readings before and after the reconnection");
+    }
+    services::delete_queue(&ch, &queue).await;
+}

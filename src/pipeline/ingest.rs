@@ -141,7 +141,10 @@ pub async fn run(
 async fn session(ingest: &Ingest, stop: &mut watch::Receiver<bool>, dl: &Arc<Mutex<Option<Channel>>>) -> Ended {
     let b = &ingest.settings.broker;
     let setup = async {
-        let conn = Connection::connect(&b.url, ConnectionProperties::default()).await?;
+        // Named, so an operator (or a test) can find this instance's connection in RabbitMQ.
+        let name = format!("iomt-connector {} pid {}", b.queue, std::process::id());
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let conn = Connection::connect(&b.url, props).await?;
         let channel = conn.create_channel().await?;
         let dl_channel = conn.create_channel().await?;
         dl_channel.confirm_select(ConfirmSelectOptions::default()).await?;
