@@ -57,6 +57,8 @@ pub struct Pipeline {
     pub flush_max_measurements: usize,
     /// FhirWriter actors; a device always maps to the same writer, so its writes stay in order.
     pub writers: usize,
+    /// Threads the shards and writers run on (round-robin); 0 runs them on the ingest thread.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -237,6 +239,9 @@ impl Settings {
         }
         if self.pipeline.writers == 0 || self.pipeline.writers > 1024 {
             return bad("pipeline.writers", format!("{} is outside 1..=1024", self.pipeline.writers));
+        }
+        if self.pipeline.threads > 256 {
+            return bad("pipeline.threads", format!("{} is more than 256", self.pipeline.threads));
         }
         if self.pipeline.flush_interval_ms == 0 {
             return bad("pipeline.flush_interval_ms", "must be at least 1".into());

@@ -21,6 +21,9 @@ pub struct Failure {
 /// What the settler needs to ack or dead-letter one delivery.
 pub struct Settle {
     pub acker: Option<Acker>,
+    /// The delivery tag and the broker session (channel) it belongs to: acks go out in tag order.
+    pub tag: u64,
+    pub session: u64,
     pub body: Vec<u8>,
     pub properties: BasicProperties,
     pub routing_key: String,

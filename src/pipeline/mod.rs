@@ -197,6 +197,14 @@ fn load_mappings(s: &Settings) -> Result<(DeviceMapping, FhirMapping), RunError>
     Ok((device, fhir))
 }
 
+/// The measurements a shard holds before it flushes. Messages are acked only after their flush, so
+/// if the shards together could hold the whole prefetch window the broker would stop sending until
+/// the interval timer fired: each shard flushes at a quarter of its share of the window at most.
+pub fn flush_bound(s: &Settings) -> usize {
+    let share = (s.broker.prefetch as usize / (4 * s.pipeline.shards)).max(1);
+    s.pipeline.flush_max_measurements.min(share)
+}
+
 /// Runs the service until SIGTERM or SIGINT, then stops consuming, flushes every shard, waits for
 /// the writes and the acks, and returns.
 pub fn run(settings: Settings, dry_run: bool) -> Result<(), RunError> {
@@ -231,31 +239,29 @@ async fn serve(
         stats: istats,
     };
 
-    // Each writer and shard runs on an arbiter (thread) of its own.
-    let mut arbiters = Vec::new();
+    // Actors run on `pipeline.threads` arbiters (threads), round-robin; with 0 they share the main
+    // thread with ingest. On a small machine that shares its cores with the broker, fewer threads
+    // means fewer cross-thread wake-ups per message (see the README's performance notes).
+    let arbiters: Vec<Arbiter> = (0..settings.pipeline.threads).map(|_| Arbiter::new()).collect();
+    let place = |i: usize| arbiters.get(i % arbiters.len().max(1)).map(|a| a.handle()).unwrap_or_else(Arbiter::current);
     let mut writers = Vec::new();
     for i in 0..settings.pipeline.writers {
-        let arb = Arbiter::new();
         let stats = shared.stats(format!("writer-{i}"), "FhirWriter");
         let (c, f, id, batch, s) = (client.clone(), fhir.clone(), identity.clone(), settings.fhir.batch, stats.clone());
         let addr =
-            writer::FhirWriter::start_in_arbiter(&arb.handle(), move |_| writer::FhirWriter::new(c, f, id, batch, s));
+            writer::FhirWriter::start_in_arbiter(&place(i), move |_| writer::FhirWriter::new(c, f, id, batch, s));
         writers.push(Counted { addr, stats });
-        arbiters.push(arb);
     }
     let writers = Arc::new(writers);
     let mut shards = Vec::new();
     for i in 0..settings.pipeline.shards {
-        let arb = Arbiter::new();
         let stats = shared.stats(format!("shard-{i}"), "DeviceShard");
         let (f, w, s) = (fhir.clone(), writers.clone(), stats.clone());
-        let (interval, max) =
-            (Duration::from_millis(settings.pipeline.flush_interval_ms), settings.pipeline.flush_max_measurements);
-        let addr = shard::DeviceShard::start_in_arbiter(&arb.handle(), move |_| {
+        let (interval, max) = (Duration::from_millis(settings.pipeline.flush_interval_ms), flush_bound(&settings));
+        let addr = shard::DeviceShard::start_in_arbiter(&place(i + settings.pipeline.writers), move |_| {
             shard::DeviceShard::new(f, w, interval, max, s)
         });
         shards.push(Counted { addr, stats });
-        arbiters.push(arb);
     }
     let shards = Arc::new(shards);
 
