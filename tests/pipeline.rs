@@ -179,6 +179,26 @@ async fn check_vitals(fhir: &Fhir, run: &str, system: &str, devices: usize, read
     all
 }
 
+/// A test's own run id, identifier system and queue (declared), with the broker channel.
+struct Bed {
+    run: String,
+    system: String,
+    queue: String,
+    ch: lapin::Channel,
+    _conn: lapin::Connection,
+}
+
+async fn bed(name: &str) -> Bed {
+    services::require_fhir().await;
+    let run = services::unique(name);
+    let system = format!("urn:iomt-test:{run}");
+    let queue = format!("{run}.q");
+    let conn = services::broker().await;
+    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
+    services::declare(&ch, &queue).await;
+    Bed { run, system, queue, ch, _conn: conn }
+}
+
 fn versions(obs: &[Value]) -> HashMap<String, Value> {
     obs.iter().map(|o| (o["id"].as_str().unwrap_or_default().to_string(), o["meta"]["versionId"].clone())).collect()
 }
@@ -197,13 +217,7 @@ fn content(o: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_devices_four_vitals_then_a_replay_changes_nothing() {
-    services::require_fhir().await;
-    let run = services::unique("vitals");
-    let system = format!("urn:iomt-test:{run}");
-    let queue = format!("{run}.q");
-    let conn = services::broker().await;
-    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
-    services::declare(&ch, &queue).await;
+    let Bed { run, system, queue, ch, _conn } = bed("vitals").await;
     let (devices, readings) = (50, 60);
     let msgs = bodies(&run, devices, readings, &[Vital::HeartRate, Vital::Spo2, Vital::BloodPressure, Vital::Steps]);
     assert_eq!(msgs.len(), 12_000);
@@ -246,13 +260,7 @@ async fn fifty_devices_four_vitals_then_a_replay_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn create_mode_makes_one_patient_and_one_device_with_two_instances() {
-    services::require_fhir().await;
-    let run = services::unique("create2");
-    let system = format!("urn:iomt-test:{run}");
-    let queue = format!("{run}.q");
-    let conn = services::broker().await;
-    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
-    services::declare(&ch, &queue).await;
+    let Bed { run, system, queue, ch, _conn } = bed("create2").await;
     // Prefetch 1 and no batching spreads each device's first messages over both instances.
     let mut setup = Setup::new(&queue, "Create", &system);
     setup.extra.push(("IOMT_BROKER__PREFETCH", "1".into()));
@@ -280,7 +288,7 @@ async fn create_mode_makes_one_patient_and_one_device_with_two_instances() {
         let patients = fhir.search(&format!("Patient?identifier={run}-pat-{d}")).await;
         assert_eq!(patients.len(), 1, "one Patient for device {d}");
         let ident = format!("{system}|{run}-dev-{d}");
-        let devs = fhir.search(&format!("Device?identifier={}", urlencode(&ident))).await;
+        let devs = fhir.search(&format!("Device?identifier={}", iomt_connector::fhir::encode(&ident))).await;
         assert_eq!(devs.len(), 1, "one Device for device {d}");
         assert_eq!(devs[0]["patient"]["reference"], json!(format!("Patient/{}", patient_id(&run, d))));
         // Both instances wrote readings into the same hourly window: none may be lost to the race
@@ -292,15 +300,6 @@ async fn create_mode_makes_one_patient_and_one_device_with_two_instances() {
         assert_eq!(decode(&hr_obs[0]["valueSampledData"]), want, "device {d}: every reading of both instances");
     }
     services::delete_queue(&ch, &queue).await;
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// The sample mappings plus a `note` type carrying an optional String value, so a message can make
@@ -451,13 +450,7 @@ fn uninterrupted(msgs: &[Vec<u8>], system: &str) -> HashMap<String, Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_run_then_restart_converges_to_the_uninterrupted_state() {
-    services::require_fhir().await;
-    let run = services::unique("kill");
-    let system = format!("urn:iomt-test:{run}");
-    let queue = format!("{run}.q");
-    let conn = services::broker().await;
-    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
-    services::declare(&ch, &queue).await;
+    let Bed { run, system, queue, ch, _conn } = bed("kill").await;
     // One reading per SampledData slot (and instants): a redelivered reading lands where it did.
     let msgs = bodies(&run, 20, 60, &[Vital::HeartRate, Vital::Spo2, Vital::BloodPressure]);
     let mut setup = Setup::new(&queue, "Create", &system);
@@ -506,13 +499,7 @@ async fn sigkill_mid_run_then_restart_converges_to_the_uninterrupted_state() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_exits_0_with_nothing_unacked() {
-    services::require_fhir().await;
-    let run = services::unique("term");
-    let system = format!("urn:iomt-test:{run}");
-    let queue = format!("{run}.q");
-    let conn = services::broker().await;
-    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
-    services::declare(&ch, &queue).await;
+    let Bed { run, system, queue, ch, _conn } = bed("term").await;
     let msgs = bodies(&run, 20, 60, &[Vital::HeartRate, Vital::BloodPressure]);
     let mut setup = Setup::new(&queue, "Create", &system);
     setup.extra.push(("IOMT_BROKER__PREFETCH", "300".into()));
@@ -540,13 +527,7 @@ async fn sigterm_exits_0_with_nothing_unacked() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_actors_and_metrics_answer_as_documented() {
-    services::require_fhir().await;
-    let run = services::unique("http");
-    let system = format!("urn:iomt-test:{run}");
-    let queue = format!("{run}.q");
-    let conn = services::broker().await;
-    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
-    services::declare(&ch, &queue).await;
+    let Bed { run, system, queue, ch, _conn } = bed("http").await;
     let c = Connector::start(&Setup::new(&queue, "Create", &system)).await;
     let msgs = bodies(&run, 3, 5, &[Vital::HeartRate]);
     services::publish(&ch, &queue, &msgs).await;
@@ -597,13 +578,7 @@ async fn health_actors_and_metrics_answer_as_documented() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reconnects_when_the_broker_drops_the_connection() {
-    services::require_fhir().await;
-    let run = services::unique("reconnect");
-    let system = format!("urn:iomt-test:{run}");
-    let queue = format!("{run}.q");
-    let conn = services::broker().await;
-    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
-    services::declare(&ch, &queue).await;
+    let Bed { run, system, queue, ch, _conn } = bed("reconnect").await;
     let mut setup = Setup::new(&queue, "Create", &system);
     setup.extra.push(("IOMT_BROKER__RECONNECT_DELAY_SECS", "1".into()));
     let c = Connector::start(&setup).await;

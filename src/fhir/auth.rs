@@ -76,7 +76,7 @@ impl OAuth2 {
         if !self.scope.is_empty() {
             form.push(("scope", &self.scope));
         }
-        let body: Vec<String> = form.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect();
+        let body: Vec<String> = form.iter().map(|(k, v)| format!("{k}={}", super::encode(v))).collect();
         let resp = self
             .http
             .post(&self.token_url)
@@ -101,13 +101,4 @@ impl OAuth2 {
         }
         Ok(token.to_string())
     }
-}
-
-fn urlencode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

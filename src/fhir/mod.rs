@@ -226,11 +226,7 @@ impl FhirClient {
         }
         let mut out = Vec::with_capacity(ids.len());
         for (id, mut a) in ids.iter().zip(answers) {
-            let status = a
-                .pointer("/response/status")
-                .and_then(Value::as_str)
-                .and_then(|s| s.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0u16);
+            let status = entry_status(&a);
             let etag = a.pointer("/response/etag").and_then(Value::as_str).map(parse_etag);
             out.push(match status {
                 200 => {
@@ -336,11 +332,7 @@ impl FhirClient {
         let mut results = Vec::with_capacity(puts.len());
         for (put, a) in puts.iter().zip(answers) {
             let resp = a.get("response").cloned().unwrap_or(Value::Null);
-            let status = resp
-                .get("status")
-                .and_then(Value::as_str)
-                .and_then(|s| s.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0u16);
+            let status = entry_status(&a);
             let result = if status == 429 || status >= 500 || status == 0 {
                 // Retry this entry alone; it goes through the retrying single-request path.
                 self.update(put.resource_type, &put.id, &put.resource, put.if_match.as_deref()).await?
@@ -380,6 +372,15 @@ fn method_name(m: &Method) -> &'static str {
     }
 }
 
+/// The HTTP status of a batch-response entry (`"201 Created"` → 201; 0 when absent).
+fn entry_status(entry: &Value) -> u16 {
+    entry
+        .pointer("/response/status")
+        .and_then(Value::as_str)
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `W/"3"` → `3`.
 fn parse_etag(s: &str) -> String {
     s.trim().trim_start_matches("W/").trim_matches('"').to_string()
@@ -415,8 +416,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Percent-encodes a query value (identifier values may hold anything).
-fn encode(v: &str) -> String {
+/// Percent-encodes a query or form value (identifier values may hold anything).
+pub fn encode(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {
         match b {
