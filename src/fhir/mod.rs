@@ -214,16 +214,7 @@ impl FhirClient {
             .iter()
             .map(|id| json!({"request": {"method": "GET", "url": format!("{resource_type}/{id}")}}))
             .collect();
-        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
-        let r = self.request(Method::POST, "", Some(&bundle), None).await?;
-        let answers = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
-        if answers.len() != ids.len() {
-            return Err(FhirError::Decode {
-                method: "POST",
-                path: "(batch)".into(),
-                message: format!("{} entries answered for {} reads", answers.len(), ids.len()),
-            });
-        }
+        let answers = self.post_batch(entries).await?;
         let mut out = Vec::with_capacity(ids.len());
         for (id, mut a) in ids.iter().zip(answers) {
             let status = entry_status(&a);
@@ -319,16 +310,7 @@ impl FhirClient {
                 json!({"fullUrl": format!("{}/{}/{}", self.base, p.resource_type, p.id), "resource": p.resource, "request": request})
             })
             .collect();
-        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
-        let r = self.request(Method::POST, "", Some(&bundle), None).await?;
-        let answers = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
-        if answers.len() != puts.len() {
-            return Err(FhirError::Decode {
-                method: "POST",
-                path: "(batch)".into(),
-                message: format!("{} entries answered for {} sent", answers.len(), puts.len()),
-            });
-        }
+        let answers = self.post_batch(entries).await?;
         let mut results = Vec::with_capacity(puts.len());
         for (put, a) in puts.iter().zip(answers) {
             let resp = a.get("response").cloned().unwrap_or(Value::Null);
@@ -348,6 +330,22 @@ impl FhirClient {
             results.push(result);
         }
         Ok(results)
+    }
+
+    /// POSTs a `batch` Bundle; its response entries, one per entry sent.
+    async fn post_batch(&self, entries: Vec<Value>) -> Result<Vec<Value>, FhirError> {
+        let sent = entries.len();
+        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+        let r = self.request(Method::POST, "", Some(&bundle), None).await?;
+        let answers = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
+        if answers.len() != sent {
+            return Err(FhirError::Decode {
+                method: "POST",
+                path: "(batch)".into(),
+                message: format!("{} entries answered for {sent} sent", answers.len()),
+            });
+        }
+        Ok(answers)
     }
 
     /// `GET metadata`: is the server there and answering?
