@@ -392,17 +392,37 @@ fn value_of(
                 readings.push((t, decimal(s).ok_or_else(|| not_a_number(s))?));
             }
             let stored = existing.and_then(|(value, start)| Some((value.value_sampled_data.as_ref()?, start?)));
-            if let Some((old, old_start)) = stored
-                && let (Some(data), Some(period)) = (old.data.as_deref(), old.period.as_f64())
-            {
-                readings = sampled::merge(sampled::decode(data, old_start, period), readings);
-            }
-            let data = sampled::build(readings.iter().map(|(t, s)| (*t, s.as_str())), start, end, *default_period_ms)
-                .map_err(|slots| ObservationError::TooManySamples {
+            let too_many = |slots| ObservationError::TooManySamples {
                 type_name: template.type_name.clone(),
                 value_name: v.value_name.clone(),
                 slots,
-            })?;
+            };
+            let period_ms = *default_period_ms;
+            let data = match stored {
+                // The usual merge: the same window at the same period. Laying the new readings over
+                // the stored slots gives what decode-merge-rebuild gives (a new reading is never
+                // earlier than the slot start a stored value is re-timed to, so it wins its slot),
+                // without re-timing and sorting every stored slot at every flush.
+                Some((old, old_start))
+                    if old_start == start
+                        && old.period.as_f64() == Some(period_ms as f64)
+                        && old.data.as_deref().is_some_and(|d| {
+                            sampled::slots(start, end, period_ms) == Ok(d.split(' ').count() as u64)
+                        }) =>
+                {
+                    let old_data = old.data.as_deref().unwrap_or_default();
+                    sampled::overlay(old_data, readings.iter().map(|(t, s)| (*t, s.as_str())), start, period_ms)
+                }
+                Some((old, old_start)) => {
+                    if let (Some(data), Some(period)) = (old.data.as_deref(), old.period.as_f64()) {
+                        readings = sampled::merge(sampled::decode(data, old_start, period), readings);
+                    }
+                    sampled::build(readings.iter().map(|(t, s)| (*t, s.as_str())), start, end, period_ms)
+                        .map_err(too_many)?
+                }
+                None => sampled::build(readings.iter().map(|(t, s)| (*t, s.as_str())), start, end, period_ms)
+                    .map_err(too_many)?,
+            };
             out.value_sampled_data = Some(SampledData {
                 origin: Quantity { value: Some(Number::from(0)), unit: non_empty(unit), system: None, code: None },
                 period: Number::from(*default_period_ms),

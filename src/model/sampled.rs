@@ -44,6 +44,36 @@ pub fn build<'a>(
     Ok(out)
 }
 
+/// How many slots `[start, end]` holds at `period_ms`; `Err(slots)` past [`MAX_SLOTS`].
+pub fn slots(start: DateTime<Utc>, end: DateTime<Utc>, period_ms: u64) -> Result<u64, u64> {
+    let period = period_ms.max(1) as i128 * 1_000_000;
+    let span = nanos(end - start);
+    let n = if span < 0 { 0 } else { span / period + 1 };
+    if n > MAX_SLOTS as i128 { Err(u64::try_from(n).unwrap_or(u64::MAX)) } else { Ok(n as u64) }
+}
+
+/// `data` (a stored data string whose slots start at `start`) with `values` (in time order) laid
+/// over it: each reading replaces its slot's value; readings outside the slots are dropped.
+pub fn overlay<'a>(
+    data: &str,
+    values: impl IntoIterator<Item = (DateTime<Utc>, &'a str)>,
+    start: DateTime<Utc>,
+    period_ms: u64,
+) -> String {
+    let period = period_ms.max(1) as i128 * 1_000_000;
+    let mut tokens: Vec<&str> = data.split(' ').collect();
+    for (t, v) in values {
+        let offset = nanos(t - start);
+        if offset < 0 {
+            continue;
+        }
+        if let Some(slot) = tokens.get_mut((offset / period) as usize) {
+            *slot = v;
+        }
+    }
+    tokens.join(" ")
+}
+
 /// Reads a data string back into timed readings (slot start times); empty and error markers
 /// (E, U, L) are skipped.
 pub fn decode(data: &str, start: DateTime<Utc>, period_ms: f64) -> Vec<(DateTime<Utc>, String)> {
@@ -97,6 +127,23 @@ mod tests {
         let (s, e) = (s.unwrap_or_default(), e.unwrap_or_default());
         assert!(build([(s, "1")], s, e, 1).is_err());
         assert_eq!(build([(s, "1")], s, s, 1000), Ok("1".to_string()));
+    }
+
+    #[test]
+    fn overlay_equals_decode_merge_build() {
+        let s = parse("2019-01-01T00:00:00Z").unwrap_or_default();
+        let e = s + TimeDelta::minutes(10) - TimeDelta::nanoseconds(100);
+        let old = build([(s, "1"), (s + TimeDelta::minutes(2), "2"), (s + TimeDelta::minutes(5), "5")], s, e, 60_000)
+            .unwrap_or_default();
+        let new = [
+            (s + TimeDelta::seconds(150), "70"),
+            (s + TimeDelta::minutes(3), "71"),
+            (s + TimeDelta::seconds(599), "99"),
+        ];
+        let merged = merge(decode(&old, s, 60_000.0), new.iter().map(|(t, v)| (*t, v.to_string())).collect());
+        let slow = build(merged.iter().map(|(t, v)| (*t, v.as_str())), s, e, 60_000).unwrap_or_default();
+        assert_eq!(overlay(&old, new, s, 60_000), slow);
+        assert_eq!(slow, "1 E 70 71 E 5 E E E 99");
     }
 
     #[test]
