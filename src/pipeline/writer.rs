@@ -191,6 +191,15 @@ struct Work {
 struct Item {
     pending: PendingGroup,
     identity: Identity,
+    /// The id of the group's Observation (a hash, computed once).
+    id: String,
+}
+
+impl Item {
+    fn new(pending: PendingGroup, identity: Identity) -> Item {
+        let id = observation::identifier(&pending.group, &identity).1;
+        Item { pending, identity, id }
+    }
 }
 
 /// One Observation to write and the groups merged into it.
@@ -243,7 +252,7 @@ impl Work {
         let mut items = Vec::with_capacity(groups.len());
         for (pending, answer) in groups.into_iter().zip(answers) {
             match answer {
-                Ok(Ok(identity)) => items.push(Item { pending, identity }),
+                Ok(Ok(identity)) => items.push(Item::new(pending, identity)),
                 Ok(Err(e)) => pending.fail(e.kind(), &e.to_string()),
                 Err(e) => pending.fail("internal", &format!("the identity actor did not answer: {e}")),
             }
@@ -254,11 +263,8 @@ impl Work {
     /// Reads the stored Observation of every window not in the cache.
     async fn read_missing(&self, stored: &mut Stored, items: Vec<Item>) -> Vec<Item> {
         let Some(client) = &self.client else { return items };
-        let mut ids: Vec<String> = items
-            .iter()
-            .map(|i| observation::identifier(&i.pending.group, &i.identity).1)
-            .filter(|id| !stored.map.contains_key(id))
-            .collect();
+        let mut ids: Vec<String> =
+            items.iter().map(|i| i.id.clone()).filter(|id| !stored.map.contains_key(id)).collect();
         ids.sort();
         ids.dedup();
         let reads = if self.batch {
@@ -295,8 +301,8 @@ impl Work {
         items
             .into_iter()
             .filter(|i| {
-                let id = observation::identifier(&i.pending.group, &i.identity).1;
-                match failed.get(&id) {
+                let id = &i.id;
+                match failed.get(id) {
                     Some(e) => {
                         i.pending.fail(fhir_kind(e), &e.to_string());
                         false
@@ -320,7 +326,7 @@ impl Work {
                 );
                 continue;
             };
-            let id = observation::identifier(&item.pending.group, &item.identity).1;
+            let id = item.id.clone();
             let (existing, version) = match by_id.get(&id) {
                 Some(&w) => (Some(&writes[w].obs), writes[w].if_match.clone()),
                 None => match stored.map.get(&id) {
@@ -469,7 +475,7 @@ impl Work {
         let template = self.template(&first.pending.group).ok_or_else(lost)?;
         let group = observation::as_group(&obs, template, first.pending.group.key.clone());
         let identity = first.identity.clone();
-        w.items.push(Item { pending: PendingGroup { group, guards: Vec::new() }, identity });
+        w.items.push(Item::new(PendingGroup { group, guards: Vec::new() }, identity));
         Ok(())
     }
 

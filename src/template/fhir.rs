@@ -140,7 +140,13 @@ impl FhirMapping {
 
     /// The template for a measurement type; type names match case-insensitively.
     pub fn template(&self, type_name: &str) -> Option<&CodeValueTemplate> {
-        self.by_type.get(&type_name.to_lowercase()).map(|&i| &self.templates[i])
+        // Called per measurement: skip the lowercase copy when the name is lowercase already.
+        let i = if type_name.chars().any(|c| c.to_lowercase().ne(std::iter::once(c))) {
+            self.by_type.get(&type_name.to_lowercase())
+        } else {
+            self.by_type.get(type_name)
+        };
+        i.map(|&i| &self.templates[i])
     }
 }
 
