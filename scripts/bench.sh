@@ -7,7 +7,8 @@
 #   3. the connector end to end against the FHIR server;
 #   4. end to end at a steady rate below saturation: delay from send to persisted (p50/p99) and
 #      FHIR requests per 1,000 messages once warm;
-# and peak RSS with 100,000 distinct devices in the shards.
+# and peak RSS with 100,000 distinct devices in the shards; then the Event Hubs row
+# (scripts/bench-eventhubs.sh).
 #
 #   scripts/bench.sh            (after scripts/setup.sh; sizes via BENCH_N, BENCH_N_E2E, ...)
 set -euo pipefail
@@ -155,3 +156,6 @@ costing 4 FHIR requests for Create identity); all pre-published, then consumed. 
 
 Peak RSS with $MEM_DEVICES distinct devices (spot, dry-run, all in flight at once): $MEM_RSS MB.
 EOF
+
+# The Event Hubs row: the same comparison (bare consumer vs connector dry run) on the test peer.
+scripts/bench-eventhubs.sh

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Runs the connector on the sample mappings, publishes the sample messages, waits until they are
 # written, shows the Observations on the FHIR server, and stops the connector.
-#   scripts/quickstart.sh            (after scripts/setup.sh)
+#   scripts/quickstart.sh            (runs scripts/setup.sh first when RabbitMQ or the FHIR server is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# One command on a fresh machine: install and start what is missing.
+if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || ! scripts/fhir-server.sh status > /dev/null 2>&1; then
+    echo "RabbitMQ or the FHIR server is not running: scripts/setup.sh first"
+    scripts/setup.sh
+fi
 
 BIN=target/release/iomt-connector
 [[ -x $BIN ]] || cargo build --release

@@ -7,6 +7,10 @@
 # Safe to re-run: each step checks first and does nothing when its service already answers.
 #   RabbitMQ     amqp://guest:guest@127.0.0.1:5672/%2f   (Debian package rabbitmq-server)
 #   FHIR R4      http://127.0.0.1:8090/fhir               (sekmet-fhir from PyPI, see scripts/fhir-server.sh)
+#   mitmproxy    .services/mitm-venv/bin/mitmdump         (PyPI; the outage tests' fault-injecting proxy)
+#   Chromium     /usr/bin/chromium + tests/browser/node_modules (Debian package; playwright-core from npm)
+#   PostgreSQL   127.0.0.1:5432, database test (the Event Hubs checkpoint store)
+#   Event Hubs   tests/eventhubs (rhea test peer, proven against @azure/event-hubs; npm)
 # Runs as root on Debian 12; uses sudo when not root and sudo exists.
 set -euo pipefail
 
@@ -16,7 +20,10 @@ ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 AMQP_HOST=127.0.0.1
 AMQP_PORT=5672
 RABBIT_START_TIMEOUT="${RABBIT_START_TIMEOUT:-90}"
-RABBIT_PLUGINS=(rabbitmq_consistent_hash_exchange)
+# consistent-hash exchange: broker.topology = "sharded"; management: which instance is a shard
+# queue's active consumer (broker.management_url), used by the scale-out tests.
+RABBIT_PLUGINS=(rabbitmq_consistent_hash_exchange rabbitmq_management)
+MANAGEMENT_PORT=15672
 
 BUILD=1
 for arg in "$@"; do
@@ -85,6 +92,7 @@ EOF
         log "writing /etc/rabbitmq/rabbitmq.conf (AMQP on 127.0.0.1:5672 only)"
         as_root tee /etc/rabbitmq/rabbitmq.conf >/dev/null <<'EOF'
 listeners.tcp.local = 127.0.0.1:5672
+management.tcp.ip = 127.0.0.1
 EOF
     fi
 }
@@ -125,23 +133,116 @@ setup_rabbitmq() {
         warn "rabbitmqctl cannot reach the node (port is open, continuing)"
     fi
 
-    # optional plugins: never fatal
+    # the tests need both plugins: a failure stops the setup
     local p
     for p in "${RABBIT_PLUGINS[@]}"; do
-        if grep -qs "$p" /etc/rabbitmq/enabled_plugins; then
+        if grep -qs "$p" /etc/rabbitmq/enabled_plugins && as_root rabbitmq-plugins -q is_enabled "$p" >/dev/null 2>&1; then
             log "RabbitMQ plugin $p already enabled"
-        elif as_root rabbitmq-plugins -q enable "$p" >/dev/null 2>&1 \
-            || as_root rabbitmq-plugins -q enable --offline "$p" >/dev/null 2>&1; then
+        elif as_root rabbitmq-plugins -q enable "$p" >/dev/null 2>&1; then
             log "RabbitMQ plugin $p enabled"
         else
-            warn "could not enable RabbitMQ plugin $p (optional)"
+            rabbit_log_tail
+            die "could not enable RabbitMQ plugin $p"
         fi
     done
+    local deadline=$((SECONDS + 60))
+    until port_open 127.0.0.1 "$MANAGEMENT_PORT"; do
+        (( SECONDS < deadline )) || die "RabbitMQ management API not listening on 127.0.0.1:$MANAGEMENT_PORT"
+        sleep 1
+    done
+    log "RabbitMQ management API on http://127.0.0.1:$MANAGEMENT_PORT"
+}
+
+# ---------------------------------------------------------------- fault proxy
+# The outage tests put mitmproxy (with tests/support/fault_proxy.py) between the connector and the
+# FHIR server to make it hang or answer 429/503 with Retry-After. Installed once, kept in .services/.
+MITM_VERSION="11.0.2"   # the newest release that runs on Python 3.11
+MITM_VENV="${IOMT_SERVICES_DIR:-$ROOT/.services}/mitm-venv"
+setup_fault_proxy() {
+    if [[ -x "$MITM_VENV/bin/mitmdump" ]] && "$MITM_VENV/bin/mitmdump" --version 2>/dev/null | grep -q "Mitmproxy: $MITM_VERSION"; then
+        log "mitmproxy $MITM_VERSION already installed in $MITM_VENV"
+        return 0
+    fi
+    local py
+    py="$(command -v python3 || true)"
+    [[ -n "$py" ]] || die "python3 not found (needed for mitmproxy)"
+    log "installing mitmproxy $MITM_VERSION into $MITM_VENV (takes ~30 s)"
+    mkdir -p "$(dirname "$MITM_VENV")"
+    [[ -f "$(dirname "$MITM_VENV")/.gitignore" ]] || printf '*\n' > "$(dirname "$MITM_VENV")/.gitignore"
+    rm -rf "$MITM_VENV"
+    if ! "$py" -m venv "$MITM_VENV" 2>/dev/null; then
+        rm -rf "$MITM_VENV"
+        apt_install python3-venv
+        /usr/bin/python3 -m venv "$MITM_VENV" || die "could not create a virtualenv for mitmproxy"
+    fi
+    "$MITM_VENV/bin/python" -m pip install -q --disable-pip-version-check "mitmproxy==$MITM_VERSION" \
+        || die "pip install mitmproxy==$MITM_VERSION failed"
+    log "installed $("$MITM_VENV/bin/mitmdump" --version | head -1)"
+}
+
+# ---------------------------------------------------------------- browser tests
+# The mapping debugger's end-to-end test drives Debian's Chromium with playwright-core (its own
+# browser download is not used: executablePath is /usr/bin/chromium).
+setup_browser() {
+    local need=()
+    [[ -x /usr/bin/chromium ]] || need+=(chromium)
+    command -v node >/dev/null 2>&1 || need+=(nodejs)
+    command -v npm >/dev/null 2>&1 || need+=(npm)
+    if ((${#need[@]})); then apt_install "${need[@]}"; fi
+    if [[ -d "$ROOT/tests/browser/node_modules/playwright-core" ]]; then
+        log "playwright-core already installed in tests/browser"
+    else
+        log "npm ci in tests/browser (playwright-core)"
+        (cd "$ROOT/tests/browser" && npm ci --silent --no-audit --no-fund) || die "npm ci in tests/browser failed"
+    fi
+    log "browser: $(/usr/bin/chromium --version 2>/dev/null | head -1)"
+}
+
+# ---------------------------------------------------------------- Event Hubs tests
+# The Event Hubs source keeps ownership and checkpoints in PostgreSQL; its tests talk AMQP 1.0 to the
+# repo's Event Hubs-shaped test peer (tests/eventhubs/peer.mjs, on rhea from npm), which CI first
+# proves against Microsoft's own client (@azure/event-hubs, tests/eventhubs/prove.mjs).
+PG_HOST=127.0.0.1
+PG_PORT=5432
+setup_postgres() {
+    if port_open "$PG_HOST" "$PG_PORT"; then
+        log "PostgreSQL already answering on $PG_HOST:$PG_PORT"
+    else
+        pkg_installed postgresql || apt_install postgresql
+        log "starting PostgreSQL"
+        as_root service postgresql start >/dev/null 2>&1 || as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start || true
+        for _ in $(seq 1 30); do port_open "$PG_HOST" "$PG_PORT" && break; sleep 1; done
+        port_open "$PG_HOST" "$PG_PORT" || die "PostgreSQL did not start on $PG_HOST:$PG_PORT"
+    fi
+    # The tests connect as postgres to database test without a password (trust on loopback, as on
+    # this project's machines); say so plainly when that is not the case.
+    if command -v psql >/dev/null 2>&1; then
+        psql -h "$PG_HOST" -U postgres -d test -Atc 'select 1' >/dev/null 2>&1 \
+            || as_root su postgres -c "createdb test" >/dev/null 2>&1 || true
+        psql -h "$PG_HOST" -U postgres -d test -Atc 'select 1' >/dev/null 2>&1 \
+            || die "cannot connect as postgres to database test on $PG_HOST:$PG_PORT without a password (set IOMT_TEST_PG_URL for the tests)"
+    fi
+}
+
+setup_eventhubs_peer() {
+    command -v node >/dev/null 2>&1 || apt_install nodejs npm
+    if [[ -d "$ROOT/tests/eventhubs/node_modules/rhea" && -d "$ROOT/tests/eventhubs/node_modules/@azure/event-hubs" ]]; then
+        log "Event Hubs test peer's packages already installed"
+    else
+        log "npm ci in tests/eventhubs (rhea, @azure/event-hubs)"
+        (cd "$ROOT/tests/eventhubs" && npm ci --silent --no-audit --no-fund) || die "npm ci in tests/eventhubs failed"
+    fi
+    log "proving the Event Hubs test peer against @azure/event-hubs"
+    (cd "$ROOT" && node tests/eventhubs/prove.mjs) || die "the Event Hubs test peer failed against Microsoft's client (tests/eventhubs/prove.mjs)"
 }
 
 # ---------------------------------------------------------------- run
 setup_rabbitmq
 "$SCRIPT_DIR/fhir-server.sh" start
+setup_fault_proxy
+setup_browser
+setup_postgres
+setup_eventhubs_peer
 
 if [[ $BUILD -eq 1 ]]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found (install a Rust toolchain, or pass --no-build)"

@@ -1,9 +1,40 @@
 #!/usr/bin/env bash
-# The one test command: start (or install) RabbitMQ and the FHIR server, then run every test.
+# The one test command: start (or install) RabbitMQ (with its consistent-hash and management
+# plugins), the FHIR server and mitmproxy (the outage tests' fault proxy), then run every test.
 #   scripts/test.sh [cargo test args...]
 # The pipeline tests talk to RabbitMQ at IOMT_TEST_AMQP_URL (default 127.0.0.1:5672) and the FHIR
 # server at IOMT_TEST_FHIR_URL (default http://127.0.0.1:8090/fhir); they fail when either is absent.
+# IOMT_TEST_TIME_LIMIT (seconds, default 2700) bounds the whole run, so a hang fails instead of
+# running on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --no-build
-cargo test "$@"
+
+# Every test names its queues `<test>-<pid>-<nanos>...`; those of earlier runs are left on the broker
+# (a failed test does not clean up) and, as quorum queues, each keeps a Raft member and a WAL share.
+# Remove them through the management API so runs do not pile up on a long-lived broker.
+MGMT="${IOMT_TEST_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}"
+stale=$(curl -fsS "$MGMT/api/queues/%2f?columns=name" | python3 -c '
+import json, re, sys
+for q in json.load(sys.stdin):
+    if re.match(r"^[a-z0-9]+-[0-9]+-[0-9]+([.]|$)", q["name"]):
+        print(q["name"])')
+n=0
+for q in $stale; do
+    curl -fsS -X DELETE "$MGMT/api/queues/%2f/$q" && n=$((n + 1))
+done
+echo "[test] removed $n queue(s) left by earlier test runs"
+alarms=$(rabbitmq-diagnostics -q alarms 2>&1 || true)
+if ! grep -qi "no alarms" <<<"$alarms" && [[ -n "$alarms" ]]; then
+    echo "[test] WARNING: RabbitMQ reports resource alarms (publishers will block): $alarms" >&2
+fi
+
+# Show what the tests print (outage recovery times, failover times) even when they pass.
+export RUST_TEST_NOCAPTURE=1
+limit="${IOMT_TEST_TIME_LIMIT:-2700}"
+status=0
+timeout --kill-after=30 "$limit" cargo test "$@" || status=$?
+if [[ $status -eq 124 || $status -eq 137 ]]; then
+    echo "[test] ERROR: the tests did not finish within $limit s (IOMT_TEST_TIME_LIMIT); broker alarms: $alarms" >&2
+fi
+exit $status

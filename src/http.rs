@@ -1,7 +1,7 @@
 //! The HTTP endpoints: liveness, readiness, actor status, Prometheus metrics.
 
 use crate::metrics;
-use crate::pipeline::Shared;
+use crate::status::Shared;
 use actix_web::dev::Server;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use serde_json::json;
@@ -12,17 +12,48 @@ async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "live"}))
 }
 
-/// Ready when the broker is connected, the FHIR server answers and the mappings are loaded.
+/// Ready when the broker is connected, the FHIR server answers (and takes writes: the circuit is
+/// closed) and the mappings are loaded. When not, `reason` says why.
 async fn ready(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     let broker = shared.broker_connected.load(Ordering::SeqCst);
-    let fhir = shared.fhir_reachable.load(Ordering::SeqCst);
+    let outage = shared.fhir_circuit.state();
+    let fhir = shared.fhir_reachable.load(Ordering::SeqCst) && outage.is_none();
     let mappings = shared.mappings_loaded.load(Ordering::SeqCst);
-    let body = json!({
+    let mut body = json!({
         "status": if broker && fhir && mappings { "ready" } else { "not ready" },
         "broker": broker,
+        "source": shared.source_kind.get().copied().unwrap_or("rabbitmq"),
         "fhir": if shared.dry_run { json!("dry-run") } else { json!(fhir) },
         "mappings": mappings,
     });
+    if let Ok(v) = shared.mappings_version.lock() {
+        body["mappingsVersion"] = json!(*v);
+    }
+    // A refused reload does not make the service unready: the mappings in force keep running.
+    if let Ok(r) = shared.mappings_refused.lock()
+        && let Some(why) = r.as_ref()
+    {
+        body["mappingsRefused"] = json!(why);
+    }
+    let mut reasons = Vec::new();
+    if !broker {
+        reasons.push("the source (broker or event hub) is not connected (reconnecting)".to_string());
+    }
+    match &outage {
+        Some(o) => {
+            reasons.push(format!(
+                "the FHIR server is unavailable since {} ({}): messages are held unacked and retried",
+                crate::model::time::millis(o.since),
+                o.reason
+            ));
+            body["fhirUnavailableSince"] = json!(crate::model::time::millis(o.since));
+        }
+        None if !fhir => reasons.push("the FHIR server does not answer GET metadata".to_string()),
+        None => {}
+    }
+    if !reasons.is_empty() {
+        body["reason"] = json!(reasons.join("; "));
+    }
     if broker && fhir && mappings {
         HttpResponse::Ok().json(body)
     } else {
@@ -34,8 +65,19 @@ async fn ready(shared: web::Data<Arc<Shared>>) -> HttpResponse {
 async fn actors(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     let mut list: Vec<serde_json::Value> = shared.actors.iter().map(|a| a.value().snapshot()).collect();
     list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let mut queues: Vec<serde_json::Value> = shared.queues.iter().map(|q| q.value().snapshot()).collect();
+    queues.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let kind = shared.source_kind.get().copied().unwrap_or("rabbitmq");
+    let source = if kind == "eventhubs" {
+        let mut partitions: Vec<serde_json::Value> = shared.partitions.iter().map(|p| p.value().snapshot()).collect();
+        partitions.sort_by(|a, b| a["partition"].as_str().cmp(&b["partition"].as_str()));
+        json!({"kind": kind, "partitions": partitions})
+    } else {
+        json!({"kind": kind, "queues": queues})
+    };
     HttpResponse::Ok().json(json!({
         "actors": list,
+        "source": source,
         "messages": {
             "received": shared.received.load(Ordering::SeqCst),
             "unacked": shared.unsettled(),
@@ -44,19 +86,32 @@ async fn actors(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     }))
 }
 
+/// `/debugger` → `/debugger/`, keeping `?token=`: the page's relative URLs need the slash.
+async fn to_debugger(req: actix_web::HttpRequest) -> HttpResponse {
+    let q = req.query_string();
+    let location = if q.is_empty() { "/debugger/".to_string() } else { format!("/debugger/?{q}") };
+    HttpResponse::PermanentRedirect().insert_header(("location", location)).finish()
+}
+
 async fn prometheus() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(metrics::render())
 }
 
-pub fn server(listen: &str, shared: Arc<Shared>) -> std::io::Result<Server> {
+pub fn server(listen: &str, shared: Arc<Shared>, debugger: Option<crate::studio::Studio>) -> std::io::Result<Server> {
     let data = web::Data::new(shared);
     Ok(HttpServer::new(move || {
-        App::new()
+        let app = App::new()
             .app_data(data.clone())
             .route("/health/live", web::get().to(live))
             .route("/health/ready", web::get().to(ready))
             .route("/actors", web::get().to(actors))
-            .route("/metrics", web::get().to(prometheus))
+            .route("/metrics", web::get().to(prometheus));
+        match debugger.clone() {
+            Some(studio) => app
+                .route("/debugger", web::get().to(to_debugger))
+                .service(web::scope("/debugger").configure(move |cfg| crate::studio::routes(cfg, studio))),
+            None => app,
+        }
     })
     .workers(1)
     .disable_signals()

@@ -1,6 +1,7 @@
 //! iomt-connector: device messages to FHIR R4 Observations, with Azure MedTech mapping files.
 
 pub mod config;
+pub mod deadletters;
 pub mod fhir;
 pub mod http;
 pub mod metrics;
@@ -8,5 +9,7 @@ pub mod model;
 pub mod pipeline;
 pub mod simulate;
 pub mod source;
+pub mod status;
+pub mod studio;
 pub mod template;
 pub mod transform;

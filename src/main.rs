@@ -1,11 +1,13 @@
 //! The command line: debug mappings offline (`normalize`, `transform`, `validate`).
 
 use clap::{Args, Parser, Subcommand};
-use iomt_connector::config::{LogFormat, Settings};
+use iomt_connector::config::{Broker, LogFormat, Settings};
+use iomt_connector::deadletters;
 use iomt_connector::model::measurement::Measurement;
-use iomt_connector::source::rabbitmq::Publisher;
+use iomt_connector::source::rabbitmq::{Publisher, redact};
+use iomt_connector::template::crosscheck::cross_check;
 use iomt_connector::template::device::DeviceMapping;
-use iomt_connector::template::fhir::{FhirMapping, PeriodInterval, ValueKind};
+use iomt_connector::template::fhir::FhirMapping;
 use iomt_connector::template::{TemplateError, TemplateErrors};
 use iomt_connector::transform::{CreateIdentity, transform};
 use std::path::{Path, PathBuf};
@@ -42,6 +44,95 @@ enum Command {
     /// Simulate devices: publish realistic messages for the sample mappings at a set rate.
     #[command(after_help = SIMULATE_HELP)]
     Simulate(SimulateArgs),
+    /// The mapping debugger: a web page to edit both mappings and try messages (offline).
+    #[command(after_help = STUDIO_HELP)]
+    Studio(StudioArgs),
+    /// Inspect the dead-letter queue, and put back what the current mappings now take.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+}
+
+const STUDIO_HELP: &str = "\
+Serves the mapping debugger on --listen (127.0.0.1 only by default): both mappings side by side with
+every problem `validate` finds marked at its line as you type, device messages (pasted or uploaded,
+bodies or whole envelopes), why each template did or did not match, the normalized measurements and
+the Observations `transform` would write. Needs no broker and no FHIR server; nothing leaves the
+machine. `run` serves the same page at /debugger with http.debugger = true.
+
+Example:
+  iomt-connector studio --listen 127.0.0.1:8181   # then open http://127.0.0.1:8181/";
+
+#[derive(Args)]
+struct StudioArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8181")]
+    listen: String,
+    /// The device mapping the page opens with.
+    #[arg(long, value_name = "FILE", default_value = "mappings/devicecontent.json")]
+    device_mapping: PathBuf,
+    /// The FHIR mapping the page opens with.
+    #[arg(long, value_name = "FILE", default_value = "mappings/fhirmapping.json")]
+    fhir_mapping: PathBuf,
+    /// A folder of sample messages (*.json) the page offers.
+    #[arg(long, value_name = "DIR", default_value = "mappings/messages")]
+    messages: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// The dead-letter queue grouped by error kind: count and first error of each. Removes nothing.
+    #[command(after_help = DEAD_LETTERS_LIST_HELP)]
+    List(DeadLettersListArgs),
+    /// Re-normalize dead letters with the current mappings and move those that pass back.
+    #[command(after_help = DEAD_LETTERS_REDRIVE_HELP)]
+    Redrive(DeadLettersRedriveArgs),
+}
+
+const DEAD_LETTERS_LIST_HELP: &str = "\
+Reads broker.dead_letter_queue (settings as for `run`: --config FILE, then IOMT_BROKER__* variables)
+and prints one line per kind (x-iomt-error-kind; delivery-limit for messages the broker dead-lettered
+after broker.delivery_limit deliveries): the count and the first message's x-iomt-error. The messages
+stay in the queue.
+
+Example:
+  iomt-connector dead-letters list --config config/default.toml";
+
+const DEAD_LETTERS_REDRIVE_HELP: &str = "\
+Takes every message of broker.dead_letter_queue (or only those of --kind), re-normalizes it with the
+current mappings (mappings.device and mappings.fhir), and reports how many would now pass. Without
+--dry-run, each one that passes is published back to the queue it came from (x-iomt-original-queue,
+else broker.queue) without the dead-letter headers, and removed from the dead-letter queue only once
+the broker has confirmed it. Those that would still fail stay, and are listed by the kind they would
+fail with now. Exit status 1 when a message that passes could not be moved.
+
+Example:
+  iomt-connector dead-letters redrive --kind missing-value --dry-run
+  iomt-connector dead-letters redrive --kind missing-value";
+
+#[derive(Args)]
+struct DeadLettersListArgs {
+    /// Settings file (TOML), as for `run`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DeadLettersRedriveArgs {
+    /// Settings file (TOML), as for `run`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Only dead letters of this x-iomt-error-kind (e.g. missing-value, identity-not-found).
+    #[arg(long, value_name = "KIND")]
+    kind: Option<String>,
+    /// Report what would pass; move nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 const SIMULATE_HELP: &str = "\
@@ -53,18 +144,61 @@ Profiles match mappings/devicecontent.json:
   mixed   both, interleaved
 Devices are {prefix}-dev-N with patients {prefix}-pat-N; readings are stamped with the current
 time, and each message with header x-iomt-sent-at (epoch ms) for the end-to-end delay metric.
-Publisher confirms are kept --in-flight at a time. A progress line goes to stderr; the summary
+Publisher confirms are kept --in-flight at a time. With broker.topology = \"sharded\" each message
+goes to the consistent-hash exchange broker.queue with its device id as the routing key. A progress line goes to stderr; the summary
 (sent, confirmed, refused, elapsed, rate) to stdout.
 
 Example:
   iomt-connector simulate --devices 100 --rate 200 --duration 60 --profile vitals";
 
+/// Where `publish` and `simulate` send: the settings' `[broker]` section, then these flags.
+#[derive(Args)]
+struct BrokerArgs {
+    /// Broker URL (default: broker.url of the settings).
+    #[arg(long)]
+    url: Option<String>,
+    /// Queue to publish to (default: broker.queue); declared as `run` declares it.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Settings file (TOML), as for `run`: its broker section applies.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Send to this event hub instead of a queue, with the settings' [eventhubs] credentials
+    /// (connection_string or Entra, custom_endpoint). Each message's partition key is its device id.
+    #[arg(long, value_name = "HUB")]
+    eventhub: Option<String>,
+}
+
+impl BrokerArgs {
+    /// Where to send: the event hub when `--eventhub` is given, else the queue.
+    fn target(self) -> Result<iomt_connector::simulate::Target, Failure> {
+        use iomt_connector::simulate::Target;
+        match self.eventhub.clone() {
+            Some(hub) => {
+                let s =
+                    Settings::load_eventhubs(self.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+                Ok(Target::Hub(s, hub))
+            }
+            None => Ok(Target::Queue(self.settings()?)),
+        }
+    }
+
+    fn settings(self) -> Result<Broker, Failure> {
+        let mut b = Settings::load_broker(self.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+        if let Some(u) = self.url {
+            b.url = u;
+        }
+        if let Some(q) = self.queue {
+            b.queue = q;
+        }
+        Ok(b)
+    }
+}
+
 #[derive(Args)]
 struct SimulateArgs {
-    #[arg(long, env = "IOMT_BROKER__URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    url: String,
-    #[arg(long, env = "IOMT_BROKER__QUEUE", default_value = "iomt.devices")]
-    queue: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
     /// Distinct devices.
     #[arg(long, default_value_t = 100)]
     devices: usize,
@@ -88,7 +222,9 @@ struct SimulateArgs {
 
 const PUBLISH_HELP: &str = "\
 Each MESSAGE_FILE is sent as one persistent message (content-type application/json, header
-x-iomt-sent-at = now in epoch ms), with publisher confirms; the queue is declared (durable) first.
+x-iomt-sent-at = now in epoch ms), with publisher confirms; the queues are declared first as `run`
+declares them (broker.queue_type, quorum by default). With broker.topology = \"sharded\" the messages
+go to the consistent-hash exchange broker.queue, routed by --routing-key (the device id).
 Exit status 1 if the broker refuses any message.
 
 Example:
@@ -96,12 +232,12 @@ Example:
 
 #[derive(Args)]
 struct PublishArgs {
-    /// Broker URL.
-    #[arg(long, env = "IOMT_BROKER__URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    url: String,
-    /// Queue to publish to.
-    #[arg(long, env = "IOMT_BROKER__QUEUE", default_value = "iomt.devices")]
-    queue: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// The device id to route by (broker.topology = "sharded"): the routing key the
+    /// consistent-hash exchange hashes. Needed for the sharded topology.
+    #[arg(long, value_name = "DEVICE_ID")]
+    routing_key: Option<String>,
     #[arg(value_name = "MESSAGE_FILE", required = true)]
     messages: Vec<PathBuf>,
 }
@@ -114,6 +250,11 @@ IOMT_IDENTITY__MODE=Lookup). A bad value stops the start with a message naming t
 A message is acked only once every Observation derived from it is written, or it is dead-lettered
 (exchange broker.dead_letter_exchange, headers x-iomt-error-kind and x-iomt-error). SIGTERM or
 SIGINT: stop consuming, flush, wait for the writes and acks, exit 0.
+
+When the FHIR server is unavailable (network, timeout, 408, 429, 5xx), messages are held unacked and
+retried until it answers; /health/ready says why. `iomt-connector dead-letters list|redrive` inspects
+and re-drives the dead-letter queue. broker.topology = \"sharded\" spreads devices over shard queues
+shared by several instances (see the README's Scale out).
 
 HTTP (http.listen): /health/live, /health/ready, /actors, /metrics.
 
@@ -224,6 +365,9 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Publish(a) => publish(a),
         Command::Simulate(a) => simulate(a),
+        Command::Studio(a) => studio(a),
+        Command::DeadLetters(DeadLettersCommand::List(a)) => dead_letters_list(a),
+        Command::DeadLetters(DeadLettersCommand::Redrive(a)) => dead_letters_redrive(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,8 +383,7 @@ fn read(path: &Path) -> Result<String, Failure> {
 }
 
 fn mapping_errors(path: &Path, errors: &[TemplateError]) -> String {
-    let file = path.display().to_string();
-    errors.iter().map(|e| e.located(&file)).collect::<Vec<_>>().join("\n")
+    iomt_connector::template::located_all(errors, &path.display().to_string())
 }
 
 fn load_device(path: &Path) -> Result<DeviceMapping, Failure> {
@@ -292,30 +435,99 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     iomt_connector::pipeline::run(settings, a.dry_run).map_err(|e| Failure(1, format!("error: {e}")))
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Failure(2, format!("error: {e}")))
+}
+
+fn studio(a: StudioArgs) -> Result<(), Failure> {
+    let studio = iomt_connector::studio::Studio {
+        device: a.device_mapping,
+        fhir: a.fhir_mapping,
+        messages: a.messages,
+        token: String::new(),
+    };
+    iomt_connector::studio::serve(&a.listen, studio)
+        .map_err(|e| Failure(1, format!("error: cannot serve on {} (--listen): {e}", a.listen)))
+}
+
+fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
+    let b = Settings::load_broker(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+    let kinds = runtime()?.block_on(deadletters::list(&b)).map_err(|e| Failure(1, format!("error: {e}")))?;
+    if a.json {
+        return print_json(&serde_json::json!({"queue": b.dead_letter_queue, "kinds": kinds}));
+    }
+    let total: usize = kinds.iter().map(|k| k.count).sum();
+    println!("dead-letter queue {}: {total} message(s)", b.dead_letter_queue);
+    let width = kinds.iter().map(|k| k.kind.len()).max().unwrap_or(0);
+    for k in &kinds {
+        println!("  {:<width$}  {:>6}  first error: {}", k.kind, k.count, k.first_error);
+    }
+    Ok(())
+}
+
+fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
+    let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+    let device = load_device(&settings.mappings.device)?;
+    let fhir = load_fhir(&settings.mappings.fhir)?;
+    let b = &settings.broker;
+    let r = runtime()?
+        .block_on(deadletters::redrive(b, &device, &fhir, a.kind.as_deref(), a.dry_run))
+        .map_err(|e| Failure(1, format!("error: {e}")))?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        let which = a.kind.as_deref().map(|k| format!(" of kind {k}")).unwrap_or_default();
+        println!("dead-letter queue {}: {} message(s), {} selected{which}", b.dead_letter_queue, r.total, r.selected);
+        println!("  would now pass the mappings: {}", r.pass);
+        for k in &r.still_failing {
+            println!("  would still fail: {} {} (first: {})", k.count, k.kind, k.first_error);
+        }
+        if a.dry_run {
+            println!("dry run: nothing moved");
+        } else {
+            println!("moved {} back to their queue (default {})", r.moved, b.queue);
+        }
+    }
+    if r.not_moved.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure(1, format!("error: {} message(s) not moved: {}", r.not_moved.len(), r.not_moved[0])))
+    }
+}
+
 fn publish(a: PublishArgs) -> Result<(), Failure> {
+    use iomt_connector::simulate::Target;
+    let target = a.broker.target()?;
     let mut bodies = Vec::new();
     for p in &a.messages {
         bodies.push(std::fs::read(p).map_err(|e| Failure(2, format!("error: cannot read {}: {e}", p.display())))?);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure(2, format!("error: {e}")))?;
-    rt.block_on(async {
-        let fail = |e: lapin::Error| Failure(1, format!("error: broker {}: {e}", a.url));
-        let mut p = Publisher::connect(&a.url, &a.queue, 256).await.map_err(fail)?;
-        for b in &bodies {
-            p.send(b).await.map_err(fail)?;
-        }
-        p.flush().await.map_err(fail)?;
-        println!(
-            "published {} message(s) to {}: {} confirmed, {} refused",
-            bodies.len(),
-            a.queue,
-            p.confirmed,
-            p.refused
-        );
-        if p.refused > 0 { Err(Failure(1, "error: the broker refused some messages".into())) } else { Ok(()) }
+    runtime()?.block_on(async {
+        let (confirmed, refused, to) = match &target {
+            Target::Queue(b) => {
+                let fail = |e: iomt_connector::source::rabbitmq::BrokerError| {
+                    Failure(1, format!("error: broker {}: {e}", redact(&b.url)))
+                };
+                let mut p = Publisher::connect(b, 256).await.map_err(fail)?;
+                for body in &bodies {
+                    p.send(body, a.routing_key.as_deref()).await.map_err(fail)?;
+                }
+                p.flush().await.map_err(fail)?;
+                (p.confirmed, p.refused, b.queue.clone())
+            }
+            Target::Hub(s, hub) => {
+                let fail = |e: iomt_connector::source::eventhubs::EventHubsError| Failure(1, format!("error: {e}"));
+                let mut p =
+                    iomt_connector::source::eventhubs::HubPublisher::connect(s, hub, 256).await.map_err(fail)?;
+                for body in &bodies {
+                    p.send(body, a.routing_key.as_deref()).await.map_err(fail)?;
+                }
+                p.flush().await.map_err(fail)?;
+                (p.confirmed, p.refused, format!("event hub {hub}"))
+            }
+        };
+        println!("published {} message(s) to {to}: {confirmed} confirmed, {refused} refused", bodies.len());
+        if refused > 0 { Err(Failure(1, "error: some messages were refused".into())) } else { Ok(()) }
     })
 }
 
@@ -326,9 +538,13 @@ fn simulate(a: SimulateArgs) -> Result<(), Failure> {
         (None, Some(_)) => None,
         (None, None) => Some(std::time::Duration::from_secs(10)),
     };
+    let target = a.broker.target()?;
+    let to = match &target {
+        iomt_connector::simulate::Target::Queue(b) => format!("broker {}", redact(&b.url)),
+        iomt_connector::simulate::Target::Hub(_, hub) => format!("event hub {hub}"),
+    };
     let plan = Plan {
-        url: a.url.clone(),
-        queue: a.queue,
+        target,
         devices: a.devices,
         rate: a.rate,
         duration,
@@ -338,11 +554,7 @@ fn simulate(a: SimulateArgs) -> Result<(), Failure> {
         in_flight: a.in_flight,
         progress: true,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure(2, format!("error: {e}")))?;
-    let s = rt.block_on(run(&plan)).map_err(|e| Failure(1, format!("error: broker {}: {e}", a.url)))?;
+    let s = runtime()?.block_on(run(&plan)).map_err(|e| Failure(1, format!("error: {to}: {e}")))?;
     println!(
         "sent {}, confirmed {}, refused {}, elapsed {:.2} s, rate {:.0} msg/s",
         s.sent,
@@ -357,7 +569,12 @@ fn simulate(a: SimulateArgs) -> Result<(), Failure> {
 fn init_logging(log: &iomt_connector::config::Log) {
     let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or collector gets plain text.
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -377,52 +594,10 @@ fn validate(a: ValidateArgs) -> Result<(), Failure> {
         let mut cross = Vec::new();
         // Cross-checks only make sense when the FHIR mapping itself is sound.
         if fhir_errors.is_empty() {
-            for t in &device.templates {
-                let pos = |line, column| format!("{}:{line}:{column}", a.device_mapping.display());
-                let Some(ft) = fhir.template(&t.type_name) else {
-                    cross.push(format!(
-                        "{}: {} '{}': no FHIR template has this typeName; add a CodeValueFhir with typeName '{}' to {}",
-                        pos(t.line, t.column),
-                        t.kind.name(),
-                        t.type_name,
-                        t.type_name,
-                        fhir_path.display()
-                    ));
-                    continue;
-                };
-                for v in &t.values {
-                    if !ft.value_templates().any(|fv| *fv.value_name == *v.name) {
-                        cross.push(format!(
-                            "{}: {} '{}': value '{}' is not used by FHIR template '{}' ({}:{}); it would be dropped",
-                            pos(v.line, v.column),
-                            t.kind.name(),
-                            t.type_name,
-                            v.name,
-                            ft.type_name,
-                            fhir_path.display(),
-                            ft.line
-                        ));
-                    }
-                }
-            }
-            for ft in &fhir.templates {
-                if ft.effective_interval() != ft.period_interval && ft.period_interval != PeriodInterval::Single {
-                    let kinds: Vec<&str> = ft
-                        .value_templates()
-                        .filter(|v| matches!(v.kind, ValueKind::Quantity { .. } | ValueKind::String))
-                        .map(|v| v.kind.name())
-                        .collect();
-                    notes.push(format!(
-                        "note: {}:{}:{}: CodeValueFhir '{}' has {} values, which hold one reading: each reading becomes its own instant Observation (periodInterval {:?} is not used)",
-                        fhir_path.display(),
-                        ft.line,
-                        ft.column,
-                        ft.type_name,
-                        kinds.join("/"),
-                        ft.period_interval
-                    ));
-                }
-            }
+            let fhir_file = fhir_path.display().to_string();
+            let checked = cross_check(&device, &fhir, &fhir_file);
+            cross = checked.problems.iter().map(|e| e.located(&a.device_mapping.display().to_string())).collect();
+            notes = checked.notes.iter().map(|n| format!("note: {}", n.located(&fhir_file))).collect();
         }
         count += cross.len();
         let fhir_problems = mapping_errors(fhir_path, &fhir_errors);

@@ -1,6 +1,9 @@
 //! Prometheus metrics: one registry for the process, rendered at `/metrics`.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 use std::sync::OnceLock;
 
 pub struct Metrics {
@@ -16,24 +19,50 @@ pub struct Metrics {
     pub latency: Histogram,
     pub backlog: IntGauge,
     pub unacked: IntGauge,
+    pub fhir_circuit_open: IntGauge,
+    pub fhir_outage_seconds: Counter,
+    pub fhir_wait_seconds: CounterVec,
+    pub held_groups: IntGauge,
+    pub queue_deliveries: IntCounterVec,
+    pub queue_active: IntGaugeVec,
+    pub create_races: IntCounter,
+    pub mappings_info: IntGaugeVec,
+    pub mapping_reloads: IntCounterVec,
+    pub source_info: IntGaugeVec,
+    pub partitions_owned: IntGauge,
+    pub checkpoint_lag: IntGaugeVec,
+    pub partition_events: IntCounterVec,
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(r, name, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// Registers a metric whose name and labels are fixed here, so neither can fail at run time.
+fn register<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, name: &str, m: prometheus::Result<M>) -> M {
+    let m = m.unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(m.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    m
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    c
+    register(r, name, IntCounter::new(name, help))
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    c
+    register(r, name, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn seconds(r: &Registry, name: &str, help: &str) -> Counter {
+    register(r, name, Counter::new(name, help))
+}
+
+fn seconds_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    register(r, name, CounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    g
+    register(r, name, IntGauge::new(name, help))
 }
 
 /// The process's metrics (names are fixed, so registration cannot fail at run time).
@@ -84,6 +113,77 @@ pub fn get() -> &'static Metrics {
             latency,
             backlog: gauge(&r, "iomt_broker_backlog_messages", "Messages ready in the queue (sampled)"),
             unacked: gauge(&r, "iomt_unacked_messages", "Messages received and not yet acked"),
+            fhir_circuit_open: gauge(
+                &r,
+                "iomt_fhir_circuit_open",
+                "1 while the FHIR server is unavailable and messages are held unacked",
+            ),
+            fhir_outage_seconds: seconds(
+                &r,
+                "iomt_fhir_outage_seconds_total",
+                "Time the FHIR server has been unavailable (circuit open)",
+            ),
+            fhir_wait_seconds: seconds_vec(
+                &r,
+                "iomt_fhir_wait_seconds_total",
+                "Time spent waiting before retrying FHIR requests, by cause (retry-after: the server's Retry-After; backoff: our own)",
+                &["cause"],
+            ),
+            queue_deliveries: counter_vec(
+                &r,
+                "iomt_queue_deliveries_total",
+                "Messages received, by the queue they came from",
+                &["queue"],
+            ),
+            queue_active: register(
+                &r,
+                "iomt_queue_active",
+                IntGaugeVec::new(
+                    Opts::new(
+                        "iomt_queue_active",
+                        "1 where this instance is the queue's active consumer, 0 where it stands by (asked of broker.management_url)",
+                    ),
+                    &["queue"],
+                ),
+            ),
+            mappings_info: register(
+                &r,
+                "iomt_mappings_info",
+                IntGaugeVec::new(
+                    Opts::new("iomt_mappings_info", "1 for the version of the mappings in force"),
+                    &["version"],
+                ),
+            ),
+            mapping_reloads: counter_vec(
+                &r,
+                "iomt_mapping_reloads_total",
+                "Mapping reloads by result (applied, refused)",
+                &["result"],
+            ),
+            create_races: counter(
+                &r,
+                "iomt_fhir_create_races_total",
+                "Windows another writer created between this writer's read and write, repaired from the server's _history",
+            ),
+            held_groups: gauge(
+                &r,
+                "iomt_held_groups",
+                "Measurement groups held for a retry because the FHIR server is unavailable",
+            ),
+            source_info: gauge_vec(&r, "iomt_source_info", "1 for the source this instance reads (rabbitmq, eventhubs)", &["kind"]),
+            partitions_owned: gauge(&r, "iomt_eventhubs_partitions_owned", "Event hub partitions this instance owns and reads"),
+            checkpoint_lag: gauge_vec(
+                &r,
+                "iomt_eventhubs_checkpoint_lag",
+                "Events enqueued in the partition after its checkpoint (sampled each balancing round)",
+                &["partition"],
+            ),
+            partition_events: counter_vec(
+                &r,
+                "iomt_eventhubs_events_total",
+                "Events read, by partition",
+                &["partition"],
+            ),
             registry: r,
         }
     })

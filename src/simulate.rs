@@ -1,6 +1,7 @@
 //! The device simulator: realistic messages for the sample mappings, published to RabbitMQ at a
 //! set rate with publisher confirms, each stamped with its send time (`x-iomt-sent-at`).
 
+use crate::source::eventhubs::HubPublisher;
 use crate::source::rabbitmq::Publisher;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -16,9 +17,16 @@ pub enum Profile {
     Mixed,
 }
 
+/// Where `simulate` sends.
+pub enum Target {
+    /// `url`, `queue`, and how the queues are declared.
+    Queue(crate::config::Broker),
+    /// The `[eventhubs]` credentials, and the hub.
+    Hub(crate::config::EventHubs, String),
+}
+
 pub struct Plan {
-    pub url: String,
-    pub queue: String,
+    pub target: Target,
     pub devices: usize,
     /// Messages per second in total; 0 for as fast as the broker confirms.
     pub rate: f64,
@@ -89,8 +97,52 @@ pub fn message(
     m
 }
 
-pub async fn run(plan: &Plan) -> Result<Summary, lapin::Error> {
-    let mut publisher = Publisher::connect(&plan.url, &plan.queue, plan.in_flight).await?;
+/// Either publisher, behind one `send`.
+enum Sink {
+    Queue(Box<Publisher>),
+    Hub(HubPublisher, Instant),
+}
+
+impl Sink {
+    async fn send(&mut self, body: &[u8], device: Option<&str>) -> Result<(), String> {
+        match self {
+            Sink::Queue(p) => p.send(body, device).await.map_err(|e| e.to_string()),
+            Sink::Hub(p, last) => {
+                p.send(body, device).await.map_err(|e| e.to_string())?;
+                // Batches, but no reading waits more than 100 ms for its batch to fill.
+                if last.elapsed() >= Duration::from_millis(100) {
+                    *last = Instant::now();
+                    p.flush().await.map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        match self {
+            Sink::Queue(p) => p.flush().await.map_err(|e| e.to_string()),
+            Sink::Hub(p, _) => p.flush().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        match self {
+            Sink::Queue(p) => (p.confirmed, p.refused),
+            Sink::Hub(p, _) => (p.confirmed, p.refused),
+        }
+    }
+}
+
+pub async fn run(plan: &Plan) -> Result<Summary, String> {
+    let mut publisher = match &plan.target {
+        Target::Queue(b) => {
+            Sink::Queue(Box::new(Publisher::connect(b, plan.in_flight).await.map_err(|e| e.to_string())?))
+        }
+        Target::Hub(s, hub) => {
+            Sink::Hub(HubPublisher::connect(s, hub, plan.in_flight).await.map_err(|e| e.to_string())?, Instant::now())
+        }
+    };
     let mut rng = fastrand::Rng::with_seed(42);
     let start = Instant::now();
     let mut last_progress = Instant::now();
@@ -110,12 +162,13 @@ pub async fn run(plan: &Plan) -> Result<Summary, lapin::Error> {
         let d = (k % devices as u64) as usize;
         let per_device = k / devices as u64;
         let body = message(plan.profile, &plan.prefix, d, per_device, &mut rng, chrono::Utc::now());
-        publisher.send(&serde_json::to_vec(&body).unwrap_or_default()).await?;
+        let device = body.get("deviceId").and_then(|v| v.as_str());
+        publisher.send(&serde_json::to_vec(&body).unwrap_or_default(), device).await?;
         k += 1;
         if plan.progress && last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
             let rate = k as f64 / start.elapsed().as_secs_f64();
-            eprint!("\rsent {k}, confirmed {}, {rate:.0} msg/s   ", publisher.confirmed);
+            eprint!("\rsent {k}, confirmed {}, {rate:.0} msg/s   ", publisher.counts().0);
             let _ = std::io::stderr().flush();
         }
     }
@@ -123,7 +176,8 @@ pub async fn run(plan: &Plan) -> Result<Summary, lapin::Error> {
     if plan.progress {
         eprintln!();
     }
-    Ok(Summary { sent: k, confirmed: publisher.confirmed, refused: publisher.refused, elapsed: start.elapsed() })
+    let (confirmed, refused) = publisher.counts();
+    Ok(Summary { sent: k, confirmed, refused, elapsed: start.elapsed() })
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use crate::model::group::{GroupError, GroupKey, Grouper};
 use crate::model::ids;
+use crate::model::kind::ErrorKind;
 use crate::model::measurement::Measurement;
 use crate::model::observation::{self, Identity, Observation, ObservationError};
 use crate::template::fhir::FhirMapping;
@@ -29,10 +30,10 @@ pub enum TransformError {
 }
 
 impl TransformError {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             TransformError::Group(e) => e.kind(),
-            TransformError::MissingPatient { .. } => "identity-not-defined",
+            TransformError::MissingPatient { .. } => ErrorKind::IdentityNotDefined,
             TransformError::Observation(e) => e.kind(),
         }
     }

@@ -4,110 +4,13 @@
 
 mod common;
 
-use chrono::{DateTime, Duration as Span, Utc};
-use common::services::{self, Connector, Fhir, Setup};
-use iomt_connector::model::ids;
-use iomt_connector::template::device::{DeviceMapping, envelope};
-use iomt_connector::template::fhir::FhirMapping;
-use iomt_connector::transform::{CreateIdentity, transform};
+use chrono::{DateTime, Utc};
+use common::services::{self, Bed, Connector, Fhir, Setup, bed};
+use common::vitals::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
-
-const BASE: &str = "2026-03-15T10:00:00Z";
-
-fn base() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(BASE).map(|t| t.with_timezone(&Utc)).unwrap_or_default()
-}
-
-/// One reading of one vital type, in the sample mappings' message format.
-#[derive(Clone, Copy, PartialEq)]
-enum Vital {
-    HeartRate,
-    Spo2,
-    BloodPressure,
-    Steps,
-}
-
-fn hr(d: usize, i: usize) -> usize {
-    60 + (d + i) % 40
-}
-fn spo2(d: usize, i: usize) -> usize {
-    90 + (d * 7 + i) % 10
-}
-fn sys(d: usize, i: usize) -> usize {
-    100 + (d + i) % 40
-}
-fn dia(d: usize, i: usize) -> usize {
-    60 + (d + 2 * i) % 20
-}
-fn steps(d: usize, i: usize) -> usize {
-    d * 100 + i
-}
-
-/// Readings are a second apart; steps (hourly slots in a daily window) an hour apart, one per slot.
-fn time_of(i: usize, v: Vital) -> DateTime<Utc> {
-    match v {
-        Vital::Steps => base() + Span::hours(i as i64),
-        _ => base() + Span::seconds(i as i64),
-    }
-}
-
-fn message(run: &str, d: usize, i: usize, v: Vital) -> Value {
-    let time = time_of(i, v);
-    let mut m = json!({
-        "deviceId": format!("{run}-dev-{d}"),
-        "patientId": format!("{run}-pat-{d}"),
-        "measurementTime": time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    });
-    match v {
-        Vital::HeartRate => m["heartRate"] = json!(hr(d, i)),
-        Vital::Spo2 => m["spo2"] = json!(spo2(d, i)),
-        Vital::BloodPressure => {
-            m["systolic"] = json!(sys(d, i));
-            m["diastolic"] = json!(dia(d, i));
-        }
-        Vital::Steps => m["steps"] = json!(steps(d, i)),
-    }
-    m
-}
-
-fn bodies(run: &str, devices: usize, readings: usize, vitals: &[Vital]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for i in 0..readings {
-        for d in 0..devices {
-            for v in vitals {
-                out.push(serde_json::to_vec(&message(run, d, i, *v)).unwrap_or_default());
-            }
-        }
-    }
-    out
-}
-
-fn patient_id(run: &str, d: usize) -> String {
-    ids::resource_id(None, &format!("{run}-pat-{d}"))
-}
-
-fn device_id(system: &str, run: &str, d: usize) -> String {
-    ids::resource_id(Some(system), &format!("{run}-dev-{d}"))
-}
-
-fn loinc(o: &Value) -> &str {
-    o["code"]["coding"][0]["code"].as_str().unwrap_or_default()
-}
-
-/// SampledData back to readings: slot index → value.
-fn decode(sd: &Value) -> BTreeMap<usize, String> {
-    sd["data"]
-        .as_str()
-        .unwrap_or_default()
-        .split(' ')
-        .enumerate()
-        .filter(|(_, t)| *t != "E")
-        .map(|(i, t)| (i, t.to_string()))
-        .collect()
-}
 
 /// Reads back every Observation of each device's patient and checks it against the readings.
 async fn check_vitals(fhir: &Fhir, run: &str, system: &str, devices: usize, readings: usize) -> Vec<Value> {
@@ -179,40 +82,8 @@ async fn check_vitals(fhir: &Fhir, run: &str, system: &str, devices: usize, read
     all
 }
 
-/// A test's own run id, identifier system and queue (declared), with the broker channel.
-struct Bed {
-    run: String,
-    system: String,
-    queue: String,
-    ch: lapin::Channel,
-    _conn: lapin::Connection,
-}
-
-async fn bed(name: &str) -> Bed {
-    services::require_fhir().await;
-    let run = services::unique(name);
-    let system = format!("urn:iomt-test:{run}");
-    let queue = format!("{run}.q");
-    let conn = services::broker().await;
-    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
-    services::declare(&ch, &queue).await;
-    Bed { run, system, queue, ch, _conn: conn }
-}
-
 fn versions(obs: &[Value]) -> HashMap<String, Value> {
     obs.iter().map(|o| (o["id"].as_str().unwrap_or_default().to_string(), o["meta"]["versionId"].clone())).collect()
-}
-
-/// Strips what legitimately varies between runs (server metadata, processing time, and `status`,
-/// which is `amended` once an Observation was merged into).
-fn content(o: &Value) -> Value {
-    let mut o = o.clone();
-    if let Some(m) = o.as_object_mut() {
-        for k in ["meta", "issued", "status"] {
-            m.remove(k);
-        }
-    }
-    o
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -356,7 +227,7 @@ async fn lookup_mode_dead_letters_what_cannot_be_written_and_keeps_the_rest() {
     }
     let conn = services::broker().await;
     let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
-    services::declare(&ch, &queue).await;
+    services::declare(&conn, &queue).await;
     let (device_mapping, fhir_mapping) = mappings_with_note(&run);
     let mut setup = Setup::new(&queue, "Lookup", &system);
     setup.device_mapping = device_mapping;
@@ -426,28 +297,6 @@ async fn lookup_mode_dead_letters_what_cannot_be_written_and_keeps_the_rest() {
     services::delete_queue(&ch, &dlq).await;
 }
 
-/// What an uninterrupted run writes, by Observation id (the offline transform of the same
-/// messages, in order, with Create identity).
-fn uninterrupted(msgs: &[Vec<u8>], system: &str) -> HashMap<String, Value> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let device =
-        DeviceMapping::parse(&std::fs::read_to_string(repo.join("mappings/devicecontent.json")).unwrap_or_default())
-            .unwrap_or_default();
-    let fhir = FhirMapping::parse(&std::fs::read_to_string(repo.join("mappings/fhirmapping.json")).unwrap_or_default())
-        .unwrap_or_default();
-    let mut ms = Vec::new();
-    for b in msgs {
-        ms.extend(device.normalize(&envelope(serde_json::from_slice(b).unwrap_or_default())).unwrap_or_default());
-    }
-    let batch = transform(&fhir, ms, &CreateIdentity { device_system: Some(system.to_string()) }, Utc::now());
-    assert!(batch.errors.is_empty(), "{:?}", batch.errors);
-    batch
-        .observations
-        .iter()
-        .map(|o| (o.id.clone().unwrap_or_default(), content(&serde_json::to_value(o).unwrap_or_default())))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_run_then_restart_converges_to_the_uninterrupted_state() {
     let Bed { run, system, queue, ch, _conn } = bed("kill").await;
@@ -482,18 +331,7 @@ async fn sigkill_mid_run_then_restart_converges_to_the_uninterrupted_state() {
         assert!(std::time::Instant::now() < deadline, "not drained: {ready} ready, {unacked} unacked");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let want = uninterrupted(&msgs, &system);
-    let fhir = Fhir::new();
-    let mut got = HashMap::new();
-    for d in 0..20 {
-        for o in fhir.search(&format!("Observation?subject=Patient/{}", patient_id(&run, d))).await {
-            got.insert(o["id"].as_str().unwrap_or_default().to_string(), content(&o));
-        }
-    }
-    assert_eq!(got.len(), want.len(), "Observation count");
-    for (id, w) in &want {
-        assert_eq!(got.get(id), Some(w), "Observation/{id}");
-    }
+    assert_converged(&Fhir::new(), &run, 20, &uninterrupted(&msgs, &system)).await;
     services::delete_queue(&ch, &queue).await;
 }
 
@@ -538,7 +376,12 @@ async fn health_actors_and_metrics_answer_as_documented() {
     let (status, body) = c.get("/health/ready").await;
     assert_eq!(status, 200);
     let ready: Value = serde_json::from_str(&body).unwrap_or_default();
-    assert_eq!(ready, json!({"status": "ready", "broker": true, "fhir": true, "mappings": true}));
+    let version = ready["mappingsVersion"].as_str().unwrap_or_default().to_string();
+    assert!(version.len() == 12 && version.chars().all(|c| c.is_ascii_hexdigit()), "{ready}");
+    assert_eq!(
+        ready,
+        json!({"status": "ready", "source": "rabbitmq", "broker": true, "fhir": true, "mappings": true, "mappingsVersion": version})
+    );
 
     let (status, body) = c.get("/actors").await;
     assert_eq!(status, 200);

@@ -31,14 +31,13 @@ impl TokenSource {
         match s.auth {
             AuthKind::None => TokenSource::None,
             AuthKind::Bearer => TokenSource::Static(s.bearer_token.clone()),
-            AuthKind::Oauth2 => TokenSource::OAuth2(Arc::new(OAuth2 {
+            AuthKind::Oauth2 => TokenSource::OAuth2(Arc::new(OAuth2::client_credentials(
                 http,
-                token_url: s.oauth2_token_url.clone(),
-                client_id: s.oauth2_client_id.clone(),
-                client_secret: s.oauth2_client_secret.clone(),
-                scope: s.oauth2_scope.clone(),
-                cached: Mutex::new(None),
-            })),
+                s.oauth2_token_url.clone(),
+                s.oauth2_client_id.clone(),
+                s.oauth2_client_secret.clone(),
+                s.oauth2_scope.clone(),
+            ))),
         }
     }
 
@@ -48,6 +47,11 @@ impl TokenSource {
             TokenSource::Static(t) => Ok(Some(t.clone())),
             TokenSource::OAuth2(o) => o.token().await.map(Some),
         }
+    }
+
+    /// Whether a refused token can be replaced by a fresh one (OAuth2).
+    pub fn renews(&self) -> bool {
+        matches!(self, TokenSource::OAuth2(_))
     }
 
     /// Forget a token the server refused.
@@ -60,7 +64,31 @@ impl TokenSource {
     }
 }
 
+impl std::fmt::Debug for OAuth2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuth2").field("token_url", &self.token_url).field("client_id", &self.client_id).finish()
+    }
+}
+
 impl OAuth2 {
+    /// A client-credentials token source (also Event Hubs' Microsoft Entra sign-in).
+    pub fn client_credentials(
+        http: reqwest::Client,
+        token_url: String,
+        client_id: String,
+        client_secret: String,
+        scope: String,
+    ) -> OAuth2 {
+        OAuth2 { http, token_url, client_id, client_secret, scope, cached: Mutex::new(None) }
+    }
+
+    /// A token and how long it is good for.
+    pub async fn token_with_ttl(&self) -> Result<(String, Duration), FhirError> {
+        let token = self.token().await?;
+        let until = self.cached.lock().ok().and_then(|c| c.as_ref().map(|(_, u)| *u));
+        Ok((token, until.map_or(Duration::from_secs(300), |u| u.saturating_duration_since(Instant::now()))))
+    }
+
     async fn token(&self) -> Result<String, FhirError> {
         if let Ok(c) = self.cached.lock()
             && let Some((t, until)) = c.as_ref()
@@ -84,8 +112,23 @@ impl OAuth2 {
             .body(body.join("&"))
             .send()
             .await
-            .map_err(|e| FhirError::Auth(format!("token endpoint {} unreachable: {e}", self.token_url)))?;
+            // Unreachable is transient, like the FHIR server itself being away: hold and retry.
+            .map_err(|e| FhirError::Network {
+                method: "POST",
+                path: "(token endpoint)".into(),
+                message: format!("token endpoint {} unreachable: {e}", self.token_url),
+            })?;
         let status = resp.status();
+        if super::transient_status(status.as_u16()) {
+            // The login server is busy or away: as transient as the FHIR server being away.
+            return Err(FhirError::Status {
+                method: "POST",
+                path: "(token endpoint)".into(),
+                status: status.as_u16(),
+                outcome: format!("token endpoint {} answered {status}", self.token_url),
+                retry_after: None,
+            });
+        }
         let v: Value = resp.json().await.map_err(|e| {
             FhirError::Auth(format!("token endpoint {} answered {status} without JSON: {e}", self.token_url))
         })?;

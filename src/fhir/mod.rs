@@ -3,6 +3,7 @@
 //! of actors.
 
 pub mod auth;
+pub mod circuit;
 
 use crate::config;
 use crate::metrics;
@@ -10,6 +11,7 @@ use auth::TokenSource;
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode, header};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -25,12 +27,24 @@ pub enum FhirError {
 }
 
 impl FhirError {
-    /// Whether the same request may succeed later.
+    /// Whether the same request may succeed later: the server unreachable or timing out, 408,
+    /// 429 and 5xx (but 501: the server will never implement the request).
     pub fn retryable(&self) -> bool {
         match self {
             FhirError::Network { .. } => true,
-            FhirError::Status { status, .. } => *status == 429 || *status >= 500,
+            FhirError::Status { status, .. } => transient_status(*status),
             FhirError::Decode { .. } | FhirError::Auth(_) => false,
+        }
+    }
+
+    /// The method and what went wrong, without the path (it can hold device or patient
+    /// identifiers): fit for logs and readiness.
+    pub fn summary(&self) -> String {
+        match self {
+            FhirError::Network { method, message, .. } => format!("{method}: {message}"),
+            FhirError::Status { method, status, .. } => format!("{method}: HTTP {status}"),
+            FhirError::Decode { method, .. } => format!("{method}: unexpected response"),
+            FhirError::Auth(m) => format!("authentication: {m}"),
         }
     }
 
@@ -41,7 +55,8 @@ impl FhirError {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    /// The server's `Retry-After`, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             FhirError::Status { retry_after, .. } => *retry_after,
             _ => None,
@@ -82,6 +97,12 @@ pub struct FhirClient {
     token: TokenSource,
     backoff: ExponentialBuilder,
     max_backoff: Duration,
+    circuit: Arc<circuit::Circuit>,
+}
+
+/// Statuses worth retrying: 408, 429, and 5xx but 501.
+pub fn transient_status(status: u16) -> bool {
+    status == 408 || status == 429 || (status >= 500 && status != 501)
 }
 
 impl FhirClient {
@@ -102,7 +123,18 @@ impl FhirClient {
             base: s.base_url.trim_end_matches('/').to_string(),
             backoff,
             max_backoff: Duration::from_millis(s.max_backoff_ms),
+            circuit: Arc::default(),
         })
+    }
+
+    /// Open while the server fails transiently (see `circuit`).
+    pub fn circuit(&self) -> &Arc<circuit::Circuit> {
+        &self.circuit
+    }
+
+    /// The longest pause between retries (`fhir.max_backoff_ms`); a `Retry-After` is capped by it.
+    pub fn max_backoff(&self) -> Duration {
+        self.max_backoff
     }
 
     pub fn base_url(&self) -> &str {
@@ -117,19 +149,38 @@ impl FhirClient {
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> Result<Response, FhirError> {
-        let attempt = || self.request_once(method.clone(), path, body, if_match);
-        attempt
+        let attempt = || async {
+            match self.request_once(method.clone(), path, body, if_match).await {
+                // The token was revoked or rotated: the failed request dropped it; one more try
+                // fetches a fresh one before the answer counts.
+                Err(FhirError::Status { status: 401, .. }) if self.token.renews() => {
+                    self.request_once(method.clone(), path, body, if_match).await
+                }
+                other => other,
+            }
+        };
+        let result = attempt
             .retry(self.backoff)
             .sleep(tokio::time::sleep)
             .when(FhirError::retryable)
             // Retry-After replaces the next delay while retries remain, capped like any backoff.
-            .adjust(|e, d| d.map(|d| e.retry_after().map_or(d, |r| r.min(self.max_backoff))))
+            // Never shorter than our own backoff: a `Retry-After: 0` must not become a tight loop.
+            .adjust(|e, d| d.map(|d| e.retry_after().map_or(d, |r| r.max(d).min(self.max_backoff))))
             // The path can hold device or patient identifiers: log the method and status only.
             .notify(|e, d| {
                 let status = e.status().map_or_else(|| "network error".to_string(), |s| format!("HTTP {s}"));
-                tracing::warn!(method = %method_name(&method), %status, retry_in_ms = d.as_millis() as u64, "FHIR request will be retried")
+                let cause = if e.retry_after().is_some() { "retry-after" } else { "backoff" };
+                metrics::get().fhir_wait_seconds.with_label_values(&[cause]).inc_by(d.as_secs_f64());
+                tracing::warn!(method = %method_name(&method), %status, retry_in_ms = d.as_millis() as u64, cause, "FHIR request will be retried")
             })
-            .await
+            .await;
+        match &result {
+            Err(e) if e.retryable() => self.circuit.trip(e.summary()),
+            // Any other answer, even a refusal, means the server is there.
+            Ok(_) | Err(FhirError::Status { .. }) => self.circuit.close(),
+            Err(_) => {}
+        }
+        result
     }
 
     async fn request_once(
@@ -158,24 +209,21 @@ impl FhirClient {
         }
         let resp = req.send().await.map_err(|e| {
             metrics::get().fhir_requests.with_label_values(&[m, "error"]).inc();
-            FhirError::Network { method: m, path: path.into(), message: error_chain(&e) }
+            // Without the URL: it can hold device or patient identifiers, and this text is logged
+            // and shown by readiness.
+            FhirError::Network { method: m, path: path.into(), message: error_chain(&e.without_url()) }
         })?;
         let status = resp.status();
         metrics::get().fhir_requests.with_label_values(&[m, status.as_str()]).inc();
         let etag = resp.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).map(parse_etag);
-        let retry_after = resp
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = resp.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(retry_after);
         if status == StatusCode::UNAUTHORIZED {
             self.token.invalidate();
         }
         let bytes = resp.bytes().await.map_err(|e| FhirError::Network {
             method: m,
             path: path.into(),
-            message: error_chain(&e),
+            message: error_chain(&e.without_url()),
         })?;
         if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
             let body =
@@ -225,7 +273,7 @@ impl FhirClient {
                     Ok(Some(Versioned { version: etag.or_else(|| version_of(&resource)), resource }))
                 }
                 404 | 410 => Ok(None),
-                s if s == 429 || s >= 500 || s == 0 => self.read(resource_type, id).await,
+                s if transient_status(s) || s == 0 => self.read(resource_type, id).await,
                 s => Err(FhirError::Status {
                     method: "GET",
                     path: format!("{resource_type}/{id}"),
@@ -290,7 +338,7 @@ impl FhirClient {
         let path = format!("{resource_type}/{id}");
         match self.request(Method::PUT, &path, Some(resource), if_match).await {
             Ok(r) => Ok(PutResult { status: r.status, version: r.etag.or_else(|| version_of(&r.body)), outcome: None }),
-            Err(FhirError::Status { status, outcome, .. }) if status < 500 && status != 429 => {
+            Err(FhirError::Status { status, outcome, .. }) if !transient_status(status) => {
                 Ok(PutResult { status, version: None, outcome: Some(outcome) })
             }
             Err(e) => Err(e),
@@ -315,7 +363,7 @@ impl FhirClient {
         for (put, a) in puts.iter().zip(answers) {
             let resp = a.get("response").cloned().unwrap_or(Value::Null);
             let status = entry_status(&a);
-            let result = if status == 429 || status >= 500 || status == 0 {
+            let result = if transient_status(status) || status == 0 {
                 // Retry this entry alone; it goes through the retrying single-request path.
                 self.update(put.resource_type, &put.id, &put.resource, put.if_match.as_deref()).await?
             } else {
@@ -348,9 +396,13 @@ impl FhirClient {
         Ok(answers)
     }
 
-    /// `GET metadata`: is the server there and answering?
+    /// `GET metadata`: is the server there and answering? An answer closes the circuit.
     pub async fn ping(&self) -> Result<(), FhirError> {
-        self.request_once(Method::GET, "metadata", None, None).await.map(|_| ())
+        let r = self.request_once(Method::GET, "metadata", None, None).await.map(|_| ());
+        if r.is_ok() {
+            self.circuit.close();
+        }
+        r
     }
 }
 
@@ -377,6 +429,16 @@ fn entry_status(entry: &Value) -> u16 {
         .and_then(Value::as_str)
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// `Retry-After`: delay-seconds or an HTTP-date.
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    Some((at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO))
 }
 
 /// `W/"3"` → `3`.
@@ -444,6 +506,19 @@ mod tests {
         assert_eq!(parse_etag("W/\"12\""), "12");
         assert_eq!(token(Some("urn:x"), "a|b,c"), "urn:x|a\\|b\\,c");
         assert_eq!(encode("urn:x|a b"), "urn%3Ax%7Ca%20b");
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_transient_statuses_are_named() {
+        assert_eq!(retry_after(" 3 "), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(retry_after("soon"), None);
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(transient_status(s), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 412, 422, 501] {
+            assert!(!transient_status(s), "{s}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use super::measurement::Measurement;
 use super::time::{self, TICK};
+use crate::model::kind::ErrorKind;
 use crate::template::fhir::{CodeValueTemplate, FhirMapping, PeriodInterval};
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use std::collections::{BTreeMap, HashMap};
@@ -46,10 +47,10 @@ pub enum GroupError {
 }
 
 impl GroupError {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            GroupError::NoTemplate(_) => "no-fhir-template",
-            GroupError::MissingCorrelationId(_) => "missing-correlation-id",
+            GroupError::NoTemplate(_) => ErrorKind::NoFhirTemplate,
+            GroupError::MissingCorrelationId(_) => ErrorKind::MissingCorrelationId,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod group;
 pub mod ids;
+pub mod kind;
 pub mod measurement;
 pub mod observation;
 pub mod sampled;

@@ -6,6 +6,7 @@ use super::ids::{self, SERVICE_SYSTEM};
 use super::measurement::{Measurement, Property};
 use super::sampled;
 use super::time;
+use crate::model::kind::ErrorKind;
 use crate::template::fhir::{Code, CodeValueTemplate, ValueKind, ValueTemplate};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -187,10 +188,10 @@ pub enum ObservationError {
 }
 
 impl ObservationError {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            ObservationError::NotANumber { .. } => "invalid-value",
-            ObservationError::TooManySamples { .. } => "window-too-large",
+            ObservationError::NotANumber { .. } => ErrorKind::InvalidValue,
+            ObservationError::TooManySamples { .. } => ErrorKind::WindowTooLarge,
         }
     }
 }

@@ -3,11 +3,12 @@
 //! cached (found ones for `cache_ttl_secs`, "not found" for `miss_ttl_secs`); the cache key holds
 //! the message's patient id, so a device handed to another patient is noticed.
 
-use super::ActorStats;
 use crate::config::IdentityMode;
 use crate::fhir::{self, FhirClient, FhirError};
 use crate::model::ids;
+use crate::model::kind::ErrorKind;
 use crate::model::observation::Identity;
+use crate::status::ActorStats;
 use actix::prelude::*;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -40,14 +41,14 @@ pub enum IdentityError {
 }
 
 impl IdentityError {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            IdentityError::DeviceNotFound(_) => "identity-not-found",
-            IdentityError::Ambiguous { .. } => "identity-ambiguous",
-            IdentityError::DeviceWithoutPatient(_) => "identity-not-found",
-            IdentityError::PatientMismatch { .. } => "patient-mismatch",
-            IdentityError::NotDefined { .. } => "identity-not-defined",
-            IdentityError::EncounterNotFound(_) => "encounter-not-found",
+            IdentityError::DeviceNotFound(_) => ErrorKind::IdentityNotFound,
+            IdentityError::Ambiguous { .. } => ErrorKind::IdentityAmbiguous,
+            IdentityError::DeviceWithoutPatient(_) => ErrorKind::IdentityNotFound,
+            IdentityError::PatientMismatch { .. } => ErrorKind::PatientMismatch,
+            IdentityError::NotDefined { .. } => ErrorKind::IdentityNotDefined,
+            IdentityError::EncounterNotFound(_) => ErrorKind::EncounterNotFound,
             IdentityError::Fhir(e) => fhir_kind(e),
         }
     }
@@ -59,13 +60,13 @@ impl IdentityError {
 }
 
 /// The dead-letter kind of a FHIR failure.
-pub fn fhir_kind(e: &FhirError) -> &'static str {
+pub fn fhir_kind(e: &FhirError) -> ErrorKind {
     match e {
-        e if e.retryable() => "fhir-unavailable",
-        FhirError::Status { .. } => "fhir-rejected",
-        FhirError::Decode { .. } => "fhir-invalid-response",
-        FhirError::Auth(_) => "fhir-auth",
-        FhirError::Network { .. } => "fhir-unavailable",
+        e if e.retryable() => ErrorKind::FhirUnavailable,
+        FhirError::Status { .. } => ErrorKind::FhirRejected,
+        FhirError::Decode { .. } => ErrorKind::FhirInvalidResponse,
+        FhirError::Auth(_) => ErrorKind::FhirAuth,
+        FhirError::Network { .. } => ErrorKind::FhirUnavailable,
     }
 }
 

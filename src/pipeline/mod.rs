@@ -1,77 +1,22 @@
 //! The running service: ingest → DeviceShard actors → FhirWriter actors (with the IdentityCache
 //! actor) → ack or dead-letter. This file wires them, supervises the run, and shuts it down.
 
-pub mod delivery;
 pub mod identity;
 pub mod ingest;
+pub mod mappings;
 pub mod shard;
 pub mod writer;
 
 use crate::config::Settings;
 use crate::fhir::FhirClient;
 use crate::metrics;
-use crate::template::device::DeviceMapping;
-use crate::template::fhir::FhirMapping;
+use crate::status::{ActorStats, Shared};
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
-use dashmap::DashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// What an actor reports at `/actors`.
-pub struct ActorStats {
-    pub name: String,
-    pub kind: &'static str,
-    mailbox: AtomicI64,
-    handled: AtomicU64,
-    devices: AtomicU64,
-    last_flush_ms: AtomicI64,
-}
-
-impl ActorStats {
-    pub fn new(name: String, kind: &'static str) -> Arc<ActorStats> {
-        Arc::new(ActorStats {
-            name,
-            kind,
-            mailbox: AtomicI64::new(0),
-            handled: AtomicU64::new(0),
-            devices: AtomicU64::new(0),
-            last_flush_ms: AtomicI64::new(0),
-        })
-    }
-
-    fn queued(&self) {
-        self.mailbox.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A message taken from the mailbox.
-    pub fn received(&self) {
-        self.mailbox.fetch_sub(1, Ordering::Relaxed);
-        self.handled.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn set_devices(&self, n: usize) {
-        self.devices.store(n as u64, Ordering::Relaxed);
-    }
-
-    pub fn flushed(&self) {
-        self.last_flush_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
-    }
-
-    pub fn snapshot(&self) -> serde_json::Value {
-        let last = self.last_flush_ms.load(Ordering::Relaxed);
-        serde_json::json!({
-            "name": self.name,
-            "kind": self.kind,
-            "mailbox": self.mailbox.load(Ordering::Relaxed).max(0),
-            "handled": self.handled.load(Ordering::Relaxed),
-            "devices": self.devices.load(Ordering::Relaxed),
-            "lastFlush": chrono::DateTime::from_timestamp_millis(last).filter(|_| last > 0).map(crate::model::time::millis),
-        })
-    }
-}
 
 /// An actor's address that counts what waits in its mailbox.
 pub struct Counted<A: Actor> {
@@ -109,43 +54,6 @@ impl<A: Actor> Counted<A> {
     }
 }
 
-/// State the HTTP endpoints read.
-pub struct Shared {
-    pub broker_connected: AtomicBool,
-    pub fhir_reachable: AtomicBool,
-    pub mappings_loaded: AtomicBool,
-    pub dry_run: bool,
-    pub actors: DashMap<String, Arc<ActorStats>>,
-    pub received: AtomicU64,
-    pub settled: AtomicU64,
-    pub dead_lettered: AtomicU64,
-}
-
-impl Shared {
-    pub fn new(dry_run: bool) -> Arc<Shared> {
-        Arc::new(Shared {
-            broker_connected: AtomicBool::new(false),
-            fhir_reachable: AtomicBool::new(dry_run),
-            mappings_loaded: AtomicBool::new(false),
-            dry_run,
-            actors: DashMap::new(),
-            received: AtomicU64::new(0),
-            settled: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-        })
-    }
-
-    fn stats(&self, name: String, kind: &'static str) -> Arc<ActorStats> {
-        let s = ActorStats::new(name.clone(), kind);
-        self.actors.insert(name, s.clone());
-        s
-    }
-
-    pub fn unsettled(&self) -> u64 {
-        self.received.load(Ordering::SeqCst).saturating_sub(self.settled.load(Ordering::SeqCst))
-    }
-}
-
 fn device_hash(device_id: &str) -> u64 {
     // SipHash with fixed keys: the same device maps to the same shard in every instance and run.
     let mut h = std::hash::DefaultHasher::new();
@@ -176,27 +84,6 @@ pub enum RunError {
     Io(String),
 }
 
-fn load_mappings(s: &Settings) -> Result<(DeviceMapping, FhirMapping), RunError> {
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).map_err(|e| RunError::Io(format!("cannot read {}: {e}", p.display())))
-    };
-    let located = |p: &std::path::Path, e: crate::template::TemplateErrors| {
-        let file = p.display().to_string();
-        e.0.iter().map(|e| e.located(&file)).collect::<Vec<_>>().join("\n")
-    };
-    let device = DeviceMapping::parse(&read(&s.mappings.device)?).map_err(|e| RunError::Mapping {
-        path: s.mappings.device.display().to_string(),
-        what: "device",
-        problems: located(&s.mappings.device, e),
-    })?;
-    let fhir = FhirMapping::parse(&read(&s.mappings.fhir)?).map_err(|e| RunError::Mapping {
-        path: s.mappings.fhir.display().to_string(),
-        what: "FHIR",
-        problems: located(&s.mappings.fhir, e),
-    })?;
-    Ok((device, fhir))
-}
-
 /// The measurements a shard holds before it flushes. Messages are acked only after their flush, so
 /// if the shards together could hold the whole prefetch window the broker would stop sending until
 /// the interval timer fired: each shard flushes at a quarter of its share of the window at most.
@@ -208,22 +95,31 @@ pub fn flush_bound(s: &Settings) -> usize {
 /// Runs the service until SIGTERM or SIGINT, then stops consuming, flushes every shard, waits for
 /// the writes and the acks, and returns.
 pub fn run(settings: Settings, dry_run: bool) -> Result<(), RunError> {
-    let (device, fhir) = load_mappings(&settings)?;
+    let mappings = mappings::load(&settings)?;
     let system = actix_rt::System::new();
-    let result = system.block_on(serve(Arc::new(settings), Arc::new(device), Arc::new(fhir), dry_run));
+    let result = system.block_on(serve(Arc::new(settings), mappings, dry_run));
     System::current().stop();
     result
 }
 
-async fn serve(
-    settings: Arc<Settings>,
-    device: Arc<DeviceMapping>,
-    fhir: Arc<FhirMapping>,
-    dry_run: bool,
-) -> Result<(), RunError> {
-    let shared = Shared::new(dry_run);
-    shared.mappings_loaded.store(true, Ordering::SeqCst);
+async fn serve(settings: Arc<Settings>, mappings: mappings::Mappings, dry_run: bool) -> Result<(), RunError> {
     let client = if dry_run { None } else { Some(FhirClient::new(&settings.fhir)?) };
+    let shared = Shared::new(dry_run, client.as_ref().map(|c| c.circuit().clone()).unwrap_or_default());
+    mappings::announce(&mappings, &shared);
+    let current = mappings::Current::new(mappings);
+    shared.mappings_loaded.store(true, Ordering::SeqCst);
+    // Bound before any actor starts: a port in use ends the start with its message, and nothing
+    // half-started is left to fail on its own.
+    let debugger = settings.http.debugger.then(|| crate::studio::Studio {
+        device: settings.mappings.device.clone(),
+        fhir: settings.mappings.fhir.clone(),
+        messages: settings.mappings.device.parent().map(|d| d.join("messages")).unwrap_or_default(),
+        token: settings.http.debugger_token.clone(),
+    });
+    let server = crate::http::server(&settings.http.listen, shared.clone(), debugger)
+        .map_err(|e| RunError::Http { addr: settings.http.listen.clone(), message: e.to_string() })?;
+    let server_handle = server.handle();
+    actix_rt::spawn(server);
 
     let istats = shared.stats("identity".into(), "IdentityCache");
     let identity = Counted {
@@ -247,28 +143,24 @@ async fn serve(
     let mut writers = Vec::new();
     for i in 0..settings.pipeline.writers {
         let stats = shared.stats(format!("writer-{i}"), "FhirWriter");
-        let (c, f, id, batch, s) = (client.clone(), fhir.clone(), identity.clone(), settings.fhir.batch, stats.clone());
+        let (c, id, batch, s) = (client.clone(), identity.clone(), settings.fhir.batch, stats.clone());
+        let give_up = Some(Duration::from_secs(settings.fhir.give_up_after_secs)).filter(|d| !d.is_zero());
         let addr =
-            writer::FhirWriter::start_in_arbiter(&place(i), move |_| writer::FhirWriter::new(c, f, id, batch, s));
+            writer::FhirWriter::start_in_arbiter(&place(i), move |_| writer::FhirWriter::new(c, id, batch, s, give_up));
         writers.push(Counted { addr, stats });
     }
     let writers = Arc::new(writers);
     let mut shards = Vec::new();
     for i in 0..settings.pipeline.shards {
         let stats = shared.stats(format!("shard-{i}"), "DeviceShard");
-        let (f, w, s) = (fhir.clone(), writers.clone(), stats.clone());
+        let (w, s) = (writers.clone(), stats.clone());
         let (interval, max) = (Duration::from_millis(settings.pipeline.flush_interval_ms), flush_bound(&settings));
         let addr = shard::DeviceShard::start_in_arbiter(&place(i + settings.pipeline.writers), move |_| {
-            shard::DeviceShard::new(f, w, interval, max, s)
+            shard::DeviceShard::new(w, interval, max, s)
         });
         shards.push(Counted { addr, stats });
     }
     let shards = Arc::new(shards);
-
-    let server = crate::http::server(&settings.http.listen, shared.clone())
-        .map_err(|e| RunError::Http { addr: settings.http.listen.clone(), message: e.to_string() })?;
-    let server_handle = server.handle();
-    actix_rt::spawn(server);
 
     if let Some(c) = client.clone() {
         let shared = shared.clone();
@@ -278,20 +170,27 @@ async fn serve(
                 if shared.fhir_reachable.swap(ok, Ordering::SeqCst) != ok {
                     tracing::info!(reachable = ok, url = c.base_url(), "FHIR server reachability changed");
                 }
-                tokio::time::sleep(Duration::from_secs(if ok { 10 } else { 2 })).await;
+                // While writes are held, probe every second: the held work resumes as soon as a
+                // probe answers (the circuit closes), not at the end of the writers' backoff.
+                // Books the outage time as it goes (iomt_fhir_outage_seconds_total).
+                let calm = ok && c.circuit().state().is_none();
+                tokio::time::sleep(Duration::from_secs(if calm { 10 } else { 1 })).await;
             }
         });
     }
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
-    let dl_channel = Arc::new(std::sync::Mutex::new(None));
-    let settler =
-        actix_rt::spawn(ingest::settler(settle_rx, dl_channel.clone(), settings.broker.clone(), shared.clone()));
-    let ingest_ctx = ingest::Ingest::new(settings.clone(), device, shards.clone(), shared.clone(), settle_tx);
-    let ingest = actix_rt::spawn(ingest::run(ingest_ctx, stop_rx, dl_channel));
+    actix_rt::spawn(mappings::watch(settings.clone(), current.clone(), shared.clone()));
+    let intake = Arc::new(ingest::Ingest::new(settings.clone(), current, shards.clone()));
+    let mut source = crate::source::start(&settings, intake, shared.clone());
+    let reads = match settings.source.kind {
+        crate::config::SourceKind::Rabbitmq => settings.broker.queue.clone(),
+        crate::config::SourceKind::Eventhubs => {
+            format!("{}/ConsumerGroups/{}", settings.eventhubs.hub_name(), settings.eventhubs.consumer_group)
+        }
+    };
     tracing::info!(
-        queue = %settings.broker.queue,
+        source = settings.source.kind.as_str(),
+        reads = %reads,
         shards = settings.pipeline.shards,
         writers = settings.pipeline.writers,
         fhir = %settings.fhir.base_url,
@@ -302,18 +201,31 @@ async fn serve(
 
     wait_for_signal().await;
     tracing::info!("stopping: no new messages; flushing shards and waiting for writes and acks");
-    let _ = stop_tx.send(true);
-    let keep_alive = ingest.await.ok().flatten();
+    source.stop_taking().await;
     for s in shards.iter() {
         let _ = s.send(shard::FlushNow).await;
     }
     let started = Instant::now();
+    // During a FHIR outage the held messages cannot be written before an orchestrator's grace
+    // period ends: after 10 s of it, stop without them. They stay unacked (the source stops
+    // settling first), so the broker redelivers them.
+    let mut outage_since: Option<Instant> = None;
     while shared.unsettled() > 0 && started.elapsed() < Duration::from_secs(300) {
+        if shared.fhir_circuit.is_open() {
+            if outage_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(10) {
+                tracing::warn!(
+                    held = shared.unsettled(),
+                    "stopping during a FHIR outage: held messages go back to the broker"
+                );
+                break;
+            }
+        } else {
+            outage_since = None;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let left = shared.unsettled();
-    drop(keep_alive);
-    settler.abort();
+    source.close().await;
     server_handle.stop(true).await;
     for a in arbiters {
         a.stop();
@@ -333,7 +245,7 @@ async fn serve(
         shared.dead_lettered.load(Ordering::SeqCst)
     );
     if left > 0 {
-        Err(RunError::Io(format!("{left} messages were still unacked after 300 s; the broker will redeliver them")))
+        Err(RunError::Io(format!("{left} messages were not written before the stop; the broker will redeliver them")))
     } else {
         Ok(())
     }

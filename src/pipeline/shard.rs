@@ -2,13 +2,15 @@
 //! (device, type, patient, encounter, correlation id, window), and hands the groups to the writers
 //! every `flush_interval_ms` or as soon as it holds `flush_max_measurements`.
 
-use super::delivery::DeliveryGuard;
+use super::mappings::Mappings;
 use super::writer::{FhirWriter, PendingGroup, WriteBatch};
-use super::{ActorStats, Counted, writer_for};
+use super::{Counted, writer_for};
 use crate::metrics;
 use crate::model::group::{Group, GroupKey, key_for};
+use crate::model::kind::ErrorKind;
 use crate::model::measurement::Measurement;
-use crate::template::fhir::FhirMapping;
+use crate::source::DeliveryGuard;
+use crate::status::ActorStats;
 use actix::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,6 +20,8 @@ use std::time::Duration;
 pub struct Ingest {
     pub measurements: Vec<Measurement>,
     pub guard: Arc<DeliveryGuard>,
+    /// The mappings the message was normalized with; its groups are built with them too.
+    pub mappings: Arc<Mappings>,
 }
 
 impl Message for Ingest {
@@ -32,7 +36,6 @@ impl Message for FlushNow {
 }
 
 pub struct DeviceShard {
-    mapping: Arc<FhirMapping>,
     writers: Arc<Vec<Counted<FhirWriter>>>,
     flush_interval: Duration,
     flush_max: usize,
@@ -45,14 +48,12 @@ pub struct DeviceShard {
 
 impl DeviceShard {
     pub fn new(
-        mapping: Arc<FhirMapping>,
         writers: Arc<Vec<Counted<FhirWriter>>>,
         flush_interval: Duration,
         flush_max: usize,
         stats: Arc<ActorStats>,
     ) -> Self {
         DeviceShard {
-            mapping,
             writers,
             flush_interval,
             flush_max,
@@ -64,10 +65,10 @@ impl DeviceShard {
         }
     }
 
-    fn add(&mut self, m: Measurement, guard: &Arc<DeliveryGuard>) {
-        let Some(template) = self.mapping.template(&m.type_name) else {
+    fn add(&mut self, m: Measurement, guard: &Arc<DeliveryGuard>, mappings: &Arc<Mappings>) {
+        let Some(template) = mappings.fhir.template(&m.type_name) else {
             guard.fail(
-                "no-fhir-template",
+                ErrorKind::NoFhirTemplate,
                 format!("no FHIR template has typeName '{}': add a CodeValueFhir template for it", m.type_name),
             );
             return;
@@ -86,7 +87,11 @@ impl DeviceShard {
             Some(&i) => i,
             None => {
                 self.index.insert(key.clone(), self.groups.len());
-                self.groups.push(PendingGroup { group: Group::new(key), guards: Vec::new() });
+                self.groups.push(PendingGroup {
+                    group: Group::new(key),
+                    guards: Vec::new(),
+                    mappings: mappings.clone(),
+                });
                 self.groups.len() - 1
             }
         };
@@ -137,7 +142,7 @@ impl Handler<Ingest> for DeviceShard {
     fn handle(&mut self, msg: Ingest, _: &mut Context<Self>) {
         self.stats.received();
         for m in msg.measurements {
-            self.add(m, &msg.guard);
+            self.add(m, &msg.guard, &msg.mappings);
         }
         self.stats.set_devices(self.devices.len());
         if self.buffered >= self.flush_max {

@@ -5,35 +5,68 @@
 //! hold yet (`GET Observation/{id}`: ids are deterministic), merge, and write the changed ones in
 //! one batch Bundle of `PUT`s with `If-Match`. A 409/412 means someone else wrote first: re-read,
 //! re-merge, retry. Anything else the server refuses fails the group with its OperationOutcome;
-//! what cannot be written after the client's retries fails as `fhir-unavailable`. A failed group
-//! marks its messages for the dead-letter queue; they are acked only after that.
+//! what cannot be written for now (network, timeouts, 408, 429, 5xx; identity lookups too) is *held*:
+//! the writer waits (the server's `Retry-After`, else a capped backoff, cut short when the circuit
+//! closes) and runs the held groups again, for as long as it takes unless `fhir.give_up_after_secs`
+//! bounds it. Held messages stay unacked, so the prefetch window fills and the broker stops sending:
+//! the broker is the buffer. A failed group marks its messages for the dead-letter queue; they are
+//! acked only after that.
 
-use super::delivery::DeliveryGuard;
-use super::identity::{IdentityCache, IdentityKey, Resolve, fhir_kind};
-use super::{ActorStats, Counted};
+use super::Counted;
+use super::identity::{IdentityCache, IdentityError, IdentityKey, Resolve, fhir_kind};
+use super::mappings::Mappings;
 use crate::fhir::{FhirClient, FhirError, Put, PutResult};
 use crate::metrics;
 use crate::model::group::Group;
+use crate::model::kind::ErrorKind;
 use crate::model::observation::{self, Identity, Observation, Outcome};
-use crate::template::fhir::{CodeValueTemplate, FhirMapping};
+use crate::source::DeliveryGuard;
+use crate::status::ActorStats;
+use crate::template::fhir::CodeValueTemplate;
 use actix::prelude::*;
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A group and the deliveries it came from.
 pub struct PendingGroup {
     pub group: Group,
     pub guards: Vec<Arc<DeliveryGuard>>,
+    /// The mappings in force when the group's first message arrived: it is written with them.
+    pub mappings: Arc<Mappings>,
 }
 
 impl PendingGroup {
-    fn fail(&self, kind: &'static str, message: &str) {
+    fn fail(&self, kind: ErrorKind, message: &str) {
         for g in &self.guards {
             g.fail(kind, message);
         }
+    }
+}
+
+/// Groups the server could not take for now, and what it said.
+#[derive(Default)]
+struct Held {
+    groups: Vec<PendingGroup>,
+    retry_after: Option<Duration>,
+    reason: Option<String>,
+}
+
+impl Held {
+    /// Holds a group that failed transiently; fails (for the dead-letter queue) one that failed
+    /// for good.
+    fn settle(&mut self, pending: PendingGroup, e: &FhirError) {
+        if !e.retryable() {
+            pending.fail(fhir_kind(e), &e.to_string());
+            return;
+        }
+        if let Some(r) = e.retry_after() {
+            self.retry_after = Some(self.retry_after.map_or(r, |h| h.max(r)));
+        }
+        self.reason = Some(e.summary());
+        self.groups.push(pending);
     }
 }
 
@@ -83,7 +116,6 @@ const CONFLICT_ROUNDS: usize = 3;
 pub struct FhirWriter {
     /// `None` in dry-run: Observations are built and counted, nothing is sent.
     client: Option<FhirClient>,
-    mapping: Arc<FhirMapping>,
     identity: Counted<IdentityCache>,
     batch: bool,
     /// Taken by the batch being written (batches are written one at a time).
@@ -92,6 +124,8 @@ pub struct FhirWriter {
     pending: Vec<PendingGroup>,
     scheduled: bool,
     stats: Arc<ActorStats>,
+    /// Hold groups at most this long through an outage (`fhir.give_up_after_secs`); `None`: forever.
+    give_up: Option<Duration>,
 }
 
 /// How long a writer gathers the shards' flushes before writing them as one batch.
@@ -100,20 +134,20 @@ const GATHER: Duration = Duration::from_millis(20);
 impl FhirWriter {
     pub fn new(
         client: Option<FhirClient>,
-        mapping: Arc<FhirMapping>,
         identity: Counted<IdentityCache>,
         batch: bool,
         stats: Arc<ActorStats>,
+        give_up: Option<Duration>,
     ) -> Self {
         FhirWriter {
             client,
-            mapping,
             identity,
             batch,
             stored: Some(Stored::default()),
             pending: Vec::new(),
             scheduled: false,
             stats,
+            give_up,
         }
     }
 
@@ -130,30 +164,59 @@ impl FhirWriter {
         self.scheduled = false;
         let groups = std::mem::take(&mut self.pending);
         let Some(mut stored) = self.stored.take() else { return };
-        let work = Work {
-            client: self.client.clone(),
-            mapping: self.mapping.clone(),
-            identity: self.identity.clone(),
-            batch: self.batch,
-        };
-        // Should anything in the batch panic, its messages are dead-lettered, never acked.
-        let guards: Vec<Arc<DeliveryGuard>> = groups.iter().flat_map(|g| g.guards.iter().cloned()).collect();
+        let work = Work { client: self.client.clone(), identity: self.identity.clone(), batch: self.batch };
+        let give_up = self.give_up;
         let fut = async move {
-            let outcome = std::panic::AssertUnwindSafe(work.run(&mut stored, groups)).catch_unwind().await;
-            if outcome.is_err() {
-                tracing::error!(
-                    groups = guards.len(),
-                    "a write batch failed with an internal error; its messages are dead-lettered"
-                );
-                for g in &guards {
-                    g.fail(
-                        "internal",
-                        "the FHIR writer failed with an internal error while writing this message's data",
-                    );
+            let mut groups = groups;
+            let mut held_since: Option<Instant> = None;
+            let mut round = 0u32;
+            while !groups.is_empty() {
+                // Should anything in the batch panic, its messages are dead-lettered, never acked.
+                // Taken afresh each round: what was written in a round is acked without waiting
+                // for what is held.
+                let guards: Vec<Arc<DeliveryGuard>> = groups.iter().flat_map(|g| g.guards.iter().cloned()).collect();
+                let outcome = std::panic::AssertUnwindSafe(work.run(&mut stored, groups)).catch_unwind().await;
+                let held = match outcome {
+                    Ok(held) => held,
+                    Err(_) => {
+                        tracing::error!(
+                            groups = guards.len(),
+                            "a write batch failed with an internal error; its messages are dead-lettered"
+                        );
+                        for g in &guards {
+                            g.fail(
+                                ErrorKind::Internal,
+                                "the FHIR writer failed with an internal error while writing this message's data",
+                            );
+                        }
+                        stored = Stored::default();
+                        Held::default()
+                    }
+                };
+                drop(guards);
+                groups = held.groups;
+                if groups.is_empty() {
+                    break;
                 }
-                stored = Stored::default();
+                let since = *held_since.get_or_insert_with(Instant::now);
+                let reason = held.reason.unwrap_or_default();
+                if let Some(bound) = give_up
+                    && since.elapsed() >= bound
+                {
+                    let text = format!(
+                        "the FHIR server was unavailable for longer than fhir.give_up_after_secs ({} s): {reason}",
+                        bound.as_secs()
+                    );
+                    for p in &groups {
+                        p.fail(ErrorKind::FhirUnavailable, &text);
+                    }
+                    break;
+                }
+                metrics::get().held_groups.add(groups.len() as i64);
+                work.wait(round, held.retry_after).await;
+                metrics::get().held_groups.sub(groups.len() as i64);
+                round = round.saturating_add(1);
             }
-            drop(guards);
             stored
         };
         ctx.wait(fut.into_actor(self).map(|mut stored, act, ctx| {
@@ -182,10 +245,13 @@ impl Handler<WriteBatch> for FhirWriter {
 
 struct Work {
     client: Option<FhirClient>,
-    mapping: Arc<FhirMapping>,
     identity: Counted<IdentityCache>,
     batch: bool,
 }
+
+/// The first pause before held groups are tried again; it doubles each round up to
+/// `fhir.max_backoff_ms`, and ends early when the circuit closes.
+const HOLD_FIRST_DELAY: Duration = Duration::from_millis(500);
 
 /// A group ready to be written, with what it is written with.
 struct Item {
@@ -213,11 +279,16 @@ struct Write {
 }
 
 impl Write {
-    fn fail(&self, kind: &'static str, message: &str) {
+    fn fail(&self, kind: ErrorKind, message: &str) {
         for i in &self.items {
             i.pending.fail(kind, message);
         }
     }
+}
+
+/// The group's FHIR template, from the mappings it was grouped with.
+fn template(p: &PendingGroup) -> Option<&CodeValueTemplate> {
+    p.mappings.fhir.template(&p.group.key.type_name)
 }
 
 fn is_instant(item: &Item) -> bool {
@@ -225,21 +296,41 @@ fn is_instant(item: &Item) -> bool {
 }
 
 impl Work {
-    fn template(&self, g: &Group) -> Option<&CodeValueTemplate> {
-        self.mapping.template(&g.key.type_name)
-    }
-
-    async fn run(&self, stored: &mut Stored, groups: Vec<PendingGroup>) {
-        let items = self.identities(groups).await;
-        let items = self.read_missing(stored, items).await;
+    /// Writes the groups; returns those the server could not take for now.
+    async fn run(&self, stored: &mut Stored, groups: Vec<PendingGroup>) -> Held {
+        let mut held = Held::default();
+        let items = self.identities(groups, &mut held).await;
+        let items = self.read_missing(stored, items, &mut held).await;
         let writes = self.merge(stored, items);
-        let conflicts = self.send(stored, writes).await;
-        self.resolve_conflicts(stored, conflicts).await;
+        let conflicts = self.send(stored, writes, &mut held).await;
+        self.resolve_conflicts(stored, conflicts, &mut held).await;
         // "Not on the server" is only true for a moment: re-read next time rather than create blind.
         stored.map.retain(|_, k| k.is_some());
+        held
     }
 
-    async fn identities(&self, groups: Vec<PendingGroup>) -> Vec<Item> {
+    /// Before held groups are tried again: the server's `Retry-After` (capped by
+    /// `fhir.max_backoff_ms`) in full, else a doubling backoff that the circuit's closing cuts short.
+    async fn wait(&self, round: u32, retry_after: Option<Duration>) {
+        let Some(client) = &self.client else { return };
+        let cap = client.max_backoff();
+        let m = metrics::get();
+        let started = Instant::now();
+        match retry_after {
+            Some(r) => {
+                // Never a tight loop, whatever the server says (`Retry-After: 0`, a past date).
+                tokio::time::sleep(r.max(HOLD_FIRST_DELAY).min(cap)).await;
+                m.fhir_wait_seconds.with_label_values(&["retry-after"]).inc_by(started.elapsed().as_secs_f64());
+            }
+            None => {
+                let delay = HOLD_FIRST_DELAY.saturating_mul(1 << round.min(16)).min(cap);
+                client.circuit().wait(delay).await;
+                m.fhir_wait_seconds.with_label_values(&["backoff"]).inc_by(started.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    async fn identities(&self, groups: Vec<PendingGroup>, held: &mut Held) -> Vec<Item> {
         let asks = groups.iter().map(|p| {
             let k = &p.group.key;
             self.identity.send(Resolve(IdentityKey {
@@ -253,15 +344,16 @@ impl Work {
         for (pending, answer) in groups.into_iter().zip(answers) {
             match answer {
                 Ok(Ok(identity)) => items.push(Item::new(pending, identity)),
+                Ok(Err(IdentityError::Fhir(e))) => held.settle(pending, &e),
                 Ok(Err(e)) => pending.fail(e.kind(), &e.to_string()),
-                Err(e) => pending.fail("internal", &format!("the identity actor did not answer: {e}")),
+                Err(e) => pending.fail(ErrorKind::Internal, &format!("the identity actor did not answer: {e}")),
             }
         }
         items
     }
 
     /// Reads the stored Observation of every window not in the cache.
-    async fn read_missing(&self, stored: &mut Stored, items: Vec<Item>) -> Vec<Item> {
+    async fn read_missing(&self, stored: &mut Stored, items: Vec<Item>, held: &mut Held) -> Vec<Item> {
         let Some(client) = &self.client else { return items };
         let mut ids: Vec<String> =
             items.iter().map(|i| i.id.clone()).filter(|id| !stored.map.contains_key(id)).collect();
@@ -298,19 +390,14 @@ impl Work {
                 }
             }
         }
-        items
-            .into_iter()
-            .filter(|i| {
-                let id = &i.id;
-                match failed.get(id) {
-                    Some(e) => {
-                        i.pending.fail(fhir_kind(e), &e.to_string());
-                        false
-                    }
-                    None => true,
-                }
-            })
-            .collect()
+        let mut readable = Vec::with_capacity(items.len());
+        for i in items {
+            match failed.get(&i.id) {
+                Some(e) => held.settle(i.pending, e),
+                None => readable.push(i),
+            }
+        }
+        readable
     }
 
     /// Builds or merges each group; groups of one window are merged into one write.
@@ -319,9 +406,9 @@ impl Work {
         let mut writes: Vec<Write> = Vec::new();
         let mut by_id: HashMap<String, usize> = HashMap::new();
         for item in items {
-            let Some(template) = self.template(&item.pending.group) else {
+            let Some(template) = template(&item.pending) else {
                 item.pending.fail(
-                    "no-fhir-template",
+                    ErrorKind::NoFhirTemplate,
                     &format!("no FHIR template has typeName '{}'", item.pending.group.key.type_name),
                 );
                 continue;
@@ -366,7 +453,7 @@ impl Work {
     }
 
     /// Writes; returns the writes that met a conflict (409/412).
-    async fn send(&self, stored: &mut Stored, writes: Vec<Write>) -> Vec<Write> {
+    async fn send(&self, stored: &mut Stored, writes: Vec<Write>, held: &mut Held) -> Vec<Write> {
         if writes.is_empty() {
             return writes;
         }
@@ -400,7 +487,7 @@ impl Work {
                     ready.push(w);
                 }
                 // Cannot happen for the types built here; the group fails loudly rather than vanish.
-                Err(e) => w.fail("internal", &format!("Observation/{} could not be serialized: {e}", w.id)),
+                Err(e) => w.fail(ErrorKind::Internal, &format!("Observation/{} could not be serialized: {e}", w.id)),
             }
         }
         let writes = ready;
@@ -423,7 +510,8 @@ impl Work {
                     let mut w = w;
                     match self.recover_overwritten(stored, &mut w, &v).await {
                         Ok(()) => conflicts.push(w),
-                        Err(e) => w.fail("fhir-conflict", &e.to_string()),
+                        Err(e) if e.retryable() => w.items.into_iter().for_each(|i| held.settle(i.pending, &e)),
+                        Err(e) => w.fail(ErrorKind::FhirConflict, &e.to_string()),
                     }
                 }
                 Ok(PutResult { status: 200 | 201, version, .. }) => {
@@ -443,11 +531,11 @@ impl Work {
                     stored.map.remove(&w.id);
                     let text =
                         format!("PUT Observation/{} returned HTTP {status}: {}", w.id, outcome.unwrap_or_default());
-                    w.fail("fhir-rejected", &text);
+                    w.fail(ErrorKind::FhirRejected, &text);
                 }
                 Err(e) => {
                     stored.map.remove(&w.id);
-                    w.fail(fhir_kind(&e), &e.to_string());
+                    w.items.into_iter().for_each(|i| held.settle(i.pending, &e));
                 }
             }
         }
@@ -460,6 +548,7 @@ impl Work {
     /// rather than claim a success it cannot vouch for.
     async fn recover_overwritten(&self, stored: &mut Stored, w: &mut Write, ours: &str) -> Result<(), FhirError> {
         let Some(client) = &self.client else { return Ok(()) };
+        metrics::get().create_races.inc();
         stored.map.remove(&w.id);
         let lost = || FhirError::Decode {
             method: "GET",
@@ -472,28 +561,29 @@ impl Work {
         let previous = client.version_before("Observation", &w.id, ours).await?.ok_or_else(lost)?;
         let obs = serde_json::from_value::<Observation>(previous.resource).map_err(|_| lost())?;
         let first = w.items.first().ok_or_else(lost)?;
-        let template = self.template(&first.pending.group).ok_or_else(lost)?;
+        let template = template(&first.pending).ok_or_else(lost)?;
         let group = observation::as_group(&obs, template, first.pending.group.key.clone());
         let identity = first.identity.clone();
-        w.items.push(Item::new(PendingGroup { group, guards: Vec::new() }, identity));
+        let mappings = first.pending.mappings.clone();
+        w.items.push(Item::new(PendingGroup { group, guards: Vec::new(), mappings }, identity));
         Ok(())
     }
 
     /// Someone wrote the window's Observation since it was read: read it again, merge again, write
     /// again, a few rounds.
-    async fn resolve_conflicts(&self, stored: &mut Stored, mut conflicts: Vec<Write>) {
+    async fn resolve_conflicts(&self, stored: &mut Stored, mut conflicts: Vec<Write>, held: &mut Held) {
         for _ in 0..CONFLICT_ROUNDS {
             if conflicts.is_empty() {
                 return;
             }
             let items: Vec<Item> = conflicts.drain(..).flat_map(|w| w.items).collect();
-            let items = self.read_missing(stored, items).await;
+            let items = self.read_missing(stored, items, held).await;
             let writes = self.merge(stored, items);
-            conflicts = self.send(stored, writes).await;
+            conflicts = self.send(stored, writes, held).await;
         }
         for w in conflicts {
             w.fail(
-                "fhir-conflict",
+                ErrorKind::FhirConflict,
                 &format!("Observation/{} kept changing under this writer ({CONFLICT_ROUNDS} rounds of 409/412)", w.id),
             );
         }

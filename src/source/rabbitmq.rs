@@ -1,13 +1,30 @@
-//! RabbitMQ (AMQP 0-9-1, `lapin`): the evaluation envelope of a delivery, the queue topology, and
-//! dead-lettering.
+//! RabbitMQ (AMQP 0-9-1, `lapin`): the evaluation envelope of a delivery, the queue topology,
+//! dead-lettering, reading the dead-letter queue, and a confirming publisher. The consumer and its
+//! acks are in `rabbitmq/consumer.rs`. No lapin type leaves these two files.
 
-use crate::config::Broker;
-use crate::pipeline::delivery::{Failure, Settle};
+mod consumer;
+
+pub use consumer::{Running, start};
+
+use crate::config::{Broker, QueueType, Topology};
+use crate::source::Failure;
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use serde_json::{Map, Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What went wrong talking to RabbitMQ (the broker's or the client's own words).
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("broker.topology = \"sharded\" routes messages by device id: give one (publish --routing-key)")]
+    NoDeviceId,
+    #[error("{0}")]
+    Topology(String),
+}
 
 /// The header a sender may stamp with its send time (epoch milliseconds) to measure end-to-end
 /// delay; AMQP's own timestamp has only second resolution.
@@ -84,6 +101,14 @@ fn amqp_json(v: &AMQPValue) -> Value {
     }
 }
 
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
 /// When the device sent the message: the `x-iomt-sent-at` header (epoch ms), else the AMQP
 /// timestamp (seconds).
 pub fn sent_at(props: &BasicProperties) -> Option<SystemTime> {
@@ -102,15 +127,75 @@ pub fn sent_at(props: &BasicProperties) -> Option<SystemTime> {
     }
 }
 
-/// The queue, and a durable fanout dead-letter exchange bound to the dead-letter queue.
-pub async fn declare(channel: &Channel, b: &Broker) -> lapin::Result<()> {
-    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    channel.queue_declare(b.queue.as_str().into(), durable, FieldTable::default()).await?;
+/// The arguments the input queue is declared with. Quorum: replicated, and after
+/// `broker.delivery_limit` deliveries (a message that keeps crashing the process) the broker itself
+/// dead-letters it to the dead-letter exchange, where `dead-letters list` shows it as
+/// `delivery-limit`.
+pub fn queue_args(b: &Broker) -> FieldTable {
+    let mut args = FieldTable::default();
+    if b.queue_type == QueueType::Quorum {
+        args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+        if b.delivery_limit > 0 {
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(b.delivery_limit.min(i32::MAX as u32) as i32));
+        }
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from(b.dead_letter_exchange.clone())),
+        );
+    }
+    args
+}
+
+/// The arguments the dead-letter queue is declared with: the same type, no limit.
+fn dead_letter_queue_args(b: &Broker) -> FieldTable {
+    let mut args = FieldTable::default();
+    if b.queue_type == QueueType::Quorum {
+        args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    }
+    args
+}
+
+/// Declares the queue, the durable fanout dead-letter exchange and the dead-letter queue bound to
+/// it. A queue that exists with other arguments (another type, say) is used as it is; the
+/// returned warnings say so, with the broker's own words.
+pub async fn declare(conn: &Connection, b: &Broker) -> Result<Vec<String>, BrokerError> {
+    let mut warnings = Vec::new();
+    let channel = conn.create_channel().await?;
     let ex = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    match b.topology {
+        Topology::Queue => warnings.extend(declare_queue(conn, &b.queue, queue_args(b), b.queue_type).await?),
+        Topology::Sharded => {
+            let mut args = FieldTable::default();
+            if !b.hash_header.is_empty() {
+                args.insert("hash-header".into(), AMQPValue::LongString(LongString::from(b.hash_header.clone())));
+            }
+            let kind = ExchangeKind::Custom("x-consistent-hash".into());
+            channel.exchange_declare(b.queue.as_str().into(), kind, ex, args).await?;
+            for k in 0..b.shard_queues {
+                let q = shard_queue(b, k);
+                let mut args = queue_args(b);
+                // One consumer at a time, the others standing by: a device's messages are handled
+                // by one instance, in order, and a standby takes over when it goes.
+                args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+                if let Some(w) = declare_queue(conn, &q, args, b.queue_type).await? {
+                    // Without single active consumer several instances would share a shard queue
+                    // and a device's messages would be handled in two places at once.
+                    return Err(BrokerError::Topology(format!(
+                        "shard queue '{q}' exists but not as the sharded topology needs it (x-single-active-consumer, broker.queue_type, broker.delivery_limit): move its messages and delete it, or fix its arguments. {w}"
+                    )));
+                }
+                // Equal weights: each queue gets an equal share of the hash ring.
+                let bind = QueueBindOptions::default();
+                channel
+                    .queue_bind(q.as_str().into(), b.queue.as_str().into(), "1".into(), bind, FieldTable::default())
+                    .await?;
+            }
+        }
+    }
     channel
         .exchange_declare(b.dead_letter_exchange.as_str().into(), ExchangeKind::Fanout, ex, FieldTable::default())
         .await?;
-    channel.queue_declare(b.dead_letter_queue.as_str().into(), durable, FieldTable::default()).await?;
+    warnings.extend(declare_queue(conn, &b.dead_letter_queue, dead_letter_queue_args(b), b.queue_type).await?);
     channel
         .queue_bind(
             b.dead_letter_queue.as_str().into(),
@@ -120,25 +205,100 @@ pub async fn declare(channel: &Channel, b: &Broker) -> lapin::Result<()> {
             FieldTable::default(),
         )
         .await?;
-    Ok(())
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(warnings)
+}
+
+/// Shard queue `k` of the sharded topology.
+pub fn shard_queue(b: &Broker, k: u16) -> String {
+    format!("{}.shard-{k}", b.queue)
+}
+
+/// The queues this instance consumes: first the ones it is meant to be active on, then those it
+/// stands by for (sharded topology: queue `k` belongs to instance `k % instances`).
+pub fn consumed_queues(b: &Broker) -> (Vec<String>, Vec<String>) {
+    match b.topology {
+        Topology::Queue => (vec![b.queue.clone()], Vec::new()),
+        Topology::Sharded => {
+            let (mine, others): (Vec<u16>, Vec<u16>) =
+                (0..b.shard_queues).partition(|k| k % b.instances.max(1) == b.instance);
+            let names = |ks: Vec<u16>| ks.into_iter().map(|k| shard_queue(b, k)).collect();
+            (names(mine), names(others))
+        }
+    }
+}
+
+/// On a channel of its own: the broker closes the channel that asked for a queue it has with
+/// other arguments.
+async fn declare_queue(
+    conn: &Connection,
+    name: &str,
+    args: FieldTable,
+    kind: QueueType,
+) -> lapin::Result<Option<String>> {
+    let channel = conn.create_channel().await?;
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    match channel.queue_declare(name.into(), durable, args).await {
+        Ok(_) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(None)
+        }
+        Err(e) if precondition_failed(&e) => {
+            // It exists: make sure, and use it as it is.
+            let check = conn.create_channel().await?;
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            check.queue_declare(name.into(), passive, FieldTable::default()).await?;
+            let _ = check.close(200, "checked".into()).await;
+            let kind = match kind {
+                QueueType::Quorum => "quorum",
+                QueueType::Classic => "classic",
+            };
+            Ok(Some(format!(
+                "queue '{name}' already exists with other arguments than the connector declares (type from broker.queue_type = \"{kind}\", x-delivery-limit from broker.delivery_limit, the dead-letter exchange); it is used as it is (match the settings to it, or move its messages and delete it to redeclare it). The broker said: {e}"
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if *p.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 /// Publishes the original message, untouched, to the dead-letter exchange with its failure, and
 /// waits for the broker's confirm.
-pub async fn dead_letter(channel: &Channel, b: &Broker, s: &Settle, failure: &Failure) -> Result<(), String> {
-    let mut headers = s.properties.headers().clone().unwrap_or_default();
-    headers.insert(ERROR_KIND_HEADER.into(), AMQPValue::LongString(LongString::from(failure.kind.to_string())));
-    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(LongString::from(failure.message.clone())));
-    headers.insert("x-iomt-original-queue".into(), AMQPValue::LongString(LongString::from(b.queue.clone())));
-    headers
-        .insert("x-iomt-original-routing-key".into(), AMQPValue::LongString(LongString::from(s.routing_key.clone())));
-    let props = s.properties.clone().with_headers(headers).with_delivery_mode(2);
+/// Where a message was consumed from: what dead-lettering records so that `redrive` can send it
+/// back the way it came.
+struct Origin<'a> {
+    queue: &'a str,
+    exchange: &'a str,
+    routing_key: &'a str,
+}
+
+async fn dead_letter(
+    channel: &Channel,
+    b: &Broker,
+    body: &[u8],
+    properties: &BasicProperties,
+    origin: &Origin<'_>,
+    failure: &Failure,
+) -> Result<(), String> {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    headers.insert(ERROR_KIND_HEADER.into(), text(failure.kind.as_str()));
+    headers.insert(ERROR_HEADER.into(), text(&failure.message));
+    headers.insert("x-iomt-original-queue".into(), text(origin.queue));
+    headers.insert("x-iomt-original-exchange".into(), text(origin.exchange));
+    headers.insert("x-iomt-original-routing-key".into(), text(origin.routing_key));
+    let props = properties.clone().with_headers(headers).with_delivery_mode(2);
     let confirm = channel
         .basic_publish(
             b.dead_letter_exchange.as_str().into(),
-            s.routing_key.as_str().into(),
-            BasicPublishOptions::default(),
-            &s.body,
+            origin.routing_key.into(),
+            // Mandatory: with no dead-letter queue bound the broker would confirm and drop it.
+            BasicPublishOptions { mandatory: true, ..Default::default() },
+            body,
             props,
         )
         .await
@@ -148,14 +308,172 @@ pub async fn dead_letter(channel: &Channel, b: &Broker, s: &Settle, failure: &Fa
     if confirm.is_nack() {
         return Err(format!("the broker refused the message on exchange {}", b.dead_letter_exchange));
     }
+    if confirm.take_message().is_some() {
+        return Err(format!(
+            "no queue is bound to the dead-letter exchange {} (broker.dead_letter_queue {})",
+            b.dead_letter_exchange, b.dead_letter_queue
+        ));
+    }
     Ok(())
+}
+
+/// Headers the connector (or the broker) adds when it dead-letters a message; a redriven message
+/// goes back without them, as it was first sent.
+const DEAD_LETTER_HEADERS: [&str; 10] = [
+    ERROR_KIND_HEADER,
+    ERROR_HEADER,
+    "x-iomt-original-queue",
+    "x-iomt-original-exchange",
+    "x-iomt-original-routing-key",
+    "x-death",
+    "x-first-death-reason",
+    "x-first-death-queue",
+    "x-first-death-exchange",
+    "x-delivery-count",
+];
+
+/// A message taken from the dead-letter queue; it stays there (unacked) until it is moved back to
+/// its queue or the queue is closed.
+pub struct DeadLetter {
+    /// `x-iomt-error-kind`; `delivery-limit` when the broker dead-lettered it.
+    pub kind: String,
+    /// `x-iomt-error`, or what the broker's `x-death` says.
+    pub error: String,
+    pub body: Vec<u8>,
+    /// The queue it came from (`x-iomt-original-queue`, else the broker's `x-first-death-queue`).
+    pub original_queue: Option<String>,
+    /// The exchange it was published to (`x-iomt-original-exchange`, else the broker's
+    /// `x-first-death-exchange`); empty for the default exchange.
+    original_exchange: String,
+    tag: u64,
+    properties: BasicProperties,
+    routing_key: String,
+}
+
+impl DeadLetter {
+    /// The evaluation envelope the connector would build for the original message.
+    pub fn envelope(&self) -> Result<Value, String> {
+        envelope(&self.body, &self.properties, "", &self.routing_key, false)
+    }
+}
+
+fn header_text(h: &FieldTable, key: &str) -> Option<String> {
+    match h.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The dead-letter queue, read and redriven over one channel with publisher confirms.
+pub struct DeadLetterQueue {
+    _conn: Connection,
+    channel: Channel,
+    pub queue: String,
+}
+
+impl DeadLetterQueue {
+    pub async fn open(b: &Broker) -> Result<DeadLetterQueue, BrokerError> {
+        let conn = Connection::connect(&b.url, lapin::ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+        Ok(DeadLetterQueue { _conn: conn, channel, queue: b.dead_letter_queue.clone() })
+    }
+
+    /// The next message, held unacked (`None` when none is left that is not already held).
+    pub async fn take(&self) -> Result<Option<DeadLetter>, BrokerError> {
+        let got = self
+            .channel
+            .basic_get(self.queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: false })
+            .await?;
+        let Some(m) = got else { return Ok(None) };
+        let d = m.delivery;
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        let kind = header_text(&headers, ERROR_KIND_HEADER);
+        let death = header_text(&headers, "x-first-death-reason");
+        let (kind, error) = match (kind, death) {
+            (Some(k), _) => (k, header_text(&headers, ERROR_HEADER).unwrap_or_default()),
+            (None, Some(reason)) if reason == "delivery_limit" => (
+                "delivery-limit".to_string(),
+                "the broker dead-lettered it after broker.delivery_limit deliveries: the message kept being \
+                 returned unacked (the process stopped or crashed while it was in flight)"
+                    .to_string(),
+            ),
+            (None, Some(reason)) => (format!("broker-{reason}"), format!("the broker dead-lettered it ({reason})")),
+            (None, None) => ("unknown".to_string(), "no x-iomt-error-kind header".to_string()),
+        };
+        let original_queue =
+            header_text(&headers, "x-iomt-original-queue").or_else(|| header_text(&headers, "x-first-death-queue"));
+        let original_exchange = header_text(&headers, "x-iomt-original-exchange")
+            .or_else(|| header_text(&headers, "x-first-death-exchange"))
+            .unwrap_or_default();
+        let mut clean = FieldTable::default();
+        for (k, v) in headers.inner() {
+            if !DEAD_LETTER_HEADERS.contains(&k.as_str()) {
+                clean.insert(k.clone(), v.clone());
+            }
+        }
+        let routing_key =
+            header_text(&headers, "x-iomt-original-routing-key").unwrap_or_else(|| d.routing_key.to_string());
+        Ok(Some(DeadLetter {
+            kind,
+            error,
+            body: d.data,
+            original_queue,
+            original_exchange,
+            tag: d.delivery_tag,
+            properties: d.properties.with_headers(clean),
+            routing_key,
+        }))
+    }
+
+    /// Publishes the original message back the way it came (through its exchange with its routing
+    /// key, so a sharded topology hashes it to the same shard queue; else straight to its queue,
+    /// `queue` when it does not say) and, once the broker has confirmed it, removes it from the
+    /// dead-letter queue. Unconfirmed, it stays where it was.
+    pub async fn move_back(&self, d: &DeadLetter, queue: &str) -> Result<(), String> {
+        let (exchange, routing_key) = match d.original_exchange.as_str() {
+            "" => ("", d.original_queue.as_deref().unwrap_or(queue)),
+            ex => (ex, d.routing_key.as_str()),
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &d.body,
+                d.properties.clone().with_delivery_mode(2),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        if confirm.is_nack() {
+            return Err(format!("the broker refused the message for queue {queue}"));
+        }
+        if confirm.take_message().is_some() {
+            return Err(format!(
+                "the message came back unroutable from exchange '{exchange}' with routing key '{routing_key}'"
+            ));
+        }
+        self.channel
+            .basic_ack(d.tag, lapin::options::BasicAckOptions::default())
+            .await
+            .map_err(|e| format!("moved, but not removed from {}: {e}", self.queue))
+    }
+
+    /// Returns every message still held to the dead-letter queue.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
 }
 
 /// A publisher with confirms, keeping many messages in flight (the simulator and `publish`).
 pub struct Publisher {
     _conn: lapin::Connection,
     channel: Channel,
-    queue: String,
+    broker: Broker,
     in_flight: std::collections::VecDeque<lapin::PublisherConfirm>,
     max_in_flight: usize,
     pub confirmed: u64,
@@ -163,18 +481,20 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Connects and declares `queue` (durable) so that nothing published before a consumer exists
-    /// is lost.
-    pub async fn connect(url: &str, queue: &str, max_in_flight: usize) -> lapin::Result<Publisher> {
-        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    /// Connects to `broker.url` and declares the queues as `run` does, so that nothing published
+    /// before a consumer exists is lost and the connector finds the queue it would have declared.
+    pub async fn connect(b: &Broker, max_in_flight: usize) -> Result<Publisher, BrokerError> {
+        let conn = lapin::Connection::connect(&b.url, lapin::ConnectionProperties::default()).await?;
+        for w in declare(&conn, b).await? {
+            tracing::warn!("{w}");
+            eprintln!("warning: {w}");
+        }
         let channel = conn.create_channel().await?;
         channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
-        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(queue.into(), durable, FieldTable::default()).await?;
         Ok(Publisher {
             _conn: conn,
             channel,
-            queue: queue.to_string(),
+            broker: b.clone(),
             in_flight: Default::default(),
             max_in_flight: max_in_flight.max(1),
             confirmed: 0,
@@ -182,18 +502,36 @@ impl Publisher {
         })
     }
 
-    /// Publishes a persistent message stamped with its send time (`x-iomt-sent-at`).
-    pub async fn send(&mut self, body: &[u8]) -> lapin::Result<()> {
+    /// Publishes a persistent message stamped with its send time (`x-iomt-sent-at`). In the
+    /// sharded topology it goes to the consistent-hash exchange with `device_id` as the routing key
+    /// (or in `broker.hash_header`); without a device id that is an error.
+    pub async fn send(&mut self, body: &[u8], device_id: Option<&str>) -> Result<(), BrokerError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default();
         let mut h = FieldTable::default();
         h.insert(SENT_AT_HEADER.into(), AMQPValue::LongLongInt(now));
+        let b = &self.broker;
+        let (exchange, routing_key) = match (b.topology, device_id) {
+            (Topology::Queue, _) => (String::new(), b.queue.clone()),
+            (Topology::Sharded, Some(d)) if !b.hash_header.is_empty() => {
+                h.insert(b.hash_header.as_str().into(), AMQPValue::LongString(LongString::from(d)));
+                (b.queue.clone(), String::new())
+            }
+            (Topology::Sharded, Some(d)) => (b.queue.clone(), d.to_string()),
+            (Topology::Sharded, None) => return Err(BrokerError::NoDeviceId),
+        };
         let props = BasicProperties::default()
             .with_headers(h)
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
         let confirm = self
             .channel
-            .basic_publish("".into(), self.queue.as_str().into(), BasicPublishOptions::default(), body, props)
+            .basic_publish(
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
             .await?;
         self.in_flight.push_back(confirm);
         while self.in_flight.len() >= self.max_in_flight {
@@ -202,7 +540,7 @@ impl Publisher {
         Ok(())
     }
 
-    async fn settle_one(&mut self) -> lapin::Result<()> {
+    async fn settle_one(&mut self) -> Result<(), BrokerError> {
         if let Some(c) = self.in_flight.pop_front() {
             if c.await?.is_ack() {
                 self.confirmed += 1;
@@ -214,7 +552,7 @@ impl Publisher {
     }
 
     /// Waits for every confirm.
-    pub async fn flush(&mut self) -> lapin::Result<()> {
+    pub async fn flush(&mut self) -> Result<(), BrokerError> {
         while !self.in_flight.is_empty() {
             self.settle_one().await?;
         }

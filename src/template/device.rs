@@ -4,6 +4,7 @@
 use super::expression::{self, Expression, Input, Language, Token};
 use super::jsonpath::Scope;
 use super::{Members, Reader, TemplateError, TemplateErrors, kind_name, wrapped};
+use crate::model::kind::ErrorKind;
 use crate::model::measurement::{Measurement, Property};
 use crate::model::time;
 use jmespath::Rcvar;
@@ -78,6 +79,23 @@ pub struct ValueSpec {
     expression: Expression,
 }
 
+/// What one template made of one message (see `DeviceMapping::explain`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TemplateReport {
+    /// e.g. `CalculatedContent 'heartrate'`.
+    pub template: String,
+    pub line: usize,
+    pub column: usize,
+    #[serde(rename = "typeMatchExpression")]
+    pub type_match: String,
+    /// Tokens the typeMatchExpression found.
+    pub matches: usize,
+    /// Measurements produced (0 when an expression failed).
+    pub measurements: usize,
+    /// The first failure: the field, the expression and the reason.
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct DeviceMapping {
     pub templates: Vec<DeviceTemplate>,
@@ -96,11 +114,11 @@ pub enum NormalizeError {
 
 impl NormalizeError {
     /// A stable name for metrics and dead-letter headers.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            NormalizeError::InvalidJson(_) => "invalid-json",
-            NormalizeError::Expression { .. } => "expression-error",
-            NormalizeError::MissingValue { .. } => "missing-value",
+            NormalizeError::InvalidJson(_) => ErrorKind::InvalidJson,
+            NormalizeError::Expression { .. } => ErrorKind::ExpressionError,
+            NormalizeError::MissingValue { .. } => ErrorKind::MissingValue,
         }
     }
 }
@@ -132,6 +150,38 @@ impl DeviceMapping {
             t.extract(event, &jmes_event, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Why each template did or did not produce measurements from this message: how many tokens
+    /// its typeMatchExpression found, how many measurements came out, and the first expression
+    /// that failed (the same error `normalize` would stop on). For the mapping debugger, so that
+    /// "no measurement" is never a mystery.
+    pub fn explain(&self, event: &Value) -> Vec<TemplateReport> {
+        let event_var: OnceCell<Result<Rcvar, String>> = OnceCell::new();
+        let jmes_event = || event_var.get_or_init(|| expression::to_variable(event)).clone();
+        self.templates
+            .iter()
+            .map(|t| {
+                let root_input = Input { scope: Scope { root: event, matched: None }, jmes: &jmes_event };
+                let matched = t.type_match.select_all(&root_input).map(|m| m.len());
+                let mut out = Vec::new();
+                let error = match &matched {
+                    Ok(_) => t.extract(event, &jmes_event, &mut out).err().map(|e| e.to_string()),
+                    Err(why) => {
+                        Some(t.error(Field::Member("typeMatchExpression"), &t.type_match, why.clone()).to_string())
+                    }
+                };
+                TemplateReport {
+                    template: format!("{} '{}'", t.kind.name(), t.type_name),
+                    line: t.line,
+                    column: t.column,
+                    type_match: t.type_match.text.clone(),
+                    matches: matched.unwrap_or(0),
+                    measurements: if error.is_some() { 0 } else { out.len() },
+                    error,
+                }
+            })
+            .collect()
     }
 
     /// Parses a whole `{"Body", "Properties", "SystemProperties"}` envelope and normalizes it.
@@ -482,4 +532,37 @@ fn read_values(r: &mut Reader<'_>, m: &Members<'_, '_>, default: Language, calc:
         }
     }
     out
+}
+
+#[cfg(test)]
+mod explain_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn explain_says_which_templates_matched_and_which_expression_failed() {
+        let mapping = DeviceMapping::parse(
+            &json!({"templateType": "CollectionContent", "template": [
+                {"templateType": "CalculatedContent", "template": {
+                    "typeName": "hr", "typeMatchExpression": "$..[?(@heartRate)]",
+                    "deviceIdExpression": "$.matchedToken.deviceId",
+                    "timestampExpression": "$.matchedToken.time",
+                    "values": [{"valueName": "hr", "valueExpression": "$.matchedToken.heartRate", "required": true}]}},
+                {"templateType": "CalculatedContent", "template": {
+                    "typeName": "spo2", "typeMatchExpression": "$..[?(@spo2)]",
+                    "deviceIdExpression": "$.matchedToken.deviceId",
+                    "timestampExpression": "$.matchedToken.time",
+                    "values": [{"valueName": "spo2", "valueExpression": "$.matchedToken.spo2", "required": true}]}}
+            ]})
+            .to_string(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let report = mapping.explain(&envelope(json!({"deviceId": "d1", "heartRate": 70})));
+        assert_eq!(report.len(), 2);
+        assert_eq!((report[0].matches, report[0].measurements), (1, 0));
+        let why = report[0].error.clone().unwrap_or_default();
+        assert!(why.contains("timestampExpression") && why.contains("$.matchedToken.time"), "{why}");
+        assert_eq!((report[1].matches, report[1].measurements, report[1].error.clone()), (0, 0, None));
+        assert_eq!(report[1].template, "CalculatedContent 'spo2'");
+    }
 }

@@ -4,6 +4,7 @@
 //! Mappings are read from a position-keeping JSON AST so every problem is reported with the line
 //! and column of the member at fault, and all problems of a file are reported together.
 
+pub mod crosscheck;
 pub mod device;
 pub mod expression;
 pub mod fhir;
@@ -47,6 +48,11 @@ impl fmt::Display for TemplateError {
 /// Every problem found in a mapping file (never empty).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub struct TemplateErrors(pub Vec<TemplateError>);
+
+/// Every error as `FILE:LINE:COLUMN: message`, one a line.
+pub fn located_all(errors: &[TemplateError], file: &str) -> String {
+    errors.iter().map(|e| e.located(file)).collect::<Vec<_>>().join("\n")
+}
 
 impl fmt::Display for TemplateErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

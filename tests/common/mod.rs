@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod services;
+pub mod vitals;
 
 use std::path::PathBuf;
 /// `../shared/conformance`, where the reference vectors live (read in place, never copied).

@@ -36,9 +36,38 @@ pub fn unique(test: &str) -> String {
 }
 
 pub async fn broker() -> Connection {
-    match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
-        Ok(c) => c,
-        Err(e) => panic!("RabbitMQ is not reachable at {} ({e}): run scripts/setup.sh", amqp_url()),
+    let url = amqp_url();
+    let connect = Connection::connect(&url, ConnectionProperties::default());
+    match tokio::time::timeout(BROKER_PATIENCE, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!("RabbitMQ is not reachable at {} ({e}): run scripts/setup.sh", amqp_url()),
+        Err(_) => panic!(
+            "RabbitMQ at {} did not complete a connection in {BROKER_PATIENCE:?}; {}",
+            amqp_url(),
+            broker_state()
+        ),
+    }
+}
+
+/// How long a test waits on the broker for one step before it fails (instead of hanging CI).
+pub const BROKER_PATIENCE: Duration = Duration::from_secs(120);
+
+/// What the broker says of its resource alarms (a memory or disk alarm blocks every publisher,
+/// which from a test looks like a confirm that never comes).
+pub fn broker_state() -> String {
+    let alarms = std::process::Command::new("rabbitmq-diagnostics").args(["-q", "alarms"]).output();
+    let alarms = match alarms {
+        Ok(o) => format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        Err(e) => format!("(rabbitmq-diagnostics: {e})"),
+    };
+    format!("the broker's alarms: {}", alarms.trim())
+}
+
+/// Awaits a broker step with `BROKER_PATIENCE`, failing with what the broker says when it lapses.
+pub async fn patiently<T>(what: &str, step: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(BROKER_PATIENCE, step).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: no answer from the broker in {BROKER_PATIENCE:?}; {}", broker_state()),
     }
 }
 
@@ -56,9 +85,18 @@ pub async fn require_fhir() {
 
 /// Publishes JSON bodies with publisher confirms, many in flight, stamping the send time.
 pub async fn publish(channel: &Channel, queue: &str, bodies: &[Vec<u8>]) {
+    publish_routed(channel, "", bodies.iter().map(|b| (queue.to_string(), b))).await
+}
+
+/// Publishes `(routing key, body)` pairs to `exchange`, as `publish` does.
+pub async fn publish_routed<'a>(
+    channel: &Channel,
+    exchange: &str,
+    messages: impl Iterator<Item = (String, &'a Vec<u8>)>,
+) {
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
     let mut pending = Vec::with_capacity(256);
-    for b in bodies {
+    for (routing_key, b) in messages {
         let sent = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -66,28 +104,188 @@ pub async fn publish(channel: &Channel, queue: &str, bodies: &[Vec<u8>]) {
         let mut h = FieldTable::default();
         h.insert("x-iomt-sent-at".into(), AMQPValue::LongLongInt(sent));
         let props = BasicProperties::default().with_headers(h).with_delivery_mode(2);
-        let confirm = channel
-            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), b, props)
-            .await
-            .unwrap_or_else(|e| panic!("publish: {e}"));
+        let publish = channel.basic_publish(
+            exchange.into(),
+            routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            b,
+            props,
+        );
+        let confirm = patiently("publish", publish).await.unwrap_or_else(|e| panic!("publish: {e}"));
         pending.push(confirm);
         if pending.len() >= 256 {
             for c in pending.drain(..) {
-                c.await.unwrap_or_else(|e| panic!("confirm: {e}"));
+                patiently("publisher confirm", c).await.unwrap_or_else(|e| panic!("confirm: {e}"));
             }
         }
     }
     for c in pending {
-        c.await.unwrap_or_else(|e| panic!("confirm: {e}"));
+        patiently("publisher confirm", c).await.unwrap_or_else(|e| panic!("confirm: {e}"));
     }
 }
 
-pub async fn declare(channel: &Channel, queue: &str) {
+/// The broker settings a test's connector runs with (`Connector::env_for`): the defaults, with the
+/// test's queue and its own dead-letter exchange and queue.
+pub fn broker_settings(queue: &str) -> iomt_connector::config::Broker {
+    let mut b = iomt_connector::config::Settings::load_broker(None).unwrap_or_else(|e| panic!("{e}"));
+    b.url = amqp_url();
+    b.queue = queue.to_string();
+    b.dead_letter_exchange = format!("{queue}.dlx");
+    b.dead_letter_queue = format!("{queue}.dlq");
+    b
+}
+
+/// Declares the test's queues exactly as its connector will (so messages published before the
+/// connector starts are kept, and the connector finds what it would have declared).
+pub async fn declare(conn: &Connection, queue: &str) {
+    let warnings = iomt_connector::source::rabbitmq::declare(conn, &broker_settings(queue))
+        .await
+        .unwrap_or_else(|e| panic!("declare {queue}: {e}"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+/// A classic durable queue, as an older deployment (or another tool) would have declared it.
+pub async fn declare_classic(channel: &Channel, queue: &str) {
     let o = QueueDeclareOptions { durable: true, ..Default::default() };
     channel
         .queue_declare(queue.into(), o, FieldTable::default())
         .await
         .unwrap_or_else(|e| panic!("declare {queue}: {e}"));
+}
+
+/// `rabbitmqctl ARGS` (the tests run where the broker runs); its stdout.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("rabbitmqctl {args:?} (the broker's own tool, needed by this test): {e}"));
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `(ready, unacked)` of a queue, from the broker itself.
+pub fn queue_counts(queue: &str) -> (u64, u64) {
+    let text = rabbitmqctl(&["-q", "list_queues", "name", "messages_ready", "messages_unacknowledged"]);
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 3 && f[0] == queue).then(|| (f[1].parse().unwrap_or(0), f[2].parse().unwrap_or(0)))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("queue {queue} is not listed:\n{text}"))
+}
+
+/// The type (`quorum`, `classic`) of a queue.
+pub fn queue_type(queue: &str) -> String {
+    let text = rabbitmqctl(&["-q", "list_queues", "name", "type"]);
+    text.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .map(|(_, t)| t.trim().to_string())
+        .unwrap_or_else(|| panic!("queue {queue} is not listed:\n{text}"))
+}
+
+/// The repository's `scripts/` (or `.services/`) path.
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A FHIR server of a test's own (sekmet, as scripts/fhir-server.sh runs it, on `port`), for tests
+/// that stop and start it.
+pub struct OwnFhirServer {
+    pub port: u16,
+}
+
+impl OwnFhirServer {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/fhir", self.port)
+    }
+
+    pub fn ctl(&self, cmd: &str) {
+        let out = std::process::Command::new(repo_path("scripts/fhir-server.sh"))
+            .arg(cmd)
+            .env("FHIR_PORT", self.port.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("scripts/fhir-server.sh {cmd}: {e}"));
+        assert!(
+            out.status.success(),
+            "scripts/fhir-server.sh {cmd} (FHIR_PORT={}): {}{}",
+            self.port,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// mitmproxy with tests/support/fault_proxy.py, in front of `upstream` (installed by
+/// scripts/setup.sh): a real proxy that can make the FHIR server hang or answer 429/503.
+pub struct FaultProxy {
+    child: Child,
+    pub port: u16,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str) -> FaultProxy {
+        let mitmdump = repo_path(".services/mitm-venv/bin/mitmdump");
+        assert!(mitmdump.is_file(), "{} is missing: run scripts/setup.sh", mitmdump.display());
+        let port = free_port();
+        let u = reqwest::Url::parse(upstream).unwrap_or_else(|e| panic!("{upstream}: {e}"));
+        let origin = format!("{}://{}:{}/", u.scheme(), u.host_str().unwrap_or("127.0.0.1"), u.port().unwrap_or(80));
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("fault-proxy-{port}.log")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(mitmdump)
+            .args(["--mode", &format!("reverse:{origin}"), "--listen-host", "127.0.0.1", "-p", &port.to_string()])
+            // Connect upstream per request, so the proxy itself answers while the server is away.
+            .args(["--set", "connection_strategy=lazy", "-q", "-s"])
+            .arg(repo_path("tests/support/fault_proxy.py"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start mitmdump: {e}"));
+        let p = FaultProxy { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http().get(p.control("log")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "the fault proxy did not answer in 60 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        p
+    }
+
+    fn control(&self, what: &str) -> String {
+        format!("http://127.0.0.1:{}/__fault/{what}", self.port)
+    }
+
+    /// The FHIR base URL through the proxy.
+    pub fn url(&self, upstream: &str) -> String {
+        let path = reqwest::Url::parse(upstream).map(|u| u.path().to_string()).unwrap_or_default();
+        format!("http://127.0.0.1:{}{}", self.port, path.trim_end_matches('/'))
+    }
+
+    async fn call(&self, what: &str) -> Value {
+        let r = http().get(self.control(what)).send().await.unwrap_or_else(|e| panic!("fault proxy {what}: {e}"));
+        r.json().await.unwrap_or_else(|e| panic!("fault proxy {what}: {e}"))
+    }
+
+    /// `pass` or `hang`.
+    pub async fn mode(&self, mode: &str) {
+        self.call(&format!("mode?set={mode}")).await;
+    }
+
+    /// The next `count` requests of `methods` (e.g. "PUT,POST") are answered `status` with
+    /// `Retry-After: retry_after`.
+    pub async fn inject(&self, status: u16, retry_after: u64, count: u32, methods: &str) {
+        self.call(&format!("inject?status={status}&retry_after={retry_after}&count={count}&methods={methods}")).await;
+    }
+
+    /// Every request the proxy saw: `{"t", "method", "path", "injected"}`.
+    pub async fn log(&self) -> Vec<Value> {
+        self.call("log").await["log"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
 }
 
 pub async fn ready_count(channel: &Channel, queue: &str) -> u32 {
@@ -189,22 +387,27 @@ impl Connector {
         Connector::start_env(Connector::env_for(s)).await
     }
 
-    pub async fn start_env(env: Vec<(String, String)>) -> Connector {
+    /// Starts it and returns at once, ready or not (for a start that is expected to fail).
+    pub fn spawn_env(env: Vec<(String, String)>) -> Connector {
         let port = free_port();
         let http = format!("127.0.0.1:{port}");
         let stderr_log = std::env::temp_dir().join(format!("iomt-connector-{port}.log"));
         let log = std::fs::File::create(&stderr_log).unwrap_or_else(|e| panic!("{e}"));
         let child = Command::new(env!("CARGO_BIN_EXE_iomt-connector"))
             .arg("run")
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("IOMT_HTTP__LISTEN", &http)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start iomt-connector: {e}"));
-        let c = Connector { child: Some(child), http, env, stderr_log };
+        Connector { child: Some(child), http, env, stderr_log }
+    }
+
+    pub async fn start_env(env: Vec<(String, String)>) -> Connector {
+        let c = Connector::spawn_env(env);
         c.wait_ready().await;
         c
     }
@@ -213,16 +416,22 @@ impl Connector {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = None;
         loop {
-            if let Ok(r) = http().get(format!("http://{}/health/ready", self.http)).send().await
-                && r.status().is_success()
-            {
-                return;
+            if let Ok(r) = http().get(format!("http://{}/health/ready", self.http)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+                last = r.text().await.ok();
             }
             if Instant::now() > deadline {
-                panic!("the connector did not become ready in 30 s; its log:\n{}", self.log());
+                panic!(
+                    "the connector did not become ready in 60 s; /health/ready said {last:?}; {}; its log:\n{}",
+                    broker_state(),
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -313,7 +522,11 @@ pub struct Fhir {
 
 impl Fhir {
     pub fn new() -> Fhir {
-        Fhir { base: fhir_url(), client: http() }
+        Fhir::at(&fhir_url())
+    }
+
+    pub fn at(base: &str) -> Fhir {
+        Fhir { base: base.trim_end_matches('/').to_string(), client: http() }
     }
 
     pub async fn get(&self, path: &str) -> Option<Value> {
@@ -378,4 +591,53 @@ pub async fn collect(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     out
+}
+
+/// The sample device mapping with the heart-rate template's timestamp read from a field the
+/// messages do not have: every heart-rate message fails with `missing-value`.
+pub fn broken_device_mapping(run: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo_path("mappings/devicecontent.json")).unwrap_or_default();
+    let mut mapping: Value = serde_json::from_str(&text).unwrap_or_default();
+    for t in mapping["template"].as_array_mut().into_iter().flatten() {
+        if t["template"]["typeName"] == "heartrate" {
+            t["template"]["timestampExpression"] = "$.matchedToken.measuredAt".into();
+        }
+    }
+    let path = std::env::temp_dir().join(format!("{run}-broken-device.json"));
+    std::fs::write(&path, mapping.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
+/// `iomt-connector dead-letters ARGS` with a connector's settings; (exit code, stdout).
+pub fn dead_letters(env: &[(String, String)], args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iomt-connector"))
+        .arg("dead-letters")
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.code().is_some(), "{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), stdout + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// A test's own run id, identifier system and queue (declared), with the broker channel.
+pub struct Bed {
+    pub run: String,
+    pub system: String,
+    pub queue: String,
+    pub ch: lapin::Channel,
+    pub _conn: lapin::Connection,
+}
+
+pub async fn bed(name: &str) -> Bed {
+    require_fhir().await;
+    let run = unique(name);
+    let system = format!("urn:iomt-test:{run}");
+    let queue = format!("{run}.q");
+    let conn = broker().await;
+    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
+    declare(&conn, &queue).await;
+    Bed { run, system, queue, ch, _conn: conn }
 }

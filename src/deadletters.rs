@@ -1,0 +1,161 @@
+//! `dead-letters list` and `dead-letters redrive`: what sits in the dead-letter queue, grouped by
+//! kind, and putting back what the current mappings now take.
+
+use crate::config::Broker;
+use crate::source::rabbitmq::{DeadLetter, DeadLetterQueue};
+use crate::template::device::DeviceMapping;
+use crate::template::fhir::FhirMapping;
+use std::collections::BTreeMap;
+
+/// One kind of dead letter: how many, and the first one's reason.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KindSummary {
+    pub kind: String,
+    pub count: usize,
+    #[serde(rename = "firstError")]
+    pub first_error: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("broker {url} (queue {queue}): {message}")]
+    Broker { url: String, queue: String, message: String },
+}
+
+fn broker_error(b: &Broker, e: impl std::fmt::Display) -> DeadLetterError {
+    DeadLetterError::Broker {
+        url: crate::source::rabbitmq::redact(&b.url),
+        queue: b.dead_letter_queue.clone(),
+        message: e.to_string(),
+    }
+}
+
+fn summarize<'a>(letters: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<KindSummary> {
+    let mut by_kind: BTreeMap<String, KindSummary> = BTreeMap::new();
+    for (kind, error) in letters {
+        by_kind
+            .entry(kind.to_string())
+            .or_insert_with(|| KindSummary { kind: kind.to_string(), count: 0, first_error: error.to_string() })
+            .count += 1;
+    }
+    let mut out: Vec<KindSummary> = by_kind.into_values().collect();
+    out.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.kind.cmp(&b.kind)));
+    out
+}
+
+async fn take_all(q: &DeadLetterQueue, b: &Broker) -> Result<Vec<DeadLetter>, DeadLetterError> {
+    let mut all = Vec::new();
+    while let Some(d) = q.take().await.map_err(|e| broker_error(b, e))? {
+        all.push(d);
+    }
+    Ok(all)
+}
+
+/// The dead-letter queue by kind, most frequent first. Nothing is removed.
+pub async fn list(b: &Broker) -> Result<Vec<KindSummary>, DeadLetterError> {
+    let q = DeadLetterQueue::open(b).await.map_err(|e| broker_error(b, e))?;
+    let all = take_all(&q, b).await;
+    q.close().await;
+    let all = all?;
+    Ok(summarize(all.iter().map(|d| (d.kind.as_str(), d.error.as_str()))))
+}
+
+/// Why a dead letter would still fail with the current mappings; `None` when it now passes.
+pub fn still_failing(d: &DeadLetter, device: &DeviceMapping, fhir: &FhirMapping) -> Option<(String, String)> {
+    let event = match d.envelope() {
+        Ok(e) => e,
+        Err(why) => return Some(("invalid-json".into(), why)),
+    };
+    let measurements = match device.normalize(&event) {
+        Ok(ms) => ms,
+        Err(e) => return Some((e.kind().to_string(), e.to_string())),
+    };
+    if measurements.is_empty() {
+        return Some((
+            "no-template-matched".into(),
+            "no device template's typeMatchExpression matches the message".into(),
+        ));
+    }
+    for m in &measurements {
+        if fhir.template(&m.type_name).is_none() {
+            return Some(("no-fhir-template".into(), format!("no FHIR template has typeName '{}'", m.type_name)));
+        }
+    }
+    None
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Redrive {
+    /// Messages in the dead-letter queue.
+    pub total: usize,
+    /// Of those, of the kind asked for.
+    pub selected: usize,
+    /// Of those, how many the current mappings now take.
+    pub pass: usize,
+    /// Moved back to their queue (0 in a dry run).
+    pub moved: usize,
+    /// Those that would still fail, by the kind they would fail with now.
+    #[serde(rename = "stillFailing")]
+    pub still_failing: Vec<KindSummary>,
+    /// Messages that would pass but could not be moved, and why (they stay dead-lettered).
+    #[serde(rename = "notMoved")]
+    pub not_moved: Vec<String>,
+}
+
+/// Re-normalizes each dead letter (of `kind`, if given) with the current mappings and moves those
+/// that pass back to the queue they came from (`broker.queue` when the message does not say),
+/// each confirmed by the broker before it leaves the dead-letter queue.
+pub async fn redrive(
+    b: &Broker,
+    device: &DeviceMapping,
+    fhir: &FhirMapping,
+    kind: Option<&str>,
+    dry_run: bool,
+) -> Result<Redrive, DeadLetterError> {
+    let q = DeadLetterQueue::open(b).await.map_err(|e| broker_error(b, e))?;
+    let all = match take_all(&q, b).await {
+        Ok(all) => all,
+        Err(e) => {
+            q.close().await;
+            return Err(e);
+        }
+    };
+    let mut report = Redrive { total: all.len(), ..Default::default() };
+    let mut failing = Vec::new();
+    for d in all.iter().filter(|d| kind.is_none_or(|k| d.kind == k)) {
+        report.selected += 1;
+        if let Some(why) = still_failing(d, device, fhir) {
+            failing.push(why);
+            continue;
+        }
+        report.pass += 1;
+        if dry_run {
+            continue;
+        }
+        match q.move_back(d, &b.queue).await {
+            Ok(()) => report.moved += 1,
+            Err(e) => report.not_moved.push(e),
+        }
+    }
+    q.close().await;
+    report.still_failing = summarize(failing.iter().map(|(k, e)| (k.as_str(), e.as_str())));
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_by_kind_and_keeps_the_first_reason() {
+        let s =
+            summarize([("missing-value", "first"), ("fhir-rejected", "400"), ("missing-value", "second")].into_iter());
+        assert_eq!(
+            s,
+            vec![
+                KindSummary { kind: "missing-value".into(), count: 2, first_error: "first".into() },
+                KindSummary { kind: "fhir-rejected".into(), count: 1, first_error: "400".into() },
+            ]
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! The mappings the service runs with, and their live reload: the files are watched (and SIGHUP
+//! reloads); a new pair that parses is swapped in between two messages, and one that does not is
+//! refused while the old pair keeps running. Each delivery is normalized, grouped and written with
+//! the pair that was current when it arrived.
+
+use super::RunError;
+use crate::config::Settings;
+use crate::metrics;
+use crate::status::Shared;
+use crate::template::device::DeviceMapping;
+use crate::template::fhir::FhirMapping;
+use crate::template::located_all;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+/// A device mapping and a FHIR mapping, loaded together.
+pub struct Mappings {
+    pub device: DeviceMapping,
+    pub fhir: FhirMapping,
+    /// The first 12 hex digits of the sha256 of both files' text.
+    pub version: String,
+}
+
+/// The pair in force; swapped whole.
+pub struct Current(RwLock<Arc<Mappings>>);
+
+impl Current {
+    pub fn new(m: Mappings) -> Arc<Current> {
+        Arc::new(Current(RwLock::new(Arc::new(m))))
+    }
+
+    pub fn get(&self) -> Arc<Mappings> {
+        match self.0.read() {
+            Ok(m) => m.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set(&self, m: Mappings) {
+        match self.0.write() {
+            Ok(mut slot) => *slot = Arc::new(m),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(m),
+        }
+    }
+}
+
+/// Reads and parses both files; every problem with its file, line and column. Cross-check
+/// findings are warnings (MedTech runs such pairs: unmatched types are dead-lettered).
+pub fn load(s: &Settings) -> Result<Mappings, RunError> {
+    let read =
+        |p: &Path| std::fs::read_to_string(p).map_err(|e| RunError::Io(format!("cannot read {}: {e}", p.display())));
+    let located = |p: &Path, e: crate::template::TemplateErrors| located_all(&e.0, &p.display().to_string());
+    let (device_text, fhir_text) = (read(&s.mappings.device)?, read(&s.mappings.fhir)?);
+    let device = DeviceMapping::parse(&device_text).map_err(|e| RunError::Mapping {
+        path: s.mappings.device.display().to_string(),
+        what: "device",
+        problems: located(&s.mappings.device, e),
+    })?;
+    let fhir = FhirMapping::parse(&fhir_text).map_err(|e| RunError::Mapping {
+        path: s.mappings.fhir.display().to_string(),
+        what: "FHIR",
+        problems: located(&s.mappings.fhir, e),
+    })?;
+    let fhir_file = s.mappings.fhir.display().to_string();
+    let checked = crate::template::crosscheck::cross_check(&device, &fhir, &fhir_file);
+    for p in &checked.problems {
+        tracing::warn!("{}", p.located(&s.mappings.device.display().to_string()));
+    }
+    let mut h = Sha256::new();
+    h.update(device_text.as_bytes());
+    h.update([0]);
+    h.update(fhir_text.as_bytes());
+    let version = hex::encode(h.finalize())[..12].to_string();
+    Ok(Mappings { device, fhir, version })
+}
+
+fn modified(s: &Settings) -> (Option<SystemTime>, Option<SystemTime>) {
+    let at = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    (at(&s.mappings.device), at(&s.mappings.fhir))
+}
+
+/// Books the pair in force where readiness, `/metrics` and the log show it.
+pub fn announce(m: &Mappings, shared: &Shared) {
+    if let Ok(mut v) = shared.mappings_version.lock() {
+        *v = m.version.clone();
+    }
+    metrics::get().mappings_info.reset();
+    metrics::get().mappings_info.with_label_values(&[m.version.as_str()]).set(1);
+}
+
+/// Reloads when a file changes (checked every second) or on SIGHUP; runs until the process ends.
+pub async fn watch(settings: Arc<Settings>, current: Arc<Current>, shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut seen = modified(&settings);
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let asked = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            _ = hangup => true,
+        };
+        let now = modified(&settings);
+        if !asked && now == seen {
+            continue;
+        }
+        seen = now;
+        reload(&settings, &current, &shared);
+    }
+}
+
+fn reload(settings: &Settings, current: &Current, shared: &Shared) {
+    let m = metrics::get();
+    match load(settings) {
+        Ok(new) if new.version == current.get().version => {}
+        Ok(new) => {
+            tracing::info!(version = %new.version, previous = %current.get().version, "mappings reloaded");
+            announce(&new, shared);
+            current.set(new);
+            if let Ok(mut r) = shared.mappings_refused.lock() {
+                *r = None;
+            }
+            m.mapping_reloads.with_label_values(&["applied"]).inc();
+        }
+        Err(e) => {
+            let active = current.get().version.clone();
+            tracing::error!(active = %active, "new mappings refused; the active ones keep running: {e}");
+            if let Ok(mut r) = shared.mappings_refused.lock() {
+                *r = Some(e.to_string());
+            }
+            m.mapping_reloads.with_label_values(&["refused"]).inc();
+        }
+    }
+}

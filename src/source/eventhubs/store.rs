@@ -1,0 +1,238 @@
+//! The checkpoint store: partition ownership and checkpoints, shared by every instance consuming
+//! one hub with one consumer group. On PostgreSQL: every instance can reach it, its clock is the
+//! one all expiry decisions use, and a conditional `UPDATE` is the compare-and-swap a claim needs.
+//!
+//! Rows are keyed like the Azure SDKs' blob layout (namespace, hub, consumer group, partition), so
+//! one database can serve many hubs and groups.
+
+use super::balance::{Claim, Ownership};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+
+/// Where a partition's events have all been persisted or dead-lettered up to (inclusive).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Opaque to us: the service's own offset text.
+    pub offset: String,
+    pub sequence_number: i64,
+    pub enqueued_time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("checkpoint store (eventhubs.checkpoint_postgres_url): {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// The hub and consumer group a store's rows belong to.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub namespace: String,
+    pub hub: String,
+    pub consumer_group: String,
+}
+
+pub struct PgStore {
+    url: String,
+    scope: Scope,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS iomt_eventhubs_ownership (
+    namespace text NOT NULL, hub text NOT NULL, consumer_group text NOT NULL, partition_id text NOT NULL,
+    owner_id text NOT NULL, version bigint NOT NULL, last_modified timestamptz NOT NULL,
+    PRIMARY KEY (namespace, hub, consumer_group, partition_id));
+CREATE TABLE IF NOT EXISTS iomt_eventhubs_checkpoint (
+    namespace text NOT NULL, hub text NOT NULL, consumer_group text NOT NULL, partition_id text NOT NULL,
+    \"offset\" text NOT NULL, sequence_number bigint NOT NULL, enqueued_time timestamptz,
+    owner_id text NOT NULL, updated timestamptz NOT NULL,
+    PRIMARY KEY (namespace, hub, consumer_group, partition_id));
+";
+
+impl PgStore {
+    /// Connects and creates the two tables if they are missing.
+    pub async fn open(url: &str, scope: Scope) -> Result<PgStore, StoreError> {
+        let store = PgStore { url: url.to_string(), scope, client: Mutex::new(None) };
+        store.client().await?.batch_execute(SCHEMA).await?;
+        Ok(store)
+    }
+
+    /// The connection, opened again if it was lost (a restarted database is no reason to stop).
+    async fn client(&self) -> Result<Arc<Client>, StoreError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+        actix_rt::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "checkpoint store connection ended");
+            }
+        });
+        let client = Arc::new(client);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// Every ownership row of this hub and group, aged by the database's clock.
+    pub async fn ownerships(&self) -> Result<Vec<Ownership>, StoreError> {
+        let s = &self.scope;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT partition_id, owner_id, version,
+                        GREATEST(EXTRACT(EPOCH FROM (now() - last_modified)), 0)::float8
+                 FROM iomt_eventhubs_ownership WHERE namespace = $1 AND hub = $2 AND consumer_group = $3",
+                &[&s.namespace, &s.hub, &s.consumer_group],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Ownership {
+                partition: r.get(0),
+                owner: r.get(1),
+                version: r.get(2),
+                age: Duration::from_secs_f64(r.get::<_, f64>(3)),
+            })
+            .collect())
+    }
+
+    /// Claims a partition from the version of its row that `claim` saw. `Some(version)` of the
+    /// new row when this instance won it; `None` when another instance changed it first.
+    pub async fn claim(&self, me: &str, claim: &Claim) -> Result<Option<i64>, StoreError> {
+        let s = &self.scope;
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "INSERT INTO iomt_eventhubs_ownership AS o
+                     (namespace, hub, consumer_group, partition_id, owner_id, version, last_modified)
+                 VALUES ($1, $2, $3, $4, $5, 1, now())
+                 ON CONFLICT (namespace, hub, consumer_group, partition_id) DO UPDATE
+                     SET owner_id = EXCLUDED.owner_id, version = o.version + 1, last_modified = now()
+                     WHERE o.version = $6
+                 RETURNING version",
+                &[&s.namespace, &s.hub, &s.consumer_group, &claim.partition, &me, &claim.version],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Renews what this instance owns; returns the partitions it still owns at the versions given.
+    pub async fn renew(&self, me: &str, owned: &[(String, i64)]) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let s = &self.scope;
+        let mut kept = Vec::new();
+        for (p, v) in owned {
+            let n = client
+                .execute(
+                    "UPDATE iomt_eventhubs_ownership SET last_modified = now()
+                     WHERE namespace = $1 AND hub = $2 AND consumer_group = $3 AND partition_id = $4
+                       AND owner_id = $5 AND version = $6",
+                    &[&s.namespace, &s.hub, &s.consumer_group, p, &me, v],
+                )
+                .await?;
+            if n == 1 {
+                kept.push(p.clone());
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Gives a partition up (a clean stop), so another instance can take it without waiting for
+    /// the ownership to expire.
+    pub async fn release(&self, me: &str, partition: &str, version: i64) -> Result<(), StoreError> {
+        let s = &self.scope;
+        self.client()
+            .await?
+            .execute(
+                "UPDATE iomt_eventhubs_ownership SET owner_id = '', last_modified = now()
+                 WHERE namespace = $1 AND hub = $2 AND consumer_group = $3 AND partition_id = $4
+                   AND owner_id = $5 AND version = $6",
+                &[&s.namespace, &s.hub, &s.consumer_group, &partition, &me, &version],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn checkpoint(&self, partition: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let s = &self.scope;
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT \"offset\", sequence_number, enqueued_time FROM iomt_eventhubs_checkpoint
+                 WHERE namespace = $1 AND hub = $2 AND consumer_group = $3 AND partition_id = $4",
+                &[&s.namespace, &s.hub, &s.consumer_group, &partition],
+            )
+            .await?;
+        Ok(row.map(|r| Checkpoint { offset: r.get(0), sequence_number: r.get(1), enqueued_time: r.get(2) }))
+    }
+
+    /// Every checkpoint of this hub and group, by partition.
+    pub async fn checkpoints(&self) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let s = &self.scope;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT partition_id, \"offset\", sequence_number, enqueued_time FROM iomt_eventhubs_checkpoint
+                 WHERE namespace = $1 AND hub = $2 AND consumer_group = $3 ORDER BY partition_id",
+                &[&s.namespace, &s.hub, &s.consumer_group],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), Checkpoint { offset: r.get(1), sequence_number: r.get(2), enqueued_time: r.get(3) }))
+            .collect())
+    }
+
+    /// Moves a partition's checkpoint forward, only while `me` owns it at `version` and only
+    /// forward: a stale owner's late write can neither move it back nor move it at all. `false`
+    /// when it was not written for either reason.
+    pub async fn set_checkpoint(
+        &self,
+        me: &str,
+        version: i64,
+        partition: &str,
+        c: &Checkpoint,
+    ) -> Result<bool, StoreError> {
+        let s = &self.scope;
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO iomt_eventhubs_checkpoint AS c
+                     (namespace, hub, consumer_group, partition_id, \"offset\", sequence_number, enqueued_time, owner_id, updated)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, now()
+                 WHERE EXISTS (SELECT 1 FROM iomt_eventhubs_ownership o
+                               WHERE o.namespace = $1 AND o.hub = $2 AND o.consumer_group = $3
+                                 AND o.partition_id = $4 AND o.owner_id = $8 AND o.version = $9)
+                 ON CONFLICT (namespace, hub, consumer_group, partition_id) DO UPDATE
+                     SET \"offset\" = EXCLUDED.\"offset\", sequence_number = EXCLUDED.sequence_number,
+                         enqueued_time = EXCLUDED.enqueued_time, owner_id = EXCLUDED.owner_id, updated = now()
+                     WHERE c.sequence_number < EXCLUDED.sequence_number",
+                &[
+                    &s.namespace,
+                    &s.hub,
+                    &s.consumer_group,
+                    &partition,
+                    &c.offset,
+                    &c.sequence_number,
+                    &c.enqueued_time,
+                    &me,
+                    &version,
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+}

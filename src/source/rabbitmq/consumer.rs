@@ -1,0 +1,541 @@
+//! The RabbitMQ source: one consumer on the queue (manual acks, prefetch), reconnecting when the
+//! broker goes away, handing each delivery to the pipeline's intake; and the settler, which acks or
+//! dead-letters each delivery once the pipeline has settled it.
+
+use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope, redact, sent_at};
+use crate::config::{Broker, Topology};
+use crate::metrics;
+use crate::source::{DeliveryGuard, Failure, Intake, Position, Settled, Status, book_dead_lettered, book_settled};
+use crate::status::{QueueState, Shared};
+use futures_util::StreamExt;
+use futures_util::stream::{self, BoxStream, SelectAll};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Acker, BasicProperties, Channel, Connection, ConnectionProperties};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::watch;
+
+/// What the source keeps of a delivery until it is settled (the pipeline sees it as a `Position`).
+struct Record {
+    acker: Acker,
+    /// The delivery tag and the broker session (channel) it belongs to: acks go out in tag order.
+    tag: u64,
+    session: u64,
+    body: Vec<u8>,
+    properties: BasicProperties,
+    queue: Arc<str>,
+    exchange: String,
+    routing_key: String,
+}
+
+/// A settled delivery waiting for its ack.
+struct Done {
+    record: Record,
+    sent_at: Option<SystemTime>,
+    received: Instant,
+}
+
+/// What keeps the broker session open while the last acks go out.
+type KeepAlive = (Connection, Channel);
+
+/// The running RabbitMQ source.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    consumer: Option<tokio::task::JoinHandle<Option<KeepAlive>>>,
+    keep_alive: Option<KeepAlive>,
+    settler: tokio::task::JoinHandle<()>,
+}
+
+/// Starts consuming `broker.queue` into `intake`.
+pub fn start(broker: Broker, intake: Arc<dyn Intake>, shared: Arc<Shared>) -> Running {
+    let (primary, standby) = consumed_queues(&broker);
+    let states = |names: Vec<String>, role| {
+        let states: Vec<Arc<QueueState>> = names.iter().map(|q| QueueState::new(q, role)).collect();
+        for q in &states {
+            shared.queues.insert(q.name.to_string(), q.clone());
+        }
+        states
+    };
+    let (primary, standby) = (states(primary, "primary"), states(standby, "standby"));
+    if !broker.management_url.is_empty() {
+        actix_rt::spawn(watch_activity(broker.clone(), shared.clone()));
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    let (to_settler, settled) = tokio::sync::mpsc::unbounded_channel();
+    let dl_channel = Arc::new(Mutex::new(None));
+    let settler = actix_rt::spawn(settler(settled, dl_channel.clone(), broker.clone(), shared.clone()));
+    let consumer = Consumer { session: AtomicU64::new(0), broker, intake, shared, to_settler, primary, standby };
+    let consumer = actix_rt::spawn(run(consumer, stop_rx, dl_channel));
+    Running { stop, consumer: Some(consumer), keep_alive: None, settler }
+}
+
+impl Running {
+    /// Stops taking deliveries; those already sent by the broker are still handed over.
+    pub async fn stop_taking(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(c) = self.consumer.take() {
+            self.keep_alive = c.await.ok().flatten();
+        }
+    }
+
+    /// Closes the broker session (once the pipeline has settled what it was given).
+    pub fn close(self) {
+        drop(self.keep_alive);
+        self.settler.abort();
+    }
+}
+
+struct Consumer {
+    /// Which broker session (connection and channel) deliveries come from; delivery tags restart
+    /// with each.
+    session: AtomicU64,
+    broker: Broker,
+    intake: Arc<dyn Intake>,
+    shared: Arc<Shared>,
+    to_settler: UnboundedSender<Settled>,
+    /// The queues consumed at once, and those stood by for.
+    primary: Vec<Arc<QueueState>>,
+    standby: Vec<Arc<QueueState>>,
+}
+
+/// This process's consumer tag on `queue`: unique across instances and hosts, so the broker's
+/// management API can tell which consumer is ours.
+fn consumer_tag(queue: &str) -> String {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let token = TOKEN.get_or_init(|| format!("{}-{:08x}", std::process::id(), fastrand::u32(..)));
+    format!("iomt-connector-{token}-{queue}")
+}
+
+/// How long an instance waits before it stands by on the other instances' shard queues, so that
+/// instances started together each become the active consumer of their own queues first.
+const STANDBY_DELAY: Duration = Duration::from_secs(3);
+/// How long one connection attempt (connect, declare, subscribe) may take before it is retried.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A delivery with the queue it came from; `None` when the broker ended that consumer.
+type Tagged = (Arc<QueueState>, Option<Result<Delivery, lapin::Error>>);
+
+async fn subscribe(channel: &Channel, queue: &Arc<QueueState>) -> lapin::Result<BoxStream<'static, Tagged>> {
+    let c = channel
+        .basic_consume(
+            (&*queue.name).into(),
+            consumer_tag(&queue.name).as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let (q, end) = (queue.clone(), queue.clone());
+    Ok(c.map(move |d| (q.clone(), Some(d))).chain(stream::once(async move { (end, None) })).boxed())
+}
+
+impl Consumer {
+    fn handle(&self, queue: &QueueState, d: Delivery) {
+        let m = metrics::get();
+        m.messages_received.inc();
+        m.unacked.inc();
+        queue.delivered();
+        self.shared.received.fetch_add(1, Ordering::SeqCst);
+        let event = envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered);
+        let record = Record {
+            acker: d.acker,
+            tag: d.delivery_tag,
+            session: self.session.load(Ordering::SeqCst),
+            body: d.data,
+            queue: queue.name.clone(),
+            exchange: d.exchange.as_str().to_string(),
+            routing_key: d.routing_key.as_str().to_string(),
+            properties: d.properties,
+        };
+        let sent_at = sent_at(&record.properties);
+        let guard = DeliveryGuard::new(Position::new(record), sent_at, self.to_settler.clone());
+        self.intake.accept(event, Arc::new(guard));
+    }
+}
+
+/// Why a session could not start.
+enum Setup {
+    Amqp(lapin::Error),
+    /// The queues exist in a shape the topology cannot work with.
+    Topology(String),
+}
+
+impl From<lapin::Error> for Setup {
+    fn from(e: lapin::Error) -> Self {
+        Setup::Amqp(e)
+    }
+}
+
+enum Ended {
+    Stopped(Box<KeepAlive>),
+    Lost(String),
+}
+
+/// Consumes until told to stop, reconnecting after `reconnect_delay_secs` whenever the broker
+/// connection fails. Returns the session so its channel stays open for the final acks.
+async fn run(
+    consumer: Consumer,
+    mut stop: watch::Receiver<bool>,
+    dl: Arc<Mutex<Option<Channel>>>,
+) -> Option<KeepAlive> {
+    let delay = Duration::from_secs(consumer.broker.reconnect_delay_secs.max(1));
+    loop {
+        if *stop.borrow() {
+            return None;
+        }
+        match session(&consumer, &mut stop, &dl).await {
+            Ended::Stopped(keep) => return Some(*keep),
+            Ended::Lost(why) => {
+                consumer.shared.broker_connected.store(false, Ordering::SeqCst);
+                tracing::warn!(error = %why, retry_in_s = delay.as_secs(), "broker connection lost; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return None,
+                }
+            }
+        }
+    }
+}
+
+async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc<Mutex<Option<Channel>>>) -> Ended {
+    let b = &consumer.broker;
+    let (primary, standby) = (&consumer.primary, &consumer.standby);
+    let setup = async {
+        // Named, so an operator (or a test) can find this instance's connection in RabbitMQ.
+        let name = format!("iomt-connector {} pid {}", b.queue, std::process::id());
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let conn = Connection::connect(&b.url, props).await?;
+        let channel = conn.create_channel().await?;
+        let dl_channel = conn.create_channel().await?;
+        dl_channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        if b.declare {
+            match declare(&conn, b).await {
+                Ok(warnings) => warnings.iter().for_each(|w| tracing::warn!("{w}")),
+                Err(BrokerError::Amqp(e)) => return Err(Setup::Amqp(e)),
+                Err(e) => return Err(Setup::Topology(e.to_string())),
+            }
+        }
+        // Per consumer: each queue this instance is active on gets the whole window.
+        channel.basic_qos(b.prefetch, BasicQosOptions::default()).await?;
+        let mut deliveries = SelectAll::new();
+        for q in primary {
+            deliveries.push(subscribe(&channel, q).await?);
+        }
+        Ok::<_, Setup>((conn, channel, dl_channel, deliveries))
+    };
+    // A broker that accepts the TCP connection but never finishes the handshake or a declare (an
+    // overloaded node, a quorum queue without a leader) must not stall the connector unready forever:
+    // give up on this attempt and reconnect, saying so.
+    let (conn, channel, dl_channel, mut deliveries) = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(Setup::Amqp(e))) => return Ended::Lost(format!("{} ({})", e, redact(&b.url))),
+        Ok(Err(Setup::Topology(why))) => return Ended::Lost(why),
+        Err(_) => {
+            return Ended::Lost(format!(
+                "the broker at {} did not complete connecting, declaring and subscribing within {} s",
+                redact(&b.url),
+                SETUP_TIMEOUT.as_secs()
+            ));
+        }
+    };
+    if let Ok(mut slot) = dl.lock() {
+        *slot = Some(dl_channel);
+    }
+    consumer.session.fetch_add(1, Ordering::SeqCst);
+    consumer.shared.broker_connected.store(true, Ordering::SeqCst);
+    let names: Vec<String> = primary.iter().chain(standby).map(|q| q.name.to_string()).collect();
+    tracing::info!(queues = ?&names[..primary.len()], standby = standby.len(), prefetch = b.prefetch, "consuming");
+    let sampler = backlog_sampler(&conn, names).await;
+    let standby_after = tokio::time::sleep(STANDBY_DELAY);
+    tokio::pin!(standby_after);
+    let mut standing_by = standby.is_empty();
+    let mut delivered: std::collections::HashSet<Arc<str>> = Default::default();
+    let ended = loop {
+        tokio::select! {
+            // An instance with no queue of its own yet (a pure standby) waits for its standby turn.
+            next = deliveries.next(), if !deliveries.is_empty() => match next {
+                Some((q, Some(Ok(d)))) => {
+                    // Only a shard queue's first delivery in this session is looked at.
+                    if b.topology == Topology::Sharded
+                        && !delivered.contains(&q.name)
+                        && delivered.insert(q.name.clone())
+                        && d.redelivered
+                    {
+                        // Another consumer had this queue and went away with writes perhaps still
+                        // in flight at the FHIR server: let them land before ours read and write.
+                        let grace = Duration::from_millis(b.takeover_grace_ms);
+                        tracing::info!(queue = %q.name, grace_ms = b.takeover_grace_ms, "taking over a shard queue; waiting for its previous consumer's writes to land");
+                        tokio::time::sleep(grace).await;
+                    }
+                    consumer.handle(&q, d)
+                }
+                Some((_, Some(Err(e)))) => break Ended::Lost(e.to_string()),
+                Some((q, None)) => break Ended::Lost(format!("the broker cancelled the consumer of queue {}", q.name)),
+                None => break Ended::Lost("no consumer left".into()),
+            },
+            _ = &mut standby_after, if !standing_by => {
+                standing_by = true;
+                for q in standby {
+                    match subscribe(&channel, q).await {
+                        Ok(s) => deliveries.push(s),
+                        Err(e) => tracing::warn!(queue = %q.name, error = %e, "cannot stand by on a shard queue"),
+                    }
+                }
+            }
+            _ = stop.changed() => {
+                for q in primary.iter().chain(standby) {
+                    let _ = channel.basic_cancel(consumer_tag(&q.name).as_str().into(), BasicCancelOptions::default()).await;
+                }
+                // Deliveries already on their way are processed, not left unacked.
+                while let Ok(Some((q, Some(Ok(d))))) = tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await {
+                    consumer.handle(&q, d);
+                }
+                break Ended::Stopped(Box::new((conn, channel)));
+            }
+        }
+    };
+    if let Some(s) = sampler {
+        s.abort();
+    }
+    ended
+}
+
+/// Samples the queues' ready-message counts for the backlog gauge.
+async fn backlog_sampler(conn: &Connection, queues: Vec<String>) -> Option<tokio::task::JoinHandle<()>> {
+    let ch = conn.create_channel().await.ok()?;
+    Some(actix_rt::spawn(async move {
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        loop {
+            let mut ready = 0i64;
+            for queue in &queues {
+                if let Ok(q) = ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await {
+                    ready += q.message_count() as i64;
+                }
+            }
+            metrics::get().backlog.set(ready);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }))
+}
+
+/// Asks RabbitMQ's management API, every 2 s, which of this process's consumers are active (a
+/// single-active-consumer queue has one active consumer; the others wait), for `/actors` and
+/// `iomt_queue_active`.
+async fn watch_activity(b: Broker, shared: Arc<Shared>) {
+    let Ok(amqp) = reqwest::Url::parse(&b.url) else { return };
+    let vhost = match amqp.path().trim_start_matches('/') {
+        "" => "%2F".to_string(),
+        v => v.to_string(),
+    };
+    let url = format!("{}/api/consumers/{vhost}", b.management_url.trim_end_matches('/'));
+    let user = if amqp.username().is_empty() { "guest".to_string() } else { amqp.username().to_string() };
+    let password = amqp.password().map(str::to_string);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+    let mut warned = false;
+    loop {
+        let answer = http.get(&url).basic_auth(&user, password.as_deref()).send().await;
+        let consumers = match answer {
+            Ok(r) if r.status().is_success() => r.json::<Vec<serde_json::Value>>().await.ok(),
+            Ok(r) => {
+                if !warned {
+                    tracing::warn!(status = %r.status(), "broker.management_url answered with an error; queue activity unknown");
+                }
+                None
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "broker.management_url does not answer; queue activity unknown");
+                }
+                None
+            }
+        };
+        warned = consumers.is_none();
+        for q in shared.queues.iter() {
+            let active = consumers.as_ref().map(|list| {
+                let tag = consumer_tag(q.key());
+                list.iter().any(|c| {
+                    c["consumer_tag"] == tag.as_str() && c["queue"]["name"] == q.key().as_str() && c["active"] == true
+                })
+            });
+            q.value().set_active(active);
+            let gauge = metrics::get().queue_active.with_label_values(&[q.key().as_str()]);
+            match active {
+                Some(a) => gauge.set(i64::from(a)),
+                None => gauge.set(-1),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Acks settled deliveries, dead-lettering each failed one first. A message that cannot be
+/// dead-lettered is returned to the queue, never dropped.
+///
+/// Acks go out in delivery-tag order, as one `multiple` ack per run of settled tags: RabbitMQ
+/// handles in-order acks at the head of its unacked list, while acks in random order (which is
+/// how a pipeline of shards and writers finishes) cost it a search each and capped throughput at
+/// a fifth of what it can deliver. A tag still in flight holds back the acks after it for at most
+/// `STRAGGLER`; then those are acked one by one.
+async fn settler(
+    mut rx: UnboundedReceiver<Settled>,
+    dl: Arc<Mutex<Option<Channel>>>,
+    broker: Broker,
+    shared: Arc<Shared>,
+) {
+    let mut book = AckBook::default();
+    loop {
+        let first = tokio::select! {
+            s = rx.recv() => s,
+            _ = tokio::time::sleep(STRAGGLER), if !book.waiting.is_empty() => {
+                book.ack_stragglers(&shared).await;
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
+            }
+        }
+        for s in batch {
+            let Some(record) = s.position.into_inner::<Record>() else {
+                // Not one of ours: cannot happen, as only this source makes these guards.
+                tracing::error!("a settled delivery did not come from this source");
+                continue;
+            };
+            let requeue = match &s.status {
+                // From a session that is gone: its ack would fail and the broker redelivers it, so
+                // dead-lettering it now would dead-letter it twice. It is dealt with on redelivery.
+                Status::DeadLettered(_) if !record.acker.usable() => false,
+                Status::DeadLettered(f) => !dead_letter_one(&dl, &broker, &shared, &record, f).await,
+                Status::Persisted => false,
+            };
+            book.settled(Done { record, sent_at: s.sent_at, received: s.received }, requeue, &shared).await;
+        }
+        book.ack_in_order(&shared).await;
+        book.ack_stragglers(&shared).await;
+    }
+}
+
+/// How long acks may wait behind a delivery that is still being processed.
+const STRAGGLER: Duration = Duration::from_millis(200);
+
+async fn dead_letter_one(
+    dl: &Mutex<Option<Channel>>,
+    broker: &Broker,
+    shared: &Shared,
+    r: &Record,
+    f: &Failure,
+) -> bool {
+    let channel = dl.lock().ok().and_then(|c| c.clone());
+    let published = match channel {
+        Some(ch) => {
+            let origin = Origin { queue: &r.queue, exchange: &r.exchange, routing_key: &r.routing_key };
+            dead_letter(&ch, broker, &r.body, &r.properties, &origin, f).await
+        }
+        None => Err("no broker connection".into()),
+    };
+    match published {
+        Ok(()) => {
+            book_dead_lettered(f.kind, &f.message, shared);
+            true
+        }
+        Err(e) => {
+            tracing::error!(kind = %f.kind, error = %e, "could not dead-letter a message; returning it to the queue");
+            false
+        }
+    }
+}
+
+#[derive(Default)]
+struct AckBook {
+    session: u64,
+    /// The lowest delivery tag not yet acked in this session.
+    next: u64,
+    /// Settled deliveries waiting for the tags before them, by tag.
+    waiting: std::collections::BTreeMap<u64, Done>,
+    /// Tags acked ahead of `next` (stragglers' followers), skipped when `next` reaches them.
+    acked_ahead: std::collections::BTreeSet<u64>,
+    since: Option<Instant>,
+}
+
+fn count(d: &Done, acked: bool, shared: &Shared) {
+    book_settled(d.sent_at, d.received, acked, shared);
+}
+
+impl AckBook {
+    async fn settled(&mut self, d: Done, requeue: bool, shared: &Shared) {
+        let (session, tag) = (d.record.session, d.record.tag);
+        if session != self.session {
+            if session < self.session {
+                // From a closed session: its tags are void; the broker redelivers the message.
+                count(&d, false, shared);
+                return;
+            }
+            // A new session: what waited for the old one cannot be acked any more.
+            for (_, old) in std::mem::take(&mut self.waiting) {
+                count(&old, false, shared);
+            }
+            self.acked_ahead.clear();
+            self.session = session;
+            self.next = 1;
+        }
+        if requeue {
+            // Returned to the queue at once, on its own; its tag counts as done.
+            let _ = d.record.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            self.acked_ahead.insert(tag);
+            count(&d, false, shared);
+            return;
+        }
+        self.since.get_or_insert_with(Instant::now);
+        self.waiting.insert(tag, d);
+    }
+
+    /// One `multiple` ack for the run of settled tags starting at `next`.
+    async fn ack_in_order(&mut self, shared: &Shared) {
+        let mut run = Vec::new();
+        loop {
+            if self.acked_ahead.remove(&self.next) {
+                self.next += 1;
+            } else if let Some(d) = self.waiting.remove(&self.next) {
+                run.push(d);
+                self.next += 1;
+            } else {
+                break;
+            }
+        }
+        if let Some(last) = run.last() {
+            let ok = last.record.acker.ack(BasicAckOptions { multiple: true }).await.unwrap_or(false);
+            if !ok {
+                tracing::debug!("ack not sent (channel closed); the broker will redeliver");
+            }
+            for d in &run {
+                count(d, ok, shared);
+            }
+        }
+        if self.waiting.is_empty() {
+            self.since = None;
+        }
+    }
+
+    /// Acks, one by one, what has waited `STRAGGLER` behind a tag still in flight.
+    async fn ack_stragglers(&mut self, shared: &Shared) {
+        if self.since.is_none_or(|t| t.elapsed() < STRAGGLER) {
+            return;
+        }
+        for (tag, d) in std::mem::take(&mut self.waiting) {
+            let ok = d.record.acker.ack(BasicAckOptions::default()).await.unwrap_or(false);
+            self.acked_ahead.insert(tag);
+            count(&d, ok, shared);
+        }
+        self.since = None;
+    }
+}

@@ -1,0 +1,196 @@
+//! The mapping debugger: a web page and the JSON endpoints behind it. Every answer comes from the
+//! engine itself (parsing with positions, the cross-checks, `explain`, normalization and the
+//! offline transform), so the page shows exactly what `validate`, `normalize`, `transform` and
+//! the service do. Served alone by `iomt-connector studio` (no broker, no FHIR server) and, when
+//! `http.debugger` is on, by `run` under `/debugger` behind `http.debugger_token`.
+
+use crate::template::TemplateError;
+use crate::template::crosscheck::cross_check;
+use crate::template::device::{DeviceMapping, envelope};
+use crate::template::fhir::FhirMapping;
+use crate::transform::{CreateIdentity, transform};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+/// The page: one file, no build step, embedded in the binary.
+const PAGE: &str = include_str!("studio/index.html");
+
+/// The mappings the page opens with (the running ones under `run`), sample messages, and the
+/// token that guards the endpoints (empty: none).
+#[derive(Clone)]
+pub struct Studio {
+    pub device: PathBuf,
+    pub fhir: PathBuf,
+    /// A folder of `*.json` messages offered as samples.
+    pub messages: PathBuf,
+    pub token: String,
+}
+
+fn problems(errors: &[TemplateError]) -> Vec<Value> {
+    errors.iter().map(|e| json!({"line": e.line, "column": e.column, "message": e.to_string()})).collect()
+}
+
+#[derive(Deserialize)]
+struct Pair {
+    device: String,
+    fhir: String,
+}
+
+/// Every problem of both mappings with its line and column, and the cross-checks when both parse.
+fn check(pair: &Pair) -> (Value, Option<(DeviceMapping, FhirMapping)>) {
+    let (device, device_errors) = DeviceMapping::parse_partial(&pair.device);
+    let (fhir, fhir_errors) = FhirMapping::parse_partial(&pair.fhir);
+    let mut report = json!({
+        "device": problems(&device_errors),
+        "fhir": problems(&fhir_errors),
+        "cross": [],
+        "notes": [],
+    });
+    if !fhir_errors.is_empty() {
+        return (report, None);
+    }
+    let checked = cross_check(&device, &fhir, "the FHIR mapping");
+    report["cross"] = json!(problems(&checked.problems));
+    report["notes"] = json!(problems(&checked.notes));
+    let usable = device_errors.is_empty().then_some((device, fhir));
+    (report, usable)
+}
+
+#[derive(Deserialize)]
+struct Run {
+    device: String,
+    fhir: String,
+    /// Message texts: bodies, or whole envelopes with `envelope`.
+    messages: Vec<String>,
+    #[serde(default)]
+    envelope: bool,
+    #[serde(default, rename = "deviceIdentifierSystem")]
+    device_identifier_system: Option<String>,
+}
+
+/// Each message's envelope, per-template explanation and measurements; then the Observations the
+/// offline transform writes for all of them (Create identity, empty FHIR server).
+fn run(r: &Run) -> Value {
+    let pair = Pair { device: r.device.clone(), fhir: r.fhir.clone() };
+    let (problems, usable) = check(&pair);
+    let Some((device, fhir)) = usable else {
+        return json!({"problems": problems, "messages": [], "observations": [], "errors": ["fix the mappings first"]});
+    };
+    let mut all = Vec::new();
+    let mut messages = Vec::new();
+    for (i, text) in r.messages.iter().enumerate() {
+        let parsed: Result<Value, String> =
+            serde_json::from_str(text).map_err(|e| format!("message {} is not valid JSON: {e}", i + 1));
+        let event = parsed.map(|v| if r.envelope { v } else { envelope(v) });
+        match event {
+            Err(why) => messages.push(json!({"error": why, "templates": [], "measurements": []})),
+            Ok(event) => {
+                let templates = device.explain(&event);
+                let (measurements, error) = match device.normalize(&event) {
+                    Ok(ms) => (ms, None),
+                    Err(e) => (Vec::new(), Some(format!("{} ({})", e, e.kind()))),
+                };
+                messages.push(json!({"error": error, "templates": templates, "measurements": measurements}));
+                all.extend(measurements);
+            }
+        }
+    }
+    let identity = CreateIdentity { device_system: r.device_identifier_system.clone().filter(|s| !s.is_empty()) };
+    let batch = transform(&fhir, all, &identity, chrono::Utc::now());
+    json!({
+        "problems": problems,
+        "messages": messages,
+        "observations": batch.observations,
+        "errors": batch.errors.iter().map(|e| format!("{e} ({})", e.kind())).collect::<Vec<_>>(),
+    })
+}
+
+fn allowed(req: &HttpRequest, s: &Studio) -> bool {
+    if s.token.is_empty() {
+        return true;
+    }
+    let bearer =
+        req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let query = web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get("token").cloned());
+    bearer == Some(s.token.as_str()) || query.as_deref() == Some(s.token.as_str())
+}
+
+fn refused() -> HttpResponse {
+    HttpResponse::Unauthorized()
+        .json(json!({"error": "the debugger needs http.debugger_token (Authorization: Bearer, or ?token=)"}))
+}
+
+async fn page(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
+    if !allowed(&req, &s) {
+        return refused();
+    }
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(PAGE)
+}
+
+async fn check_endpoint(req: HttpRequest, s: web::Data<Studio>, body: web::Json<Pair>) -> HttpResponse {
+    if !allowed(&req, &s) {
+        return refused();
+    }
+    HttpResponse::Ok().json(check(&body).0)
+}
+
+async fn run_endpoint(req: HttpRequest, s: web::Data<Studio>, body: web::Json<Run>) -> HttpResponse {
+    if !allowed(&req, &s) {
+        return refused();
+    }
+    HttpResponse::Ok().json(run(&body))
+}
+
+/// The sample mappings and messages (`mappings/`), for the page's "load samples".
+async fn samples(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
+    if !allowed(&req, &s) {
+        return refused();
+    }
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let mut messages = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(&s.messages) {
+        let mut files: Vec<PathBuf> =
+            dir.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        files.sort();
+        for f in files {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            messages.push(json!({"name": name, "text": read(f)}));
+        }
+    }
+    HttpResponse::Ok().json(json!({
+        "device": read(s.device.clone()),
+        "fhir": read(s.fhir.clone()),
+        "messages": messages,
+    }))
+}
+
+/// The debugger's routes, for an actix-web `App` or `scope`.
+pub fn routes(cfg: &mut web::ServiceConfig, studio: Studio) {
+    cfg.app_data(web::Data::new(studio))
+        // Mappings and messages of several MB are fine; the default JSON limit is 32 KB.
+        .app_data(web::JsonConfig::default().limit(16 << 20))
+        .route("/", web::get().to(page))
+        .route("/api/check", web::post().to(check_endpoint))
+        .route("/api/run", web::post().to(run_endpoint))
+        .route("/api/samples", web::get().to(samples));
+}
+
+/// `iomt-connector studio`: the debugger alone, until SIGINT/SIGTERM.
+pub fn serve(listen: &str, studio: Studio) -> std::io::Result<()> {
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let server = actix_web::HttpServer::new(move || {
+            let s = studio.clone();
+            actix_web::App::new().configure(move |cfg| routes(cfg, s))
+        })
+        .workers(1)
+        .bind(listen)?
+        .run();
+        eprintln!("iomt-connector studio: http://{listen}/");
+        server.await
+    })
+}

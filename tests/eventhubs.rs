@@ -1,0 +1,458 @@
+//! The Event Hubs source (`source.kind = "eventhubs"`) against the repo's Event Hubs-shaped AMQP 1.0
+//! test peer (tests/eventhubs/peer.mjs, proven against Microsoft's `@azure/event-hubs` by
+//! scripts/setup.sh), the real PostgreSQL checkpoint store and the real FHIR server.
+
+mod common;
+
+use azure_core_amqp::message::{AmqpAnnotationKey, AmqpAnnotations, AmqpApplicationProperties, AmqpMessageBody};
+use azure_core_amqp::{AmqpMessage, AmqpSimpleValue, AmqpSymbol, AmqpTimestamp, AmqpValue};
+use azure_messaging_eventhubs::{OpenReceiverOptions, StartLocation, StartPosition};
+use common::services::{self, Connector, Fhir, Setup};
+use common::vitals::*;
+use futures_util::StreamExt;
+use iomt_connector::config::EventHubs;
+use iomt_connector::source::eventhubs::{self, HubPublisher};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+// The tests run on tokio's current-thread runtime, as the connector's own sources and the
+// `publish`/`simulate` commands do: on the multi-thread runtime the SDK's producer (fe2o3-amqp 0.16)
+// stopped sending mid-stream, now and then, with every thread parked.
+
+/// One test at a time: each runs its own peer and several connectors.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const PARTITIONS: usize = 4;
+
+fn pg_url() -> String {
+    std::env::var("IOMT_TEST_PG_URL").unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
+}
+
+/// The test peer, on its own port and data directory (events survive its restart).
+struct Peer {
+    port: u16,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+impl Peer {
+    async fn start() -> Peer {
+        let port = free_port();
+        let data = std::env::temp_dir().join(format!("iomt-eh-peer-{port}"));
+        let mut p = Peer { port, data, child: None };
+        p.restart().await;
+        p
+    }
+
+    async fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+        let mut child = Command::new("node")
+            .arg(services::repo_path("tests/eventhubs/peer.mjs"))
+            .args(["--port", &self.port.to_string(), "--partitions", &PARTITIONS.to_string()])
+            .arg("--data")
+            .arg(&self.data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the Event Hubs test peer (node): {e}; run scripts/setup.sh"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("peer stdout"));
+        let mut lines = BufReader::new(stdout).lines();
+        let listening = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.contains("listening") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(listening, Ok(true), "the Event Hubs test peer did not start listening on port {}", self.port);
+        // Keep reading its stdout so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    fn connection_string(&self) -> String {
+        format!("Endpoint=sb://127.0.0.1:{};SharedAccessKeyName=test;SharedAccessKey=c2VjcmV0", self.port)
+    }
+
+    fn settings(&self) -> EventHubs {
+        EventHubs {
+            connection_string: self.connection_string(),
+            custom_endpoint: format!("amqp://127.0.0.1:{}", self.port),
+            ..Default::default()
+        }
+    }
+
+    /// The connector's environment for reading `hub` with this peer.
+    fn env(&self, hub: &str, instance: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("IOMT_SOURCE__KIND", "eventhubs".into()),
+            ("IOMT_EVENTHUBS__CONNECTION_STRING", self.connection_string()),
+            ("IOMT_EVENTHUBS__CUSTOM_ENDPOINT", format!("amqp://127.0.0.1:{}", self.port)),
+            ("IOMT_EVENTHUBS__HUB", hub.into()),
+            ("IOMT_EVENTHUBS__DEAD_LETTER_HUB", format!("{hub}-dead-letters")),
+            ("IOMT_EVENTHUBS__CHECKPOINT_POSTGRES_URL", pg_url()),
+            ("IOMT_EVENTHUBS__INSTANCE_ID", instance.into()),
+            ("IOMT_EVENTHUBS__BALANCE_INTERVAL_SECS", "1".into()),
+            ("IOMT_EVENTHUBS__OWNERSHIP_EXPIRY_SECS", "6".into()),
+            ("IOMT_EVENTHUBS__CHECKPOINT_INTERVAL_MS", "200".into()),
+        ]
+    }
+
+    /// Events enqueued per partition (last sequence number + 1), asked of the peer like the service.
+    async fn enqueued(&self, hub: &str) -> Vec<i64> {
+        let c = eventhubs::consumer(&self.settings(), hub).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Vec::new();
+        for p in 0..PARTITIONS {
+            let props = c.get_partition_properties(&p.to_string()).await.unwrap_or_else(|e| panic!("{e}"));
+            out.push(props.last_enqueued_sequence_number + 1);
+        }
+        out
+    }
+
+    /// Every event of `hub` (all partitions), read from the start.
+    async fn read_all(&self, hub: &str, expect: usize) -> Vec<AmqpMessage> {
+        let c = eventhubs::consumer(&self.settings(), hub).await.unwrap_or_else(|e| panic!("{e}"));
+        let props = c.get_eventhub_properties().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for p in props.partition_ids {
+            let o = OpenReceiverOptions {
+                start_position: Some(StartPosition { location: StartLocation::Earliest, inclusive: false }),
+                ..Default::default()
+            };
+            let r = c.open_receiver_on_partition(p, Some(o)).await.unwrap_or_else(|e| panic!("{e}"));
+            let mut events = Box::pin(r.stream_events());
+            while got.len() < expect && Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_secs(3), events.next()).await {
+                    Ok(Some(Ok(e))) => got.push(e.raw_amqp_message().clone()),
+                    _ => break,
+                }
+            }
+        }
+        got
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The checkpoints the connectors wrote for `hub`, by partition (sequence numbers).
+async fn checkpoints(namespace: &str, hub: &str) -> HashMap<String, i64> {
+    let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {}: {e}; run scripts/setup.sh", pg_url()));
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT partition_id, sequence_number FROM iomt_eventhubs_checkpoint WHERE namespace = $1 AND hub = $2",
+            &[&namespace, &hub],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// Who owns each partition of `hub`, by the ownership table ('' once released).
+async fn ownership(namespace: &str, hub: &str) -> HashMap<String, String> {
+    let (client, conn) =
+        tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT partition_id, owner_id FROM iomt_eventhubs_ownership WHERE namespace = $1 AND hub = $2",
+            &[&namespace, &hub],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// Every partition checkpointed at its last event.
+async fn until_checkpointed(peer: &Peer, hub: &str, timeout: Duration) {
+    let namespace = format!("127.0.0.1:{}", peer.port);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let enqueued = peer.enqueued(hub).await;
+        let cps = checkpoints(&namespace, hub).await;
+        let done =
+            enqueued.iter().enumerate().all(|(p, n)| *n == 0 || cps.get(&p.to_string()).is_some_and(|s| s + 1 == *n));
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every partition checkpointed at its end: enqueued {enqueued:?}, checkpoints {cps:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn send(peer: &Peer, hub: &str, msgs: &[Vec<u8>]) {
+    let mut p = HubPublisher::connect(&peer.settings(), hub, 200).await.unwrap_or_else(|e| panic!("{e}"));
+    for m in msgs {
+        let v: Value = serde_json::from_slice(m).unwrap_or_default();
+        p.send(m, v["deviceId"].as_str()).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    p.flush().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.confirmed as usize, msgs.len(), "the peer accepted every event");
+}
+
+async fn connector(peer: &Peer, hub: &str, instance: &str, setup: &Setup<'_>) -> Connector {
+    let mut env = Connector::env_for(setup);
+    env.extend(peer.env(hub, instance).into_iter().map(|(k, v)| (k.to_string(), v)));
+    Connector::start_env(env).await
+}
+
+async fn read(c: &Connector) -> f64 {
+    c.metric("iomt_messages_received_total").await
+}
+
+async fn owned(c: &Connector) -> f64 {
+    c.metric("iomt_eventhubs_partitions_owned").await
+}
+
+async fn until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_instances_share_a_four_partition_hub_a_sigkilled_ones_partitions_are_taken_over_and_checkpoints_resume() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let mut peer = Peer::start().await;
+    let run = services::unique("ehub");
+    let system = format!("urn:iomt-test:{run}");
+    let hub = run.clone();
+    let setup = Setup::new("unused", "Create", &system);
+    // 20 devices x 3 vitals x 30 readings, the device id as partition key.
+    let msgs = bodies(&run, 20, 30, &[Vital::HeartRate, Vital::Spo2, Vital::BloodPressure]);
+    let (first, rest) = msgs.split_at(msgs.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+
+    let a = connector(&peer, &hub, "instance-a", &setup).await;
+    let mut b = connector(&peer, &hub, "instance-b", &setup).await;
+    until("the two instances split the four partitions", Duration::from_secs(60), || async {
+        owned(&a).await == 2.0 && owned(&b).await == 2.0
+    })
+    .await;
+    let (_, actors) = a.get("/actors").await;
+    let actors: Value = serde_json::from_str(&actors).unwrap_or_default();
+    assert_eq!(actors["source"]["kind"], "eventhubs", "{actors}");
+    assert_eq!(actors["source"]["partitions"].as_array().map(Vec::len), Some(2), "{actors}");
+
+    send(&peer, &hub, first).await;
+    until_checkpointed(&peer, &hub, Duration::from_secs(120)).await;
+    let (ra, rb) = (read(&a).await, read(&b).await);
+    println!("first third: instance a read {ra}, instance b read {rb} of {}", first.len());
+    assert_eq!(ra + rb, first.len() as f64, "each event read once");
+    assert!(ra > 0.0 && rb > 0.0, "both instances read events");
+
+    // SIGKILL b while the second third streams in; a takes its partitions once their ownership expires.
+    let sending = send(&peer, &hub, second);
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.signal("KILL");
+        b.wait(Duration::from_secs(10)).await;
+    };
+    tokio::join!(sending, kill);
+    let killed = Instant::now();
+    until("a owns all four partitions", Duration::from_secs(60), || async { owned(&a).await == 4.0 }).await;
+    println!("instance b SIGKILLed: a owned its partitions {:.1} s later", killed.elapsed().as_secs_f64());
+    until_checkpointed(&peer, &hub, Duration::from_secs(120)).await;
+
+    // Both stop; the last third arrives while nothing reads; both start again and read only it.
+    a.signal("TERM");
+    let mut a = a;
+    assert_eq!(a.wait(Duration::from_secs(60)).await, Some(0), "{}", a.log());
+    send(&peer, &hub, third).await;
+    peer.restart().await;
+    let a2 = connector(&peer, &hub, "instance-a", &setup).await;
+    let b2 = connector(&peer, &hub, "instance-b", &setup).await;
+    until_checkpointed(&peer, &hub, Duration::from_secs(120)).await;
+    let (ra, rb) = (read(&a2).await, read(&b2).await);
+    println!("after a restart of both (and of the peer): read {ra} + {rb}, the last third is {}", third.len());
+    assert_eq!(ra + rb, third.len() as f64, "the checkpoints resume after the last event persisted");
+    assert_eq!(a2.metric("iomt_dead_lettered_total").await, 0.0);
+    assert_converged(&Fhir::new(), &run, 20, &uninterrupted(&msgs, &system)).await;
+
+    // A clean stop gives the partitions up at once: the other instance takes them without
+    // waiting for the ownership to expire (6 s here).
+    let (mut a2, b2) = (a2, b2);
+    a2.signal("TERM");
+    assert_eq!(a2.wait(Duration::from_secs(30)).await, Some(0), "{}", a2.log());
+    let stopped = Instant::now();
+    let owners = ownership(&format!("127.0.0.1:{}", peer.port), &hub).await;
+    assert!(!owners.values().any(|o| o == "instance-a"), "a released its partitions: {owners:?}");
+    until("b owns all four partitions", Duration::from_secs(30), || async { owned(&b2).await == 4.0 }).await;
+    println!("instance a stopped cleanly: b owned its partitions {:.1} s later", stopped.elapsed().as_secs_f64());
+}
+
+/// An event as IoT Hub routes it: the device id and enqueued time as message annotations, the
+/// creation time as an application property.
+fn iot_hub_event(device: &str, heartrate: &str) -> AmqpMessage {
+    let mut app = AmqpApplicationProperties::new();
+    app.0.insert("iothub-creation-time-utc".into(), AmqpSimpleValue::String("2019-01-30T22:45:02.6073744Z".into()));
+    app.0.insert("tz".into(), AmqpSimpleValue::String("America/Los_Angeles".into()));
+    let mut ann = AmqpAnnotations::new();
+    let sym = |s: &str| AmqpAnnotationKey::Symbol(AmqpSymbol(s.into()));
+    ann.0.insert(sym("iothub-connection-device-id"), AmqpValue::String(device.into()));
+    let enqueued = std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(1_549_061_161_875);
+    ann.0.insert(sym("iothub-enqueuedtime"), AmqpValue::TimeStamp(AmqpTimestamp(Some(enqueued))));
+    AmqpMessage {
+        body: AmqpMessageBody::Binary(vec![json!({"heartrate": heartrate}).to_string().into_bytes()]),
+        application_properties: Some(app),
+        message_annotations: Some(ann),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_iot_hub_routed_event_normalizes_with_an_unchanged_iot_template_and_bad_events_go_to_the_dead_letter_hub() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let peer = Peer::start().await;
+    let run = services::unique("iothub");
+    let system = format!("urn:iomt-test:{run}");
+    let hub = run.clone();
+    let device = format!("{run}-ev-d795");
+    // Lookup mode: the Device and its Patient exist, as an IoT Hub deployment's would.
+    let fhir = Fhir::new();
+    let (p, d) = (format!("{run}-pat"), format!("{run}-dev"));
+    fhir.put(&format!("Patient/{p}"), &json!({"resourceType": "Patient", "id": p})).await;
+    fhir.put(
+        &format!("Device/{d}"),
+        &json!({"resourceType": "Device", "id": d, "identifier": [{"system": system, "value": device}],
+                "patient": {"reference": format!("Patient/{p}")}}),
+    )
+    .await;
+
+    // The reference's own IotJsonPathContent template, unchanged (read from the conformance
+    // vectors); the sample FHIR mapping's heartrate (hourly SampledData of "hr").
+    let mut setup = Setup::new("unused", "Lookup", &system);
+    setup.device_mapping = common::conformance_dir().join("iothub-iotjsonpath-basic/device-template.json");
+    setup.fhir_mapping = services::repo_path("mappings/fhirmapping.json");
+    let c = connector(&peer, &hub, "iot", &setup).await;
+
+    let producer = eventhubs::producer(&peer.settings(), &hub).await.unwrap_or_else(|e| panic!("{e}"));
+    producer.send_message(iot_hub_event(&device, "203"), None).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut not_json = iot_hub_event(&device, "0");
+    not_json.body = AmqpMessageBody::Binary(vec![b"{not json".to_vec()]);
+    producer.send_message(not_json, None).await.unwrap_or_else(|e| panic!("{e}"));
+    let unknown = iot_hub_event(&format!("{run}-unknown"), "99");
+    producer.send_message(unknown, None).await.unwrap_or_else(|e| panic!("{e}"));
+
+    until_checkpointed(&peer, &hub, Duration::from_secs(60)).await;
+    let obs = fhir.search(&format!("Observation?subject=Patient/{p}")).await;
+    assert_eq!(obs.len(), 1, "{obs:?}");
+    // The reading's time is iothub-creation-time-utc (22:45:02): in the 22:00 hourly window.
+    assert!(
+        obs[0]["effectivePeriod"]["start"].as_str().unwrap_or_default().starts_with("2019-01-30T22:00:00"),
+        "{}",
+        obs[0]
+    );
+    let data = obs[0]["valueSampledData"]["data"].as_str().unwrap_or_default().to_string();
+    assert_eq!(data.split(' ').filter(|v| *v != "E").collect::<Vec<_>>(), vec!["203"], "{}", obs[0]);
+
+    let dead = peer.read_all(&format!("{hub}-dead-letters"), 2).await;
+    let mut kinds: Vec<String> = dead
+        .iter()
+        .filter_map(|m| match m.application_properties.as_ref()?.0.get("x-iomt-error-kind")? {
+            AmqpSimpleValue::String(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, vec!["identity-not-found".to_string(), "invalid-json".to_string()], "{dead:?}");
+    assert_eq!(c.metric("iomt_dead_lettered_total{kind=\"invalid-json\"}").await, 1.0);
+}
+
+/// A Microsoft Entra token endpoint stand-in: answers every client-credentials request with a
+/// token and keeps the request bodies.
+fn token_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = vec![0u8; 16384];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            if let Ok(mut l) = log.lock() {
+                l.push(req);
+            }
+            let body = r#"{"token_type":"Bearer","expires_in":3600,"access_token":"entra-test-token"}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn entra_client_credentials_sign_in_through_the_tenants_token_endpoint() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let peer = Peer::start().await;
+    let run = services::unique("entra");
+    let system = format!("urn:iomt-test:{run}");
+    let hub = run.clone();
+    let (authority, requests) = token_endpoint();
+    let setup = Setup::new("unused", "Create", &system);
+    let mut env = Connector::env_for(&setup);
+    env.extend(peer.env(&hub, "entra").into_iter().map(|(k, v)| (k.to_string(), v)));
+    env.retain(|(k, _)| k != "IOMT_EVENTHUBS__CONNECTION_STRING");
+    for (k, v) in [
+        ("IOMT_EVENTHUBS__AUTH", "entra".to_string()),
+        ("IOMT_EVENTHUBS__NAMESPACE", format!("127.0.0.1:{}", peer.port)),
+        ("IOMT_EVENTHUBS__TENANT_ID", "tenant-1".into()),
+        ("IOMT_EVENTHUBS__CLIENT_ID", "app-1".into()),
+        ("IOMT_EVENTHUBS__CLIENT_SECRET", "s3cret".into()),
+        ("IOMT_EVENTHUBS__AUTHORITY_HOST", authority),
+    ] {
+        env.push((k.to_string(), v));
+    }
+    let c = Connector::start_env(env).await;
+    let msgs = bodies(&run, 2, 3, &[Vital::HeartRate]);
+    send(&peer, &hub, &msgs).await;
+    until("the events are read and acked", Duration::from_secs(60), || async {
+        c.metric("iomt_messages_acked_total").await == msgs.len() as f64
+    })
+    .await;
+    let requests = requests.lock().map(|r| r.clone()).unwrap_or_default();
+    let first = requests.first().cloned().unwrap_or_default();
+    assert!(first.starts_with("POST /tenant-1/oauth2/v2.0/token "), "{first}");
+    for part in
+        ["grant_type=client_credentials", "client_id=app-1", "client_secret=s3cret", "scope=", "eventhubs.azure.net"]
+    {
+        assert!(first.contains(part), "{part} in {first}");
+    }
+    assert_converged(&Fhir::new(), &run, 2, &uninterrupted(&msgs, &system)).await;
+}
