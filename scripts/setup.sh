@@ -7,6 +7,8 @@
 # Safe to re-run: each step checks first and does nothing when its service already answers.
 #   RabbitMQ     amqp://guest:guest@127.0.0.1:5672/%2f   (Debian package rabbitmq-server)
 #   FHIR R4      http://127.0.0.1:8090/fhir               (sekmet-fhir from PyPI, see scripts/fhir-server.sh)
+#   FHIR R4      http://127.0.0.1:8091                    (helios-hfs from crates.io, see scripts/helios-server.sh;
+#                                                          built once per machine, about 5 to 9 minutes)
 #   mitmproxy    .services/mitm-venv/bin/mitmdump         (PyPI; the outage tests' fault-injecting proxy)
 #   Chromium     /usr/bin/chromium + tests/browser/node_modules (Debian package; playwright-core from npm)
 #   PostgreSQL   127.0.0.1:5432, database test (the Event Hubs checkpoint store)
@@ -239,6 +241,7 @@ setup_eventhubs_peer() {
 # ---------------------------------------------------------------- run
 setup_rabbitmq
 "$SCRIPT_DIR/fhir-server.sh" start
+"$SCRIPT_DIR/helios-server.sh" start
 setup_fault_proxy
 setup_browser
 setup_postgres
@@ -254,4 +257,4 @@ fi
 
 log "ready:"
 log "  AMQP  amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f"
-log "  FHIR  $("$SCRIPT_DIR/fhir-server.sh" url)"
+log "  FHIR  $("$SCRIPT_DIR/fhir-server.sh" url) (sekmet), $("$SCRIPT_DIR/helios-server.sh" url) (helios-hfs)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: start (or install) RabbitMQ (with its consistent-hash and management
-# plugins), the FHIR server and mitmproxy (the outage tests' fault proxy), then run every test.
+# plugins), the two FHIR servers and the other services (scripts/setup.sh), then run every test
+# against sekmet, and the pipeline tests (tests/pipeline.rs) once more against helios-hfs.
 #   scripts/test.sh [cargo test args...]
 # The pipeline tests talk to RabbitMQ at IOMT_TEST_AMQP_URL (default 127.0.0.1:5672) and the FHIR
 # server at IOMT_TEST_FHIR_URL (default http://127.0.0.1:8090/fhir); they fail when either is absent.
@@ -32,8 +33,17 @@ fi
 # Show what the tests print (outage recovery times, failover times) even when they pass.
 export RUST_TEST_NOCAPTURE=1
 limit="${IOMT_TEST_TIME_LIMIT:-2700}"
+deadline=$((SECONDS + limit))
 status=0
 timeout --kill-after=30 "$limit" cargo test "$@" || status=$?
+# The second FHIR server: the pipeline tests again (only for the full run; with arguments the
+# caller chose what to run).
+if [[ $status -eq 0 && $# -eq 0 ]]; then
+    helios=$(scripts/helios-server.sh url)
+    echo "[test] the pipeline tests against the second FHIR server, helios-hfs at $helios"
+    left=$((deadline - SECONDS)); (( left > 60 )) || left=60
+    IOMT_TEST_FHIR_URL="$helios" timeout --kill-after=30 "$left" cargo test --test pipeline || status=$?
+fi
 if [[ $status -eq 124 || $status -eq 137 ]]; then
     echo "[test] ERROR: the tests did not finish within $limit s (IOMT_TEST_TIME_LIMIT); broker alarms: $alarms" >&2
 fi

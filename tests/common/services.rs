@@ -563,6 +563,27 @@ impl Fhir {
         }
     }
 
+    /// Whether the server refuses an invalid resource (an empty string value, which FHIR forbids).
+    /// sekmet validates what it stores and answers 400; helios-hfs stores it as sent. `probe_id`
+    /// names the Observation written when the server does not validate.
+    pub async fn validates(&self, probe_id: &str) -> bool {
+        let probe = serde_json::json!({"resourceType": "Observation", "id": probe_id, "status": "final",
+                                       "code": {"text": "validation probe"}, "valueString": ""});
+        let r = self
+            .client
+            .put(format!("{}/Observation/{probe_id}", self.base))
+            .header("Content-Type", "application/fhir+json")
+            .json(&probe)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT Observation/{probe_id}: {e}"));
+        match r.status().as_u16() {
+            400 | 422 => true,
+            s if (200..300).contains(&s) => false,
+            s => panic!("PUT Observation/{probe_id} (validation probe): unexpected HTTP {s}"),
+        }
+    }
+
     pub async fn put(&self, path: &str, body: &Value) {
         let r = self
             .client
