@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# End-to-end benchmark on this machine, against the real RabbitMQ and FHIR server, printed as one
-# table (markdown). For the `vitals` profile (few devices, many readings) and `spot` (many devices,
-# one reading each):
-#   1. broker ceiling: the same messages consumed by a bare lapin consumer that only acks;
+# End-to-end benchmark on this machine, against the real RabbitMQ and both FHIR servers (sekmet and
+# helios-hfs), printed as one table (markdown). For the `vitals` profile (few devices, many readings)
+# and `spot` (many devices, one reading each):
+#   1. broker ceiling: the same messages consumed by a bare lapin consumer that only acks (its rate
+#      and its CPU per message);
 #   2. the connector with --dry-run (normalize, group, build Observations, count; no FHIR);
-#   3. the connector end to end against the FHIR server;
-#   4. end to end at a steady rate below saturation: delay from send to persisted (p50/p99) and
-#      FHIR requests per 1,000 messages once warm;
+#   3. per FHIR server: the connector end to end, then the server's own write capacity measured by
+#      a bare client (examples/fhir_capacity.rs) writing the Observations of the same messages, in
+#      batch Bundles of the size the connector sent and as single PUTs; the ratio of the two;
+#   4. end to end at a steady rate below saturation (sekmet): delay from send to persisted
+#      (p50/p99) and FHIR requests per 1,000 messages once warm;
 # and peak RSS with 100,000 distinct devices in the shards; then the Event Hubs row
 # (scripts/bench-eventhubs.sh).
 #
@@ -22,9 +25,11 @@ MEM_DEVICES=${BENCH_MEM_DEVICES:-100000}
 RUN=bench-$(date +%s)
 
 scripts/setup.sh --no-build > /dev/null
-cargo build --release --quiet --bin iomt-connector --example ack_consumer
+cargo build --release --quiet --bin iomt-connector --example ack_consumer --example fhir_capacity
 BIN=target/release/iomt-connector
 ACK=target/release/examples/ack_consumer
+CAP=target/release/examples/fhir_capacity
+PREFETCH=$(awk -F' *= *' '/^prefetch/ {print $2; exit}' config/default.toml)   # the bare consumer's, as the connector's
 TICK=$(getconf CLK_TCK)
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -69,14 +74,22 @@ percentile() {
 }
 
 declare -A ROW
+SERVERS=(sekmet helios)
+declare -A SERVER_URL=([sekmet]=$(scripts/fhir-server.sh url) [helios]=$(scripts/helios-server.sh url))
+WRITERS=4                          # pipeline.writers (the default): requests in flight at once
+
 phase() {   # profile devices e2e_devices
     local profile=$1 devices=$2 e2e_devices=$3 q
     echo "== $profile: $devices devices" >&2
 
     q=$RUN.$profile.ceiling
     $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$N" --rate 0 --prefix "$RUN-c" > /dev/null
-    read -r _ secs ceiling < <($ACK "$q" "$N" 2000)
+    # The bare consumer's CPU (user + system, from bash's `time`) beside its rate.
+    local out; out=$( { TIMEFORMAT='%U %S'; time $ACK "$q" "$N" "$PREFETCH"; } 2>&1 )
+    read -r _ secs ceiling <<<"$(head -1 <<<"$out")"
+    read -r u s <<<"$(tail -1 <<<"$out")"
     ROW[$profile,ceiling]=$ceiling
+    ROW[$profile,ceiling_cpu]=$(echo "scale=1; ($u + $s) * 100000 / $N" | bc)
 
     q=$RUN.$profile.dry
     $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$N" --rate 0 --prefix "$RUN-d" > /dev/null
@@ -89,17 +102,44 @@ phase() {   # profile devices e2e_devices
     ROW[$profile,dry_rss]=$(peak_rss_mb "$PID")
     stop
 
-    q=$RUN.$profile.e2e
-    $BIN simulate --queue "$q" --profile "$profile" --devices "$e2e_devices" --count "$N_E2E" --rate 0 --prefix "$RUN-e" > /dev/null
-    DRY= start "$q"
-    t0=$(date +%s%N); c0=$(cpu_secs "$PID")
-    secs=$(wait_acked "$N_E2E" "$t0")
-    c1=$(cpu_secs "$PID")
-    ROW[$profile,e2e]=$(echo "$N_E2E / $secs" | bc)
-    ROW[$profile,e2e_cpu]=$(echo "scale=1; ($c1 - $c0) * 100000 / $N_E2E" | bc)
-    ROW[$profile,e2e_req]=$(echo "scale=1; $(metric_sum iomt_fhir_requests_total) * 1000 / $N_E2E" | bc)
-    ROW[$profile,e2e_rss]=$(peak_rss_mb "$PID")
+    for server in "${SERVERS[@]}"; do e2e "$profile" "$e2e_devices" "$server"; done
+}
+
+# End to end on one FHIR server, then that server's own capacity for the same Observations.
+e2e() {     # profile devices server
+    local profile=$1 devices=$2 server=$3 url=${SERVER_URL[$3]} q=$RUN.$1.e2e.$3 prefix=$RUN-e-$3
+    echo "== $profile end to end on $server ($url)" >&2
+    DRY= start "$q" IOMT_FHIR__BASE_URL="$url"
+    # Every device once first, so that Create identity (4 requests per new device, once in its life)
+    # is not counted: what is measured is the steady work of writing Observations.
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$devices" --rate 0 --prefix "$prefix" > /dev/null
+    wait_acked "$devices" "$(date +%s%N)" > /dev/null
+    local w0 r0 c0 t0; w0=$(writes); r0=$(metric_sum iomt_fhir_requests_total); c0=$(cpu_secs "$PID"); t0=$(date +%s%N)
+    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$N_E2E" --rate 0 --prefix "$prefix" > /dev/null
+    local secs; secs=$(wait_acked $((devices + N_E2E)) "$t0")
+    local c1 w; c1=$(cpu_secs "$PID"); w=$(( $(writes) - w0 ))
+    ROW[$profile,$server,e2e]=$(echo "$N_E2E / $secs" | bc)
+    ROW[$profile,$server,e2e_wps]=$(echo "$w / $secs" | bc)
+    ROW[$profile,$server,e2e_cpu]=$(echo "scale=1; ($c1 - $c0) * 100000 / $N_E2E" | bc)
+    ROW[$profile,$server,e2e_req]=$(echo "scale=1; ($(metric_sum iomt_fhir_requests_total) - $r0) * 1000 / $N_E2E" | bc)
+    ROW[$profile,$server,e2e_rss]=$(peak_rss_mb "$PID")
+    local batch; batch=$(batch_size write)
+    ROW[$profile,$server,batch]=$batch
     stop
+    # The bare client: the Observations of the same messages, in batches of the connector's mean
+    # write-batch size, as many in flight as the connector's writers, as many writes as it made.
+    read -r _ _ bare _ <<<"$($CAP "$url" "$profile" "$N_E2E" "$devices" batch "$batch" "$WRITERS" "$w" "$RUN-b-$server-$profile")"
+    ROW[$profile,$server,bare]=$bare
+    read -r _ _ single _ <<<"$($CAP "$url" "$profile" "$N_E2E" "$devices" single 1 "$WRITERS" $(( w < 3000 ? w : 3000 )) "$RUN-s-$server-$profile")"
+    ROW[$profile,$server,single]=$single
+}
+
+writes() { echo $(( $(metric 'iomt_observations_total{outcome="created"}' | cut -d. -f1) + $(metric 'iomt_observations_total{outcome="updated"}' | cut -d. -f1) )); }
+# Mean entries per batch Bundle of one op (read, write).
+batch_size() {
+    local sum count
+    sum=$(metric "iomt_fhir_batch_entries_sum{op=\"$1\"}"); count=$(metric "iomt_fhir_batch_entries_count{op=\"$1\"}")
+    echo "$sum $count" | awk '{ if ($2 > 0) printf "%d", $1 / $2 + 0.5; else print 1 }'
 }
 
 steady() {  # profile devices rate
@@ -134,28 +174,42 @@ wait_acked "$MEM_DEVICES" "$t0" > /dev/null
 MEM_RSS=$(peak_rss_mb "$PID")
 stop
 
+ratio() { echo "scale=2; $1 / $2" | bc | sed 's/^\./0./'; }
+{
 cat <<EOF
 
-Machine: $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/Mem:/ {print $2}') GiB; RabbitMQ $(rabbitmqctl version 2>/dev/null || echo '?') and the FHIR server on the same machine.
-Messages: ceiling and dry-run $N per profile; end to end $N_E2E (spot over $SPOT_E2E_DEVICES devices, each new device first
-costing 4 FHIR requests for Create identity); all pre-published, then consumed. Steady: after every device was seen once.
+Machine: $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/Mem:/ {print $2}') GiB; RabbitMQ $(rabbitmqctl version 2>/dev/null || echo '?') and both FHIR servers on the same machine
+(sekmet-fhir: Python, SQLite; helios-hfs $(grep -m1 '^HELIOS_VERSION' scripts/helios-server.sh | cut -d'"' -f2): Rust debug build, SQLite).
+Ceiling and dry run: $N messages per profile, pre-published. End to end: every device once (identity created), then
+$N_E2E messages (spot over $SPOT_E2E_DEVICES devices), published as fast as the broker confirms and consumed at once.
 
-| | vitals (100 devices) | spot (20,000 devices; end to end $SPOT_E2E_DEVICES) |
+| | vitals (100 devices) | spot (20,000 devices) |
 |---|---|---|
 | broker ceiling (bare consumer, ack only) | ${ROW[vitals,ceiling]} msg/s | ${ROW[spot,ceiling]} msg/s |
-| dry-run pipeline | ${ROW[vitals,dry]} msg/s ($(echo "scale=2; ${ROW[vitals,dry]} / ${ROW[vitals,ceiling]}" | bc)x ceiling) | ${ROW[spot,dry]} msg/s ($(echo "scale=2; ${ROW[spot,dry]} / ${ROW[spot,ceiling]}" | bc)x ceiling) |
-| dry-run CPU seconds per 100k messages | ${ROW[vitals,dry_cpu]} | ${ROW[spot,dry_cpu]} |
+| dry-run pipeline | ${ROW[vitals,dry]} msg/s ($(ratio "${ROW[vitals,dry]}" "${ROW[vitals,ceiling]}")x ceiling) | ${ROW[spot,dry]} msg/s ($(ratio "${ROW[spot,dry]}" "${ROW[spot,ceiling]}")x ceiling) |
+| CPU seconds per 100k messages: bare consumer / connector dry run | ${ROW[vitals,ceiling_cpu]} / ${ROW[vitals,dry_cpu]} ($(ratio "${ROW[vitals,dry_cpu]}" "${ROW[vitals,ceiling_cpu]}")x) | ${ROW[spot,ceiling_cpu]} / ${ROW[spot,dry_cpu]} ($(ratio "${ROW[spot,dry_cpu]}" "${ROW[spot,ceiling_cpu]}")x) |
 | dry-run peak RSS | ${ROW[vitals,dry_rss]} MB | ${ROW[spot,dry_rss]} MB |
-| end to end (FHIR) | ${ROW[vitals,e2e]} msg/s ($(echo "scale=2; ${ROW[vitals,e2e]} / ${ROW[vitals,ceiling]}" | bc)x ceiling) | ${ROW[spot,e2e]} msg/s ($(echo "scale=2; ${ROW[spot,e2e]} / ${ROW[spot,ceiling]}" | bc)x ceiling) |
-| end to end: FHIR requests per 1,000 messages | ${ROW[vitals,e2e_req]} | ${ROW[spot,e2e_req]} |
-| end to end: CPU seconds per 100k messages | ${ROW[vitals,e2e_cpu]} | ${ROW[spot,e2e_cpu]} |
-| end to end: peak RSS | ${ROW[vitals,e2e_rss]} MB | ${ROW[spot,e2e_rss]} MB |
-| steady rate below saturation | ${ROW[vitals,steady]} | ${ROW[spot,steady]} |
+EOF
+for server in "${SERVERS[@]}"; do
+    v=vitals,$server; p=spot,$server
+    cat <<EOF
+| **end to end on $server** | | |
+| server's own capacity: bare client, batch Bundles of the connector's mean size (vitals ${ROW[$v,batch]}, spot ${ROW[$p,batch]}), $WRITERS in flight | ${ROW[$v,bare]} writes/s | ${ROW[$p,bare]} writes/s |
+| server's own capacity: bare client, single PUTs, $WRITERS in flight | ${ROW[$v,single]} writes/s | ${ROW[$p,single]} writes/s |
+| connector: Observation writes | ${ROW[$v,e2e_wps]} writes/s ($(ratio "${ROW[$v,e2e_wps]}" "${ROW[$v,bare]}")x capacity) | ${ROW[$p,e2e_wps]} writes/s ($(ratio "${ROW[$p,e2e_wps]}" "${ROW[$p,bare]}")x capacity) |
+| connector: messages | ${ROW[$v,e2e]} msg/s | ${ROW[$p,e2e]} msg/s |
+| connector: FHIR requests per 1,000 messages | ${ROW[$v,e2e_req]} | ${ROW[$p,e2e_req]} |
+| connector: CPU seconds per 100k messages / peak RSS | ${ROW[$v,e2e_cpu]} / ${ROW[$v,e2e_rss]} MB | ${ROW[$p,e2e_cpu]} / ${ROW[$p,e2e_rss]} MB |
+EOF
+done
+cat <<EOF
+| **steady rate below saturation (sekmet)** | ${ROW[vitals,steady]} | ${ROW[spot,steady]} |
 | steady: FHIR requests per 1,000 messages (warm) | ${ROW[vitals,steady_req]} | ${ROW[spot,steady_req]} |
 | steady: send-to-persisted delay p50 / p99 (histogram bucket) | ≤ ${ROW[vitals,p50]} s / ≤ ${ROW[vitals,p99]} s | ≤ ${ROW[spot,p50]} s / ≤ ${ROW[spot,p99]} s |
 
 Peak RSS with $MEM_DEVICES distinct devices (spot, dry-run, all in flight at once): $MEM_RSS MB.
 EOF
+}
 
 # The Event Hubs row: the same comparison (bare consumer vs connector dry run) on the test peer.
 scripts/bench-eventhubs.sh

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # One command on a fresh machine: install and start what is missing.
 if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || ! scripts/fhir-server.sh status > /dev/null 2>&1; then
     echo "RabbitMQ or the FHIR server is not running: scripts/setup.sh first"
-    scripts/setup.sh
+    IOMT_SETUP_HELIOS=0 scripts/setup.sh
 fi
 
 BIN=target/release/iomt-connector

@@ -8,7 +8,8 @@
 #   RabbitMQ     amqp://guest:guest@127.0.0.1:5672/%2f   (Debian package rabbitmq-server)
 #   FHIR R4      http://127.0.0.1:8090/fhir               (sekmet-fhir from PyPI, see scripts/fhir-server.sh)
 #   FHIR R4      http://127.0.0.1:8091                    (helios-hfs from crates.io, see scripts/helios-server.sh;
-#                                                          built once per machine, about 5 to 9 minutes)
+#                                                          built once per machine, about 5 to 9 minutes;
+#                                                          IOMT_SETUP_HELIOS=0 leaves it out)
 #   mitmproxy    .services/mitm-venv/bin/mitmdump         (PyPI; the outage tests' fault-injecting proxy)
 #   Chromium     /usr/bin/chromium + tests/browser/node_modules (Debian package; playwright-core from npm)
 #   PostgreSQL   127.0.0.1:5432, database test (the Event Hubs checkpoint store)
@@ -241,7 +242,9 @@ setup_eventhubs_peer() {
 # ---------------------------------------------------------------- run
 setup_rabbitmq
 "$SCRIPT_DIR/fhir-server.sh" start
-"$SCRIPT_DIR/helios-server.sh" start
+# The second FHIR server is for the tests and the bench; IOMT_SETUP_HELIOS=0 leaves it out
+# (scripts/quickstart.sh does: a first run should not wait for its build).
+[[ "${IOMT_SETUP_HELIOS:-1}" == 0 ]] || "$SCRIPT_DIR/helios-server.sh" start
 setup_fault_proxy
 setup_browser
 setup_postgres
@@ -257,4 +260,5 @@ fi
 
 log "ready:"
 log "  AMQP  amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f"
-log "  FHIR  $("$SCRIPT_DIR/fhir-server.sh" url) (sekmet), $("$SCRIPT_DIR/helios-server.sh" url) (helios-hfs)"
+log "  FHIR  $("$SCRIPT_DIR/fhir-server.sh" url) (sekmet)"
+[[ "${IOMT_SETUP_HELIOS:-1}" == 0 ]] || log "  FHIR  $("$SCRIPT_DIR/helios-server.sh" url) (helios-hfs)"

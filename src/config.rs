@@ -208,7 +208,7 @@ impl Default for EventHubs {
             ownership_expiry_secs: 30,
             balance_interval_secs: 5,
             checkpoint_interval_ms: 1000,
-            max_in_flight: 2000,
+            max_in_flight: 5000,
             dead_letter_hub: String::new(),
         }
     }
@@ -266,6 +266,17 @@ pub struct Fhir {
     pub give_up_after_secs: u64,
     /// Write several Observations in one batch Bundle.
     pub batch: bool,
+    /// Entries per batch Bundle, at most; more are sent as several Bundles, one after another. It
+    /// keeps each request well inside `timeout_ms` on a slow server (a timed-out batch is retried,
+    /// and what it had written must then be recovered from history) and under the servers' own
+    /// limits (Azure Health Data Services takes 500). Past a few dozen entries, bigger Bundles do
+    /// not write faster (scripts/bench.sh).
+    #[serde(default = "default_max_batch_entries")]
+    pub max_batch_entries: usize,
+}
+
+fn default_max_batch_entries() -> usize {
+    100
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -676,6 +687,9 @@ impl Settings {
                 }
             }
             _ => {}
+        }
+        if self.fhir.max_batch_entries == 0 {
+            p.bad("fhir.max_batch_entries", "must be at least 1");
         }
         if self.fhir.timeout_ms == 0 {
             p.bad("fhir.timeout_ms", "must be at least 1");

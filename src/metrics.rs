@@ -1,8 +1,8 @@
 //! Prometheus metrics: one registry for the process, rendered at `/metrics`.
 
 use prometheus::{
-    Counter, CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::OnceLock;
 
@@ -16,6 +16,7 @@ pub struct Metrics {
     pub groups: IntCounter,
     pub observations: IntCounterVec,
     pub fhir_requests: IntCounterVec,
+    pub fhir_batch_entries: HistogramVec,
     pub latency: Histogram,
     pub backlog: IntGauge,
     pub unacked: IntGauge,
@@ -82,6 +83,15 @@ pub fn get() -> &'static Metrics {
         )
         .unwrap_or_else(|e| panic!("latency histogram: {e}"));
         r.register(Box::new(latency.clone())).unwrap_or_else(|e| panic!("latency histogram: {e}"));
+        let batch_entries = register(
+            &r,
+            "iomt_fhir_batch_entries",
+            HistogramVec::new(
+                HistogramOpts::new("iomt_fhir_batch_entries", "Entries per batch Bundle sent to the FHIR server (op: read, write)")
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0]),
+                &["op"],
+            ),
+        );
         Metrics {
             messages_received: counter(&r, "iomt_messages_received_total", "Messages taken from the broker"),
             messages_acked: counter(
@@ -110,6 +120,7 @@ pub fn get() -> &'static Metrics {
                 "FHIR HTTP requests by method and status",
                 &["method", "status"],
             ),
+            fhir_batch_entries: batch_entries,
             latency,
             backlog: gauge(&r, "iomt_broker_backlog_messages", "Messages ready in the queue (sampled)"),
             unacked: gauge(&r, "iomt_unacked_messages", "Messages received and not yet acked"),

@@ -232,6 +232,8 @@ async fn lookup_mode_dead_letters_what_cannot_be_written_and_keeps_the_rest() {
     let mut setup = Setup::new(&queue, "Lookup", &system);
     setup.device_mapping = device_mapping;
     setup.fhir_mapping = fhir_mapping;
+    // Tiny Bundles, so that every write round is split into several.
+    setup.extra.push(("IOMT_FHIR__MAX_BATCH_ENTRIES", "2".into()));
     let connector = Connector::start(&setup).await;
 
     let good = bodies(&run, 3, 10, &[Vital::HeartRate, Vital::BloodPressure]);
@@ -310,6 +312,11 @@ async fn lookup_mode_dead_letters_what_cannot_be_written_and_keeps_the_rest() {
     let m = connector.metrics().await;
     for (_, kind) in &bad {
         assert_eq!(m.get(&format!("iomt_dead_lettered_total{{kind=\"{kind}\"}}")), Some(&1.0), "{kind} counted");
+    }
+    for op in ["read", "write"] {
+        let bundles = m.get(&format!("iomt_fhir_batch_entries_count{{op=\"{op}\"}}")).copied().unwrap_or_default();
+        let small = m.get(&format!("iomt_fhir_batch_entries_bucket{{op=\"{op}\",le=\"2\"}}")).copied();
+        assert!(bundles > 0.0 && small == Some(bundles), "{op}: {bundles} Bundles, {small:?} of at most 2 entries");
     }
     services::delete_queue(&ch, &queue).await;
     services::delete_queue(&ch, &dlq).await;

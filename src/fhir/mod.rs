@@ -97,6 +97,7 @@ pub struct FhirClient {
     token: TokenSource,
     backoff: ExponentialBuilder,
     max_backoff: Duration,
+    max_batch: usize,
     circuit: Arc<circuit::Circuit>,
 }
 
@@ -123,6 +124,7 @@ impl FhirClient {
             base: s.base_url.trim_end_matches('/').to_string(),
             backoff,
             max_backoff: Duration::from_millis(s.max_backoff_ms),
+            max_batch: s.max_batch_entries.max(1),
             circuit: Arc::default(),
         })
     }
@@ -262,7 +264,7 @@ impl FhirClient {
             .iter()
             .map(|id| json!({"request": {"method": "GET", "url": format!("{resource_type}/{id}")}}))
             .collect();
-        let answers = self.post_batch(entries).await?;
+        let answers = self.post_batch("read", entries).await?;
         let mut out = Vec::with_capacity(ids.len());
         for (id, mut a) in ids.iter().zip(answers) {
             let status = entry_status(&a);
@@ -358,7 +360,7 @@ impl FhirClient {
                 json!({"fullUrl": format!("{}/{}/{}", self.base, p.resource_type, p.id), "resource": p.resource, "request": request})
             })
             .collect();
-        let answers = self.post_batch(entries).await?;
+        let answers = self.post_batch("write", entries).await?;
         let mut results = Vec::with_capacity(puts.len());
         for (put, a) in puts.iter().zip(answers) {
             let resp = a.get("response").cloned().unwrap_or(Value::Null);
@@ -380,18 +382,29 @@ impl FhirClient {
         Ok(results)
     }
 
-    /// POSTs a `batch` Bundle; its response entries, one per entry sent.
-    async fn post_batch(&self, entries: Vec<Value>) -> Result<Vec<Value>, FhirError> {
-        let sent = entries.len();
-        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
-        let r = self.request(Method::POST, "", Some(&bundle), None).await?;
-        let answers = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
-        if answers.len() != sent {
-            return Err(FhirError::Decode {
-                method: "POST",
-                path: "(batch)".into(),
-                message: format!("{} entries answered for {sent} sent", answers.len()),
-            });
+    /// POSTs `batch` Bundles of at most `fhir.max_batch_entries`, one after another; their
+    /// response entries, one per entry sent, in order.
+    async fn post_batch(&self, op: &'static str, entries: Vec<Value>) -> Result<Vec<Value>, FhirError> {
+        let mut answers = Vec::with_capacity(entries.len());
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let chunk: Vec<Value> = entries.by_ref().take(self.max_batch).collect();
+            let sent = chunk.len();
+            metrics::get().fhir_batch_entries.with_label_values(&[op]).observe(sent as f64);
+            let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": chunk});
+            let mut r = self.request(Method::POST, "", Some(&bundle), None).await?;
+            let got = match r.body.get_mut("entry").map(Value::take) {
+                Some(Value::Array(a)) => a,
+                _ => Vec::new(),
+            };
+            if got.len() != sent {
+                return Err(FhirError::Decode {
+                    method: "POST",
+                    path: "(batch)".into(),
+                    message: format!("{} entries answered for {sent} sent", got.len()),
+                });
+            }
+            answers.extend(got);
         }
         Ok(answers)
     }
