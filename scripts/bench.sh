@@ -65,12 +65,16 @@ wait_acked() {
     echo "scale=3; ($(date +%s%N) - $t0) / 1000000000" | bc
 }
 
-# Percentile from the latency histogram (upper bound of the bucket that reaches it).
+# Percentile from the latency histogram (upper bound of the bucket that reaches it), over what was
+# acked since the snapshot in $BASELINE (a file of `bucket count` lines; empty: since the start).
+latency_buckets() {
+    curl -fsS "http://$HTTP/metrics" | awk '/^iomt_end_to_end_latency_seconds_bucket/ { match($0, /le="[^"]+"/); print substr($0, RSTART+4, RLENGTH-5), $2 }'
+}
 percentile() {
-    curl -fsS "http://$HTTP/metrics" | awk -v p="$1" '
-        /^iomt_end_to_end_latency_seconds_bucket/ { match($0, /le="[^"]+"/); le=substr($0, RSTART+4, RLENGTH-5); n++; les[n]=le; cs[n]=$2 }
-        /^iomt_end_to_end_latency_seconds_count/ { total=$2 }
-        END { for (i=1;i<=n;i++) if (cs[i] >= p*total) { print les[i]; exit } }'
+    latency_buckets | awk -v p="$1" -v base="${BASELINE:-/dev/null}" '
+        BEGIN { while ((getline line < base) > 0) { split(line, f, " "); b[f[1]] = f[2] } }
+        { n++; les[n] = $1; cs[n] = $2 - b[$1] }
+        END { total = cs[n]; for (i = 1; i <= n; i++) if (cs[i] >= p * total) { print les[i]; exit } }'
 }
 
 declare -A ROW
@@ -150,6 +154,8 @@ steady() {  # profile devices rate
     $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$devices" --rate 0 --prefix "$RUN-s-$profile" > /dev/null
     wait_acked "$devices" "$(date +%s%N)" > /dev/null
     local warm_req warm_acked; warm_req=$(metric_sum iomt_fhir_requests_total); warm_acked=$(metric iomt_messages_acked_total)
+    # The delays are those of the steady phase only, not of the warm-up's burst of new devices.
+    BASELINE=$(mktemp); latency_buckets > "$BASELINE"
     $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --rate "$rate" --duration "$STEADY_SECS" --prefix "$RUN-s-$profile" > /dev/null
     sleep 2
     local req acked; req=$(metric_sum iomt_fhir_requests_total); acked=$(metric iomt_messages_acked_total)
@@ -157,6 +163,7 @@ steady() {  # profile devices rate
     ROW[$profile,steady_req]=$(echo "scale=1; ($req - $warm_req) * 1000 / ($acked - $warm_acked)" | bc)
     ROW[$profile,p50]=$(percentile 0.50)
     ROW[$profile,p99]=$(percentile 0.99)
+    rm -f "$BASELINE"; BASELINE=
     stop
 }
 

@@ -123,6 +123,8 @@ pub struct FhirWriter {
     /// Groups received since the last write: the shards' flushes of one tick become one write.
     pending: Vec<PendingGroup>,
     scheduled: bool,
+    /// When the last write round ended: what arrives right after one was queued during it.
+    round_ended: Option<Instant>,
     stats: Arc<ActorStats>,
     /// Hold groups at most this long through an outage (`fhir.give_up_after_secs`); `None`: forever.
     give_up: Option<Duration>,
@@ -146,15 +148,20 @@ impl FhirWriter {
             stored: Some(Stored::default()),
             pending: Vec::new(),
             scheduled: false,
+            round_ended: None,
             stats,
             give_up,
         }
     }
 
+    /// An idle writer gathers for `GATHER` first; groups that queued up while a round was being
+    /// written go at once (the rest of the queue is taken into the same round), so a busy writer
+    /// keeps the FHIR server busy instead of pausing between rounds.
     fn schedule(&mut self, ctx: &mut Context<Self>) {
         if !self.scheduled && !self.pending.is_empty() {
             self.scheduled = true;
-            ctx.run_later(GATHER, |act, ctx| act.write_pending(ctx));
+            let busy = self.round_ended.is_some_and(|t| t.elapsed() < GATHER);
+            ctx.run_later(if busy { Duration::ZERO } else { GATHER }, |act, ctx| act.write_pending(ctx));
         }
     }
 
@@ -224,6 +231,7 @@ impl FhirWriter {
             act.stats.set_devices(stored.map.len());
             act.stats.flushed();
             act.stored = Some(stored);
+            act.round_ended = Some(Instant::now());
             act.schedule(ctx);
         }));
     }
