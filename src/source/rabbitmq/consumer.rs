@@ -380,8 +380,8 @@ async fn watch_activity(b: Broker, shared: Arc<Shared>) {
 /// Acks go out in delivery-tag order, as one `multiple` ack per run of settled tags: RabbitMQ
 /// handles in-order acks at the head of its unacked list, while acks in random order (which is
 /// how a pipeline of shards and writers finishes) cost it a search each and capped throughput at
-/// a fifth of what it can deliver. A tag still in flight holds back the acks after it for at most
-/// `STRAGGLER`; then those are acked one by one.
+/// a fifth of what it can deliver. A tag still in flight holds back the acks after it; each settled
+/// delivery waits at most `STRAGGLER` from when it settled, then is acked on its own.
 async fn settler(
     mut rx: UnboundedReceiver<Settled>,
     dl: Arc<Mutex<Option<Channel>>>,
@@ -392,8 +392,8 @@ async fn settler(
     loop {
         let first = tokio::select! {
             s = rx.recv() => s,
-            _ = tokio::time::sleep(STRAGGLER), if !book.waiting.is_empty() => {
-                book.ack_stragglers(&shared).await;
+            _ = tokio::time::sleep(STRAGGLER), if book.is_waiting() => {
+                ack_stragglers(&mut book, &shared).await;
                 continue;
             }
         };
@@ -418,15 +418,18 @@ async fn settler(
                 Status::DeadLettered(f) => !dead_letter_one(&dl, &broker, &shared, &record, f).await,
                 Status::Persisted => false,
             };
-            book.settled(Done { record, sent_at: s.sent_at, received: s.received }, requeue, &shared).await;
+            settle_one(&mut book, Done { record, sent_at: s.sent_at, received: s.received }, requeue, &shared).await;
         }
-        book.ack_in_order(&shared).await;
-        book.ack_stragglers(&shared).await;
+        ack_in_order(&mut book, &shared).await;
+        ack_stragglers(&mut book, &shared).await;
     }
 }
 
-/// How long acks may wait behind a delivery that is still being processed.
-const STRAGGLER: Duration = Duration::from_millis(200);
+/// How long a settled delivery's ack may wait behind a delivery still being processed. About two
+/// write rounds of a busy writer: writers finish their rounds at different times, and with 200 ms
+/// (counted, before, from when the first of them settled) most acks went out one by one, which
+/// cost the broker more CPU than the connector itself and cut end-to-end throughput.
+const STRAGGLER: Duration = Duration::from_secs(1);
 
 async fn dead_letter_one(
     dl: &Mutex<Option<Channel>>,
@@ -455,52 +458,73 @@ async fn dead_letter_one(
     }
 }
 
-#[derive(Default)]
-struct AckBook {
+/// What was settled and waits for its ack, by delivery tag: the bookkeeping of the in-order acks,
+/// apart from the broker calls (`T` is the settled delivery).
+struct AckBook<T> {
     session: u64,
     /// The lowest delivery tag not yet acked in this session.
     next: u64,
     /// Settled deliveries waiting for the tags before them, by tag.
-    waiting: std::collections::BTreeMap<u64, Done>,
-    /// Tags acked ahead of `next` (stragglers' followers), skipped when `next` reaches them.
+    waiting: std::collections::BTreeMap<u64, T>,
+    /// Tags acked ahead of `next` (stragglers, requeued), skipped when `next` reaches them.
     acked_ahead: std::collections::BTreeSet<u64>,
-    since: Option<Instant>,
+    /// The waiting tags in the order they settled, with when: the oldest are at the front.
+    by_age: std::collections::VecDeque<(Instant, u64)>,
 }
 
-fn count(d: &Done, acked: bool, shared: &Shared) {
-    book_settled(d.sent_at, d.received, acked, shared);
+impl<T> Default for AckBook<T> {
+    fn default() -> Self {
+        AckBook {
+            session: 0,
+            next: 1,
+            waiting: Default::default(),
+            acked_ahead: Default::default(),
+            by_age: Default::default(),
+        }
+    }
 }
 
-impl AckBook {
-    async fn settled(&mut self, d: Done, requeue: bool, shared: &Shared) {
-        let (session, tag) = (d.record.session, d.record.tag);
-        if session != self.session {
-            if session < self.session {
-                // From a closed session: its tags are void; the broker redelivers the message.
-                count(&d, false, shared);
-                return;
-            }
-            // A new session: what waited for the old one cannot be acked any more.
-            for (_, old) in std::mem::take(&mut self.waiting) {
-                count(&old, false, shared);
-            }
-            self.acked_ahead.clear();
-            self.session = session;
-            self.next = 1;
+/// Where a settled delivery's session stands in the book.
+enum Session<T> {
+    Current,
+    /// A new session began: what waited for the old one can no longer be acked.
+    New(Vec<T>),
+    /// From a closed session: its tag is void (the broker redelivers the message).
+    Stale,
+}
+
+impl<T> AckBook<T> {
+    fn enter(&mut self, session: u64) -> Session<T> {
+        if session == self.session {
+            return Session::Current;
         }
-        if requeue {
-            // Returned to the queue at once, on its own; its tag counts as done.
-            let _ = d.record.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-            self.acked_ahead.insert(tag);
-            count(&d, false, shared);
-            return;
+        if session < self.session {
+            return Session::Stale;
         }
-        self.since.get_or_insert_with(Instant::now);
-        self.waiting.insert(tag, d);
+        let void = std::mem::take(&mut self.waiting).into_values().collect();
+        self.by_age.clear();
+        self.acked_ahead.clear();
+        self.session = session;
+        self.next = 1;
+        Session::New(void)
     }
 
-    /// One `multiple` ack for the run of settled tags starting at `next`.
-    async fn ack_in_order(&mut self, shared: &Shared) {
+    /// A tag settled on its own (returned to the queue): nothing waits for it.
+    fn done_alone(&mut self, tag: u64) {
+        self.acked_ahead.insert(tag);
+    }
+
+    fn wait(&mut self, tag: u64, item: T, now: Instant) {
+        self.by_age.push_back((now, tag));
+        self.waiting.insert(tag, item);
+    }
+
+    fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// The run of settled tags from `next` on: one `multiple` ack of the last covers them all.
+    fn in_order(&mut self) -> Vec<T> {
         let mut run = Vec::new();
         loop {
             if self.acked_ahead.remove(&self.next) {
@@ -512,30 +536,121 @@ impl AckBook {
                 break;
             }
         }
-        if let Some(last) = run.last() {
-            let ok = last.record.acker.ack(BasicAckOptions { multiple: true }).await.unwrap_or(false);
-            if !ok {
-                tracing::debug!("ack not sent (channel closed); the broker will redeliver");
-            }
-            for d in &run {
-                count(d, ok, shared);
-            }
-        }
         if self.waiting.is_empty() {
-            self.since = None;
+            self.by_age.clear();
         }
+        run
     }
 
-    /// Acks, one by one, what has waited `STRAGGLER` behind a tag still in flight.
-    async fn ack_stragglers(&mut self, shared: &Shared) {
-        if self.since.is_none_or(|t| t.elapsed() < STRAGGLER) {
-            return;
+    /// What has waited `STRAGGLER` since it settled, to be acked one by one.
+    fn stragglers(&mut self, now: Instant) -> Vec<T> {
+        let mut out = Vec::new();
+        while let Some(&(at, tag)) = self.by_age.front() {
+            if now.duration_since(at) < STRAGGLER {
+                break;
+            }
+            self.by_age.pop_front();
+            // Acked in order since: nothing left to do.
+            if let Some(d) = self.waiting.remove(&tag) {
+                self.acked_ahead.insert(tag);
+                out.push(d);
+            }
         }
-        for (tag, d) in std::mem::take(&mut self.waiting) {
-            let ok = d.record.acker.ack(BasicAckOptions::default()).await.unwrap_or(false);
-            self.acked_ahead.insert(tag);
-            count(&d, ok, shared);
+        out
+    }
+}
+
+fn count(d: &Done, acked: bool, shared: &Shared) {
+    book_settled(d.sent_at, d.received, acked, shared);
+}
+
+async fn settle_one(book: &mut AckBook<Done>, d: Done, requeue: bool, shared: &Shared) {
+    match book.enter(d.record.session) {
+        Session::Stale => return count(&d, false, shared),
+        Session::New(void) => void.iter().for_each(|old| count(old, false, shared)),
+        Session::Current => {}
+    }
+    if requeue {
+        // Returned to the queue at once, on its own; its tag counts as done.
+        let _ = d.record.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        book.done_alone(d.record.tag);
+        count(&d, false, shared);
+        return;
+    }
+    book.wait(d.record.tag, d, Instant::now());
+}
+
+/// One `multiple` ack for the run of settled tags at the head.
+async fn ack_in_order(book: &mut AckBook<Done>, shared: &Shared) {
+    let run = book.in_order();
+    if let Some(last) = run.last() {
+        let ok = last.record.acker.ack(BasicAckOptions { multiple: true }).await.unwrap_or(false);
+        if !ok {
+            tracing::debug!("ack not sent (channel closed); the broker will redeliver");
         }
-        self.since = None;
+        for d in &run {
+            count(d, ok, shared);
+        }
+    }
+}
+
+/// Acks, one by one, what has waited `STRAGGLER` behind a tag still in flight.
+async fn ack_stragglers(book: &mut AckBook<Done>, shared: &Shared) {
+    for d in book.stragglers(Instant::now()) {
+        let ok = d.record.acker.ack(BasicAckOptions::default()).await.unwrap_or(false);
+        count(&d, ok, shared);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn book(tags: &[u64], at: Instant) -> AckBook<u64> {
+        let mut b = AckBook::default();
+        assert!(matches!(b.enter(1), Session::New(v) if v.is_empty()));
+        for &t in tags {
+            b.wait(t, t, at);
+        }
+        b
+    }
+
+    #[test]
+    fn acks_go_out_as_one_run_from_the_head_and_wait_behind_a_tag_in_flight() {
+        let t0 = Instant::now();
+        let mut b = book(&[1, 2, 4, 5], t0);
+        assert_eq!(b.in_order(), vec![1, 2]);
+        assert_eq!(b.in_order(), Vec::<u64>::new(), "4 and 5 wait for 3");
+        b.wait(3, 3, t0);
+        assert_eq!(b.in_order(), vec![3, 4, 5]);
+        assert!(!b.is_waiting());
+    }
+
+    #[test]
+    fn a_straggler_wait_counts_from_when_each_delivery_settled() {
+        let t0 = Instant::now();
+        let mut b = book(&[2], t0);
+        b.wait(3, 3, t0 + Duration::from_millis(900));
+        assert!(b.stragglers(t0 + Duration::from_millis(999)).is_empty());
+        // 2 has waited a second behind 1; 3, settled later, still waits: one busy period behind a
+        // slow tag does not send everything settled since one by one.
+        assert_eq!(b.stragglers(t0 + STRAGGLER), vec![2]);
+        assert_eq!(b.stragglers(t0 + STRAGGLER + Duration::from_millis(100)), Vec::<u64>::new());
+        // 1 settles: 2 went alone and is skipped; 3 goes in order.
+        b.wait(1, 1, t0 + STRAGGLER);
+        assert_eq!(b.in_order(), vec![1, 3]);
+        assert!(b.stragglers(t0 + STRAGGLER * 3).is_empty(), "nothing acked twice");
+    }
+
+    #[test]
+    fn a_new_session_voids_what_waited_and_an_old_one_is_stale() {
+        let t0 = Instant::now();
+        let mut b = book(&[2, 3], t0);
+        b.done_alone(1);
+        assert!(matches!(b.enter(2), Session::New(v) if v == vec![2, 3]));
+        assert!(matches!(b.enter(1), Session::Stale));
+        assert!(b.stragglers(t0 + STRAGGLER).is_empty(), "the old session's tags are gone");
+        b.wait(1, 10, t0);
+        assert_eq!(b.in_order(), vec![10]);
     }
 }
