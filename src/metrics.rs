@@ -17,6 +17,7 @@ pub struct Metrics {
     pub observations: IntCounterVec,
     pub fhir_requests: IntCounterVec,
     pub fhir_batch_entries: HistogramVec,
+    pub fhir_request_seconds: HistogramVec,
     pub latency: Histogram,
     pub backlog: IntGauge,
     pub unacked: IntGauge,
@@ -92,6 +93,18 @@ pub fn get() -> &'static Metrics {
                 &["op"],
             ),
         );
+        let request_seconds = register(
+            &r,
+            "iomt_fhir_request_duration_seconds",
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "iomt_fhir_request_duration_seconds",
+                    "Time from sending a FHIR request to its whole answer, by method (one try; retries count again)",
+                )
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                &["method"],
+            ),
+        );
         Metrics {
             messages_received: counter(&r, "iomt_messages_received_total", "Messages taken from the broker"),
             messages_acked: counter(
@@ -121,6 +134,7 @@ pub fn get() -> &'static Metrics {
                 &["method", "status"],
             ),
             fhir_batch_entries: batch_entries,
+            fhir_request_seconds: request_seconds,
             latency,
             backlog: gauge(&r, "iomt_broker_backlog_messages", "Messages ready in the queue (sampled)"),
             unacked: gauge(&r, "iomt_unacked_messages", "Messages received and not yet acked"),

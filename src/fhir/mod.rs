@@ -12,7 +12,7 @@ use backon::{ExponentialBuilder, Retryable};
 use reqwest::{Method, StatusCode, header};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FhirError {
@@ -150,13 +150,14 @@ impl FhirClient {
         path: &str,
         body: Option<&Value>,
         if_match: Option<&str>,
+        answer: Answer,
     ) -> Result<Response, FhirError> {
         let attempt = || async {
-            match self.request_once(method.clone(), path, body, if_match).await {
+            match self.request_once(method.clone(), path, body, if_match, answer).await {
                 // The token was revoked or rotated: the failed request dropped it; one more try
                 // fetches a fresh one before the answer counts.
                 Err(FhirError::Status { status: 401, .. }) if self.token.renews() => {
-                    self.request_once(method.clone(), path, body, if_match).await
+                    self.request_once(method.clone(), path, body, if_match, answer).await
                 }
                 other => other,
             }
@@ -191,6 +192,7 @@ impl FhirClient {
         path: &str,
         body: Option<&Value>,
         if_match: Option<&str>,
+        answer: Answer,
     ) -> Result<Response, FhirError> {
         let m = method_name(&method);
         let url = format!("{}/{}", self.base, path);
@@ -201,6 +203,9 @@ impl FhirClient {
         if let Some(v) = if_match {
             req = req.header(header::IF_MATCH, format!("W/\"{v}\""));
         }
+        if answer == Answer::Minimal {
+            req = req.header("Prefer", "return=minimal");
+        }
         if let Some(b) = body {
             let bytes = serde_json::to_vec(b).map_err(|e| FhirError::Decode {
                 method: m,
@@ -209,6 +214,7 @@ impl FhirClient {
             })?;
             req = req.header(header::CONTENT_TYPE, "application/fhir+json").body(bytes);
         }
+        let started = Instant::now();
         let resp = req.send().await.map_err(|e| {
             metrics::get().fhir_requests.with_label_values(&[m, "error"]).inc();
             // Without the URL: it can hold device or patient identifiers, and this text is logged
@@ -217,7 +223,10 @@ impl FhirClient {
         })?;
         let status = resp.status();
         metrics::get().fhir_requests.with_label_values(&[m, status.as_str()]).inc();
-        let etag = resp.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).map(parse_etag);
+        let etag =
+            resp.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).map(parse_etag).or_else(|| {
+                resp.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).and_then(history_version)
+            });
         let retry_after = resp.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(retry_after);
         if status == StatusCode::UNAUTHORIZED {
             self.token.invalidate();
@@ -227,6 +236,7 @@ impl FhirClient {
             path: path.into(),
             message: error_chain(&e.without_url()),
         })?;
+        metrics::get().fhir_request_seconds.with_label_values(&[m]).observe(started.elapsed().as_secs_f64());
         if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
             let body =
                 if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
@@ -240,7 +250,7 @@ impl FhirClient {
 
     /// `GET {type}/{id}`; `None` when the server has no such resource (404/410).
     pub async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Versioned>, FhirError> {
-        let r = self.request(Method::GET, &format!("{resource_type}/{id}"), None, None).await?;
+        let r = self.request(Method::GET, &format!("{resource_type}/{id}"), None, None, Answer::Resource).await?;
         if r.status == 404 || r.status == 410 {
             return Ok(None);
         }
@@ -296,7 +306,9 @@ impl FhirClient {
         id: &str,
         version: &str,
     ) -> Result<Option<Versioned>, FhirError> {
-        let r = self.request(Method::GET, &format!("{resource_type}/{id}/_history?_count=50"), None, None).await?;
+        let r = self
+            .request(Method::GET, &format!("{resource_type}/{id}/_history?_count=50"), None, None, Answer::Resource)
+            .await?;
         let entries = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
         let resources: Vec<&Value> =
             entries.iter().filter_map(|e| e.get("resource")).filter(|r| r.get("resourceType").is_some()).collect();
@@ -310,7 +322,7 @@ impl FhirClient {
     pub async fn search(&self, resource_type: &str, query: &[(&str, &str)]) -> Result<Vec<Value>, FhirError> {
         let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
         let path = format!("{resource_type}?{}", qs.join("&"));
-        let r = self.request(Method::GET, &path, None, None).await?;
+        let r = self.request(Method::GET, &path, None, None, Answer::Resource).await?;
         if r.status == 404 {
             return Err(FhirError::Status {
                 method: "GET",
@@ -338,7 +350,7 @@ impl FhirClient {
         if_match: Option<&str>,
     ) -> Result<PutResult, FhirError> {
         let path = format!("{resource_type}/{id}");
-        match self.request(Method::PUT, &path, Some(resource), if_match).await {
+        match self.request(Method::PUT, &path, Some(resource), if_match, Answer::Minimal).await {
             Ok(r) => Ok(PutResult { status: r.status, version: r.etag.or_else(|| version_of(&r.body)), outcome: None }),
             Err(FhirError::Status { status, outcome, .. }) if !transient_status(status) => {
                 Ok(PutResult { status, version: None, outcome: Some(outcome) })
@@ -373,7 +385,8 @@ impl FhirClient {
                     .get("etag")
                     .and_then(Value::as_str)
                     .map(parse_etag)
-                    .or_else(|| a.get("resource").and_then(version_of));
+                    .or_else(|| a.get("resource").and_then(version_of))
+                    .or_else(|| resp.get("location").and_then(Value::as_str).and_then(history_version));
                 let outcome = resp.get("outcome").map(outcome_text).filter(|_| status >= 400);
                 PutResult { status, version, outcome }
             };
@@ -392,7 +405,8 @@ impl FhirClient {
             let sent = chunk.len();
             metrics::get().fhir_batch_entries.with_label_values(&[op]).observe(sent as f64);
             let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": chunk});
-            let mut r = self.request(Method::POST, "", Some(&bundle), None).await?;
+            let answer = if op == "write" { Answer::Minimal } else { Answer::Resource };
+            let mut r = self.request(Method::POST, "", Some(&bundle), None, answer).await?;
             let got = match r.body.get_mut("entry").map(Value::take) {
                 Some(Value::Array(a)) => a,
                 _ => Vec::new(),
@@ -411,12 +425,23 @@ impl FhirClient {
 
     /// `GET metadata`: is the server there and answering? An answer closes the circuit.
     pub async fn ping(&self) -> Result<(), FhirError> {
-        let r = self.request_once(Method::GET, "metadata", None, None).await.map(|_| ());
+        let r = self.request_once(Method::GET, "metadata", None, None, Answer::Resource).await.map(|_| ());
         if r.is_ok() {
             self.circuit.close();
         }
         r
     }
+}
+
+/// What a request asks the server to send back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// The resource (reads, searches).
+    Resource,
+    /// Only the status and the new version (`Prefer: return=minimal`): a write never uses the
+    /// resource echoed back, and the server need not build and send it (an Observation of a
+    /// SampledData window is several KB).
+    Minimal,
 }
 
 struct Response {
@@ -457,6 +482,13 @@ fn retry_after(v: &str) -> Option<Duration> {
 /// `W/"3"` → `3`.
 fn parse_etag(s: &str) -> String {
     s.trim().trim_start_matches("W/").trim_matches('"').to_string()
+}
+
+/// `Observation/x/_history/3` (a write's `Location`) → `3`.
+fn history_version(location: &str) -> Option<String> {
+    let (_, v) = location.rsplit_once("/_history/")?;
+    let v = v.trim_end_matches('/');
+    (!v.is_empty() && !v.contains('/')).then(|| v.to_string())
 }
 
 fn version_of(resource: &Value) -> Option<String> {
@@ -517,6 +549,8 @@ mod tests {
     #[test]
     fn etags_and_tokens() {
         assert_eq!(parse_etag("W/\"12\""), "12");
+        assert_eq!(history_version("http://h/fhir/Observation/a-1/_history/7").as_deref(), Some("7"));
+        assert_eq!(history_version("Observation/a-1"), None);
         assert_eq!(token(Some("urn:x"), "a|b,c"), "urn:x|a\\|b\\,c");
         assert_eq!(encode("urn:x|a b"), "urn%3Ax%7Ca%20b");
     }
