@@ -19,8 +19,9 @@ use iomt_connector::template::device::DeviceMapping;
 use iomt_connector::template::fhir::FhirMapping;
 use iomt_connector::transform::{CreateIdentity, transform};
 use serde_json::{Value, json};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, name: &str) -> T {
@@ -103,40 +104,53 @@ fn main() {
             .build()
             .unwrap_or_else(|e| panic!("{e}"));
         for chunk in identities.chunks(200) {
-            post_batch(&http, &base, chunk.iter().map(|(t, id, r)| (t.as_str(), id.as_str(), r))).await;
+            post_batch(&http, &base, chunk.iter().map(|(t, id, r)| (t.as_str(), id.as_str(), r)), None).await;
         }
 
-        let observations = Arc::new(observations);
+        let versions = Arc::new(Versions::default());
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
-        let workers = (0..concurrency).map(|_| {
-            let (http, base, observations, next) = (http.clone(), base.clone(), observations.clone(), next.clone());
+        // Each worker writes its own share of the Observations, as each of the connector's writers
+        // owns its devices: one Observation is never written by two requests at once.
+        let workers = (0..concurrency).map(|w| {
+            let (http, base, next, versions) = (http.clone(), base.clone(), next.clone(), versions.clone());
+            let mine: Vec<(String, Value)> = observations.iter().skip(w).step_by(concurrency).cloned().collect();
             async move {
                 let step = if single { 1 } else { batch };
+                let mut cursor = 0usize;
                 loop {
-                    let from = next.fetch_add(step, Ordering::Relaxed);
-                    if from >= writes {
+                    let take = step.min(mine.len()).max(1);
+                    let from = next.fetch_add(take, Ordering::Relaxed);
+                    if from >= writes || mine.is_empty() {
                         break;
                     }
-                    let to = (from + step).min(writes);
-                    let entries = (from..to).map(|i| {
-                        let (id, r) = &observations[i % observations.len()];
+                    let n = take.min(writes - from);
+                    let entries = (cursor..cursor + n).map(|i| {
+                        let (id, r) = &mine[i % mine.len()];
                         ("Observation", id.as_str(), r)
                     });
                     if single {
                         for (t, id, r) in entries {
-                            let resp = http
+                            let mut req = http
                                 .put(format!("{base}/{t}/{id}"))
                                 .header("Content-Type", "application/fhir+json")
+                                .header("Prefer", PREFER);
+                            if let Some(v) = versions.version(id) {
+                                req = req.header("If-Match", format!("W/\"{v}\""));
+                            }
+                            let resp = req
                                 .body(serde_json::to_vec(r).unwrap_or_default())
                                 .send()
                                 .await
                                 .unwrap_or_else(|e| panic!("PUT: {e}"));
                             assert!(resp.status().is_success(), "PUT {t}: HTTP {}", resp.status());
+                            let etag = resp.headers().get("etag").and_then(|v| v.to_str().ok());
+                            versions.record(id, etag);
                         }
                     } else {
-                        post_batch(&http, &base, entries).await;
+                        post_batch(&http, &base, entries, Some(&versions)).await;
                     }
+                    cursor += n;
                 }
             }
         });
@@ -146,15 +160,43 @@ fn main() {
     });
 }
 
+/// What the connector asks of the server on a write: only the status and the new version back.
+const PREFER: &str = "return=minimal";
+
+/// The version last written of each Observation: later writes of it carry `If-Match`, as the
+/// connector's do (the server checks the version before it writes).
+#[derive(Default)]
+struct Versions(Mutex<HashMap<String, String>>);
+
+impl Versions {
+    fn version(&self, id: &str) -> Option<String> {
+        self.0.lock().ok()?.get(id).cloned()
+    }
+
+    fn record(&self, id: &str, etag: Option<&str>) {
+        let v = etag.map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
+        if let (Some(v), Ok(mut map)) = (v, self.0.lock()) {
+            map.insert(id.to_string(), v);
+        }
+    }
+}
+
 /// PUTs in one `batch` Bundle, as the connector's writer sends them; every entry must succeed.
 async fn post_batch<'a>(
     http: &reqwest::Client,
     base: &str,
     entries: impl Iterator<Item = (&'a str, &'a str, &'a Value)>,
+    versions: Option<&Versions>,
 ) {
+    let mut ids: Vec<&str> = Vec::new();
     let entries: Vec<Value> = entries
         .map(|(t, id, r)| {
-            json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": r, "request": {"method": "PUT", "url": format!("{t}/{id}")}})
+            ids.push(id);
+            let mut request = json!({"method": "PUT", "url": format!("{t}/{id}")});
+            if let Some(v) = versions.and_then(|vs| vs.version(id)) {
+                request["ifMatch"] = json!(format!("W/\"{v}\""));
+            }
+            json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": r, "request": request})
         })
         .collect();
     let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
@@ -162,6 +204,7 @@ async fn post_batch<'a>(
         .post(format!("{base}/"))
         .header("Content-Type", "application/fhir+json")
         .header("Accept", "application/fhir+json")
+        .header("Prefer", PREFER)
         .body(serde_json::to_vec(&bundle).unwrap_or_default())
         .send()
         .await
@@ -169,8 +212,13 @@ async fn post_batch<'a>(
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or_default();
     assert!(status.is_success(), "POST batch: HTTP {status}: {body}");
-    for e in body["entry"].as_array().into_iter().flatten() {
+    let answers = body["entry"].as_array().cloned().unwrap_or_default();
+    assert_eq!(answers.len(), ids.len(), "batch answered {} entries for {}", answers.len(), ids.len());
+    for (id, e) in ids.into_iter().zip(answers) {
         let s = e["response"]["status"].as_str().unwrap_or("");
         assert!(s.starts_with('2'), "batch entry answered {s}: {}", e["response"]);
+        if let Some(vs) = versions {
+            vs.record(id, e["response"]["etag"].as_str());
+        }
     }
 }

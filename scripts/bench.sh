@@ -7,7 +7,11 @@
 #   2. the connector with --dry-run (normalize, group, build Observations, count; no FHIR);
 #   3. per FHIR server: the connector end to end, then the server's own write capacity measured by
 #      a bare client (examples/fhir_capacity.rs) writing the Observations of the same messages, in
-#      batch Bundles of the size the connector sent and as single PUTs; the ratio of the two;
+#      batch Bundles of the size the connector sent (with If-Match, as the connector's updates) and
+#      as single PUTs; the ratio of the two. Twice: with every process sharing the machine's cores,
+#      and with the FHIR server on a core of its own (taskset; the broker, the connector and the
+#      bare client on the other), which shows whether the connector keeps the server busy when the
+#      server does not lose CPU to the broker and the connector;
 #   4. end to end at a steady rate below saturation (sekmet): delay from send to persisted
 #      (p50/p99) and FHIR requests per 1,000 messages once warm;
 # and peak RSS with 100,000 distinct devices in the shards; then the Event Hubs row
@@ -18,7 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${BENCH_N:-100000}              # messages for the ceiling and dry-run phases
-N_E2E=${BENCH_N_E2E:-20000}       # messages for the end-to-end phase (FHIR is the slow part)
+N_E2E=${BENCH_N_E2E:-100000}      # vitals messages for the end-to-end phase
+N_E2E_SPOT=${BENCH_N_E2E_SPOT:-20000}   # spot messages for it (one write each: the slow part)
 SPOT_E2E_DEVICES=${BENCH_SPOT_E2E_DEVICES:-2000}   # spot end to end: each new device costs 4 FHIR requests (Create identity)
 STEADY_SECS=${BENCH_STEADY_SECS:-40}
 MEM_DEVICES=${BENCH_MEM_DEVICES:-100000}
@@ -43,7 +48,7 @@ start() {
     local queue=$1; shift
     HTTP=127.0.0.1:$(port)
     env IOMT_BROKER__QUEUE="$queue" IOMT_HTTP__LISTEN="$HTTP" IOMT_IDENTITY__DEVICE_IDENTIFIER_SYSTEM="urn:$RUN" \
-        IOMT_LOG__LEVEL=warn "$@" "$BIN" run $DRY > "/tmp/$queue.log" 2>&1 &
+        IOMT_LOG__LEVEL=warn "$@" $PIN "$BIN" run $DRY > "/tmp/$queue.log" 2>&1 &
     PID=$!
     for _ in $(seq 1 200); do
         curl -fsS "http://$HTTP/health/ready" > /dev/null 2>&1 && return 0
@@ -80,10 +85,11 @@ percentile() {
 declare -A ROW
 SERVERS=(sekmet helios)
 declare -A SERVER_URL=([sekmet]=$(scripts/fhir-server.sh url) [helios]=$(scripts/helios-server.sh url))
+declare -A SERVER_PID=([sekmet]=.services/fhir.pid [helios]=.services/helios.pid)
 WRITERS=4                          # pipeline.writers (the default): requests in flight at once
 
-phase() {   # profile devices e2e_devices
-    local profile=$1 devices=$2 e2e_devices=$3 q
+phase() {   # profile devices e2e_devices e2e_messages
+    local profile=$1 devices=$2 e2e_devices=$3 e2e_n=$4 q
     echo "== $profile: $devices devices" >&2
 
     q=$RUN.$profile.ceiling
@@ -106,36 +112,68 @@ phase() {   # profile devices e2e_devices
     ROW[$profile,dry_rss]=$(peak_rss_mb "$PID")
     stop
 
-    for server in "${SERVERS[@]}"; do e2e "$profile" "$e2e_devices" "$server"; done
+    for server in "${SERVERS[@]}"; do
+        for mode in shared pinned; do e2e "$profile" "$e2e_devices" "$e2e_n" "$server" "$mode"; done
+    done
 }
 
+# Pins the FHIR server to the first core and the broker to the others, and sets PIN (the prefix
+# that puts a command there too); `pin shared SERVER` undoes it.
+PIN=
+pin() {     # pinned|shared server
+    local all="0-$(( $(nproc) - 1 ))" server_pid beam
+    server_pid=$(cat "${SERVER_PID[$2]}" 2>/dev/null || true)
+    beam=$(pgrep -f beam.smp | head -1 || true)
+    if [[ $1 == pinned ]]; then
+        [[ -n $server_pid && -n $beam ]] || { echo "cannot pin: no pid for the $2 server or RabbitMQ" >&2; exit 1; }
+        taskset -a -p -c 0 "$server_pid" > /dev/null
+        taskset -a -p -c "1-$(( $(nproc) - 1 ))" "$beam" > /dev/null
+        PIN="taskset -c 1-$(( $(nproc) - 1 ))"
+    else
+        [[ -n $server_pid ]] && taskset -a -p -c "$all" "$server_pid" > /dev/null || true
+        [[ -n $beam ]] && taskset -a -p -c "$all" "$beam" > /dev/null || true
+        PIN=
+    fi
+}
+unpin_all() { for s in "${SERVERS[@]}"; do pin shared "$s"; done; }
+trap unpin_all EXIT
+
 # End to end on one FHIR server, then that server's own capacity for the same Observations.
-e2e() {     # profile devices server
-    local profile=$1 devices=$2 server=$3 url=${SERVER_URL[$3]} q=$RUN.$1.e2e.$3 prefix=$RUN-e-$3
-    echo "== $profile end to end on $server ($url)" >&2
+e2e() {     # profile devices messages server shared|pinned
+    local profile=$1 devices=$2 n=$3 server=$4 mode=$5 url=${SERVER_URL[$4]} q=$RUN.$1.e2e.$4.$5 prefix=$RUN-e-$4-$5
+    echo "== $profile end to end on $server ($url), $mode cores" >&2
+    pin "$mode" "$server"
     DRY= start "$q" IOMT_FHIR__BASE_URL="$url"
     # Every device once first, so that Create identity (4 requests per new device, once in its life)
     # is not counted: what is measured is the steady work of writing Observations.
-    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$devices" --rate 0 --prefix "$prefix" > /dev/null
+    $PIN $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$devices" --rate 0 --prefix "$prefix" > /dev/null
     wait_acked "$devices" "$(date +%s%N)" > /dev/null
-    local w0 r0 c0 t0; w0=$(writes); r0=$(metric_sum iomt_fhir_requests_total); c0=$(cpu_secs "$PID"); t0=$(date +%s%N)
-    $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$N_E2E" --rate 0 --prefix "$prefix" > /dev/null
-    local secs; secs=$(wait_acked $((devices + N_E2E)) "$t0")
-    local c1 w; c1=$(cpu_secs "$PID"); w=$(( $(writes) - w0 ))
-    ROW[$profile,$server,e2e]=$(echo "$N_E2E / $secs" | bc)
-    ROW[$profile,$server,e2e_wps]=$(echo "$w / $secs" | bc)
-    ROW[$profile,$server,e2e_cpu]=$(echo "scale=1; ($c1 - $c0) * 100000 / $N_E2E" | bc)
-    ROW[$profile,$server,e2e_req]=$(echo "scale=1; ($(metric_sum iomt_fhir_requests_total) - $r0) * 1000 / $N_E2E" | bc)
-    ROW[$profile,$server,e2e_rss]=$(peak_rss_mb "$PID")
+    $PIN $BIN simulate --queue "$q" --profile "$profile" --devices "$devices" --count "$n" --rate 0 --prefix "$prefix" > /dev/null
+    # Timed from when the last message is published: the simulator and the broker taking the
+    # messages in are not the connector's work, and on two cores they would take the FHIR
+    # server's CPU. What is timed is the connector draining the backlog into the server.
+    local a0 w0 r0 c0 t0; a0=$(metric iomt_messages_acked_total | cut -d. -f1); w0=$(writes)
+    r0=$(metric_sum iomt_fhir_requests_total); c0=$(cpu_secs "$PID"); t0=$(date +%s%N)
+    local secs; secs=$(wait_acked $((devices + n)) "$t0")
+    local c1 w m=$((devices + n - a0)); c1=$(cpu_secs "$PID"); w=$(( $(writes) - w0 ))
+    local k=$profile,$server,$mode
+    ROW[$k,e2e]=$(echo "$m / $secs" | bc)
+    ROW[$k,e2e_wps]=$(echo "$w / $secs" | bc)
+    ROW[$k,e2e_cpu]=$(echo "scale=1; ($c1 - $c0) * 100000 / $m" | bc)
+    ROW[$k,e2e_req]=$(echo "scale=1; ($(metric_sum iomt_fhir_requests_total) - $r0) * 1000 / $m" | bc)
+    ROW[$k,e2e_rss]=$(peak_rss_mb "$PID")
     local batch; batch=$(batch_size write)
-    ROW[$profile,$server,batch]=$batch
+    ROW[$k,batch]=$batch
     stop
     # The bare client: the Observations of the same messages, in batches of the connector's mean
     # write-batch size, as many in flight as the connector's writers, as many writes as it made.
-    read -r _ _ bare _ <<<"$($CAP "$url" "$profile" "$N_E2E" "$devices" batch "$batch" "$WRITERS" "$w" "$RUN-b-$server-$profile")"
-    ROW[$profile,$server,bare]=$bare
-    read -r _ _ single _ <<<"$($CAP "$url" "$profile" "$N_E2E" "$devices" single 1 "$WRITERS" $(( w < 3000 ? w : 3000 )) "$RUN-s-$server-$profile")"
-    ROW[$profile,$server,single]=$single
+    read -r _ _ bare _ <<<"$($PIN $CAP "$url" "$profile" "$n" "$devices" batch "$batch" "$WRITERS" "$w" "$RUN-b-$server-$profile-$mode")"
+    ROW[$k,bare]=$bare
+    if [[ $mode == shared ]]; then
+        read -r _ _ single _ <<<"$($CAP "$url" "$profile" "$n" "$devices" single 1 "$WRITERS" $(( w < 3000 ? w : 3000 )) "$RUN-s-$server-$profile")"
+        ROW[$profile,$server,single]=$single
+    fi
+    pin shared "$server"
 }
 
 writes() { echo $(( $(metric 'iomt_observations_total{outcome="created"}' | cut -d. -f1) + $(metric 'iomt_observations_total{outcome="updated"}' | cut -d. -f1) )); }
@@ -167,8 +205,8 @@ steady() {  # profile devices rate
     stop
 }
 
-phase vitals 100 100
-phase spot 20000 "$SPOT_E2E_DEVICES"
+phase vitals 100 100 "$N_E2E"
+phase spot 20000 "$SPOT_E2E_DEVICES" "$N_E2E_SPOT"
 steady vitals 100 200
 steady spot 2000 200
 
@@ -188,7 +226,9 @@ cat <<EOF
 Machine: $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/Mem:/ {print $2}') GiB; RabbitMQ $(rabbitmqctl version 2>/dev/null || echo '?') and both FHIR servers on the same machine
 (sekmet-fhir: Python, SQLite; helios-hfs $(grep -m1 '^HELIOS_VERSION' scripts/helios-server.sh | cut -d'"' -f2): Rust debug build, SQLite).
 Ceiling and dry run: $N messages per profile, pre-published. End to end: every device once (identity created), then
-$N_E2E messages (spot over $SPOT_E2E_DEVICES devices), published as fast as the broker confirms and consumed at once.
+$N_E2E vitals or $N_E2E_SPOT spot messages (spot over $SPOT_E2E_DEVICES devices), published as fast as the broker confirms and
+consumed at once; timed from the end of publishing to the last ack. "A core of its own": the FHIR server pinned to
+core 0, RabbitMQ, the connector and the bare client to the others (taskset), for both the connector and the bare client.
 
 | | vitals (100 devices) | spot (20,000 devices) |
 |---|---|---|
@@ -198,15 +238,19 @@ $N_E2E messages (spot over $SPOT_E2E_DEVICES devices), published as fast as the 
 | dry-run peak RSS | ${ROW[vitals,dry_rss]} MB | ${ROW[spot,dry_rss]} MB |
 EOF
 for server in "${SERVERS[@]}"; do
-    v=vitals,$server; p=spot,$server
+    v=vitals,$server,shared; p=spot,$server,shared; vp=vitals,$server,pinned; pp=spot,$server,pinned
     cat <<EOF
-| **end to end on $server** | | |
+| **end to end on $server, all processes sharing the cores** | | |
 | server's own capacity: bare client, batch Bundles of the connector's mean size (vitals ${ROW[$v,batch]}, spot ${ROW[$p,batch]}), $WRITERS in flight | ${ROW[$v,bare]} writes/s | ${ROW[$p,bare]} writes/s |
-| server's own capacity: bare client, single PUTs, $WRITERS in flight | ${ROW[$v,single]} writes/s | ${ROW[$p,single]} writes/s |
-| connector: Observation writes | ${ROW[$v,e2e_wps]} writes/s ($(ratio "${ROW[$v,e2e_wps]}" "${ROW[$v,bare]}")x capacity) | ${ROW[$p,e2e_wps]} writes/s ($(ratio "${ROW[$p,e2e_wps]}" "${ROW[$p,bare]}")x capacity) |
+| server's own capacity: bare client, single PUTs, $WRITERS in flight | ${ROW[vitals,$server,single]} writes/s | ${ROW[spot,$server,single]} writes/s |
+| connector: Observation writes | ${ROW[$v,e2e_wps]} writes/s (**$(ratio "${ROW[$v,e2e_wps]}" "${ROW[$v,bare]}")x** capacity) | ${ROW[$p,e2e_wps]} writes/s (**$(ratio "${ROW[$p,e2e_wps]}" "${ROW[$p,bare]}")x** capacity) |
 | connector: messages | ${ROW[$v,e2e]} msg/s | ${ROW[$p,e2e]} msg/s |
 | connector: FHIR requests per 1,000 messages | ${ROW[$v,e2e_req]} | ${ROW[$p,e2e_req]} |
 | connector: CPU seconds per 100k messages / peak RSS | ${ROW[$v,e2e_cpu]} / ${ROW[$v,e2e_rss]} MB | ${ROW[$p,e2e_cpu]} / ${ROW[$p,e2e_rss]} MB |
+| **end to end on $server, the server on a core of its own** | | |
+| server's own capacity: bare client as above (vitals ${ROW[$vp,batch]}, spot ${ROW[$pp,batch]} per Bundle) | ${ROW[$vp,bare]} writes/s | ${ROW[$pp,bare]} writes/s |
+| connector: Observation writes | ${ROW[$vp,e2e_wps]} writes/s (**$(ratio "${ROW[$vp,e2e_wps]}" "${ROW[$vp,bare]}")x** capacity) | ${ROW[$pp,e2e_wps]} writes/s (**$(ratio "${ROW[$pp,e2e_wps]}" "${ROW[$pp,bare]}")x** capacity) |
+| connector: messages | ${ROW[$vp,e2e]} msg/s | ${ROW[$pp,e2e]} msg/s |
 EOF
 done
 cat <<EOF
