@@ -13,6 +13,7 @@
 //! Prints one line: `writes seconds writes_per_second observations messages`.
 
 use futures_util::future::join_all;
+use iomt_connector::fhir::parse_etag;
 use iomt_connector::model::ids;
 use iomt_connector::simulate::{Profile, message};
 use iomt_connector::template::device::DeviceMapping;
@@ -174,8 +175,7 @@ impl Versions {
     }
 
     fn record(&self, id: &str, etag: Option<&str>) {
-        let v = etag.map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
-        if let (Some(v), Ok(mut map)) = (v, self.0.lock()) {
+        if let (Some(v), Ok(mut map)) = (etag.map(parse_etag), self.0.lock()) {
             map.insert(id.to_string(), v);
         }
     }

@@ -121,17 +121,17 @@ phase() {   # profile devices e2e_devices e2e_messages
 # that puts a command there too); `pin shared SERVER` undoes it.
 PIN=
 pin() {     # pinned|shared server
-    local all="0-$(( $(nproc) - 1 ))" server_pid beam
+    local last=$(( $(nproc) - 1 )) server_pid beam
     server_pid=$(cat "${SERVER_PID[$2]}" 2>/dev/null || true)
     beam=$(pgrep -f beam.smp | head -1 || true)
     if [[ $1 == pinned ]]; then
         [[ -n $server_pid && -n $beam ]] || { echo "cannot pin: no pid for the $2 server or RabbitMQ" >&2; exit 1; }
         taskset -a -p -c 0 "$server_pid" > /dev/null
-        taskset -a -p -c "1-$(( $(nproc) - 1 ))" "$beam" > /dev/null
-        PIN="taskset -c 1-$(( $(nproc) - 1 ))"
+        taskset -a -p -c "1-$last" "$beam" > /dev/null
+        PIN="taskset -c 1-$last"
     else
-        [[ -n $server_pid ]] && taskset -a -p -c "$all" "$server_pid" > /dev/null || true
-        [[ -n $beam ]] && taskset -a -p -c "$all" "$beam" > /dev/null || true
+        [[ -n $server_pid ]] && taskset -a -p -c "0-$last" "$server_pid" > /dev/null || true
+        [[ -n $beam ]] && taskset -a -p -c "0-$last" "$beam" > /dev/null || true
         PIN=
     fi
 }

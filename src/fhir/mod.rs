@@ -480,7 +480,7 @@ fn retry_after(v: &str) -> Option<Duration> {
 }
 
 /// `W/"3"` → `3`.
-fn parse_etag(s: &str) -> String {
+pub fn parse_etag(s: &str) -> String {
     s.trim().trim_start_matches("W/").trim_matches('"').to_string()
 }
 

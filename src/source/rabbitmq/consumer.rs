@@ -392,7 +392,7 @@ async fn settler(
     loop {
         let first = tokio::select! {
             s = rx.recv() => s,
-            _ = tokio::time::sleep(STRAGGLER), if book.is_waiting() => {
+            _ = tokio::time::sleep_until(book.next_straggler().unwrap_or_else(Instant::now).into()), if book.is_waiting() => {
                 ack_stragglers(&mut book, &shared).await;
                 continue;
             }
@@ -523,6 +523,12 @@ impl<T> AckBook<T> {
         !self.waiting.is_empty()
     }
 
+    /// When the oldest waiter becomes a straggler (an entry acked in order since only makes the
+    /// settler look one wake-up early).
+    fn next_straggler(&self) -> Option<Instant> {
+        self.by_age.front().map(|(at, _)| *at + STRAGGLER)
+    }
+
     /// The run of settled tags from `next` on: one `multiple` ack of the last covers them all.
     fn in_order(&mut self) -> Vec<T> {
         let mut run = Vec::new();
@@ -640,6 +646,16 @@ mod tests {
         b.wait(1, 1, t0 + STRAGGLER);
         assert_eq!(b.in_order(), vec![1, 3]);
         assert!(b.stragglers(t0 + STRAGGLER * 3).is_empty(), "nothing acked twice");
+    }
+
+    #[test]
+    fn the_settler_wakes_when_the_oldest_waiter_becomes_a_straggler() {
+        let t0 = Instant::now();
+        let mut b = book(&[2], t0);
+        b.wait(3, 3, t0 + Duration::from_millis(300));
+        assert_eq!(b.next_straggler(), Some(t0 + STRAGGLER));
+        assert_eq!(b.stragglers(t0 + STRAGGLER), vec![2]);
+        assert_eq!(b.next_straggler(), Some(t0 + Duration::from_millis(300) + STRAGGLER));
     }
 
     #[test]
