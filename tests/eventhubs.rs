@@ -309,6 +309,41 @@ async fn two_instances_share_a_four_partition_hub_a_sigkilled_ones_partitions_ar
     println!("instance a stopped cleanly: b owned its partitions {:.1} s later", stopped.elapsed().as_secs_f64());
 }
 
+/// A partition that comes back to an instance that lost it is read again. The SDK's connection
+/// keeps a receiver that was dropped without being closed; a receiver opened later on the same
+/// partition found that stale, stolen link and failed, and the recoveries that followed stalled
+/// every partition on the connection.
+#[tokio::test]
+async fn a_partition_taken_from_an_instance_and_given_back_is_read_again_by_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let peer = Peer::start().await;
+    let run = services::unique("ehback");
+    let system = format!("urn:iomt-test:{run}");
+    let hub = run.clone();
+    let setup = Setup::new("unused", "Create", &system);
+    let msgs = bodies(&run, 8, 10, &[Vital::HeartRate]);
+    let (before, after) = msgs.split_at(msgs.len() / 2);
+
+    let a = connector(&peer, &hub, "instance-a", &setup).await;
+    until("a alone owns all four partitions", Duration::from_secs(30), || async { owned(&a).await == 4.0 }).await;
+    let mut b = connector(&peer, &hub, "instance-b", &setup).await;
+    until("b took two of them from a", Duration::from_secs(30), || async {
+        owned(&a).await == 2.0 && owned(&b).await == 2.0
+    })
+    .await;
+    send(&peer, &hub, before).await;
+    until_checkpointed(&peer, &hub, Duration::from_secs(60)).await;
+
+    // b stops cleanly and releases its two; a claims them back and reads what arrives on them.
+    b.signal("TERM");
+    assert_eq!(b.wait(Duration::from_secs(30)).await, Some(0), "{}", b.log());
+    until("a owns all four partitions again", Duration::from_secs(30), || async { owned(&a).await == 4.0 }).await;
+    send(&peer, &hub, after).await;
+    until_checkpointed(&peer, &hub, Duration::from_secs(60)).await;
+    assert_eq!(a.metric("iomt_dead_lettered_total").await, 0.0);
+}
+
 /// An event as IoT Hub routes it: the device id and enqueued time as message annotations, the
 /// creation time as an application property.
 fn iot_hub_event(device: &str, heartrate: &str) -> AmqpMessage {

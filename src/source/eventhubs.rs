@@ -414,7 +414,9 @@ async fn coordinate(s: EventHubs, intake: Arc<dyn Intake>, shared: Arc<Shared>, 
     shared.broker_connected.store(true, Ordering::SeqCst);
     let expiry = Duration::from_secs(s.ownership_expiry_secs);
     let mut owned: HashMap<String, Owned> = HashMap::new();
-    let mut round = tokio::time::interval(Duration::from_secs(s.balance_interval_secs));
+    let interval = Duration::from_secs(s.balance_interval_secs);
+    let mut round = tokio::time::interval(interval);
+    let connected = tokio::time::Instant::now();
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut dropped = false;
@@ -442,14 +444,34 @@ async fn coordinate(s: EventHubs, intake: Arc<dyn Intake>, shared: Arc<Shared>, 
             }
             continue;
         }
-        balance_round(&ctx, &partitions, &mut owned, expiry).await;
+        let claimed_free = balance_round(&ctx, &partitions, &mut owned, expiry).await;
         metrics::get().partitions_owned.set(owned.len() as i64);
-        lag(&ctx, &owned).await;
+        if claimed_free && connected.elapsed() >= interval {
+            // Waiting a whole interval after each free claim would leave a lone instance reading
+            // one more partition every interval (32 partitions at 5 s: almost three minutes). For
+            // its first interval an instance claims one per round, so that instances starting
+            // together see each other before they share the hub out; otherwise the first would
+            // take everything and the others would steal, and each partition stolen is read again
+            // from its checkpoint.
+            round.reset_after(FREE_CLAIM_PAUSE);
+        } else {
+            lag(&ctx, &owned).await;
+        }
     }
 }
 
-/// One round: drop readers that ended, renew, claim one partition if it is our turn.
-async fn balance_round(ctx: &Arc<Ctx>, partitions: &[String], owned: &mut HashMap<String, Owned>, expiry: Duration) {
+/// Between a round that claimed a free partition and the next: long enough for instances that
+/// start together to see each other's claims, short enough that a hub is read in full at once.
+const FREE_CLAIM_PAUSE: Duration = Duration::from_millis(100);
+
+/// One round: drop readers that ended, renew, claim one partition if it is our turn. `true` when
+/// it claimed, or raced another instance for, a partition nobody held.
+async fn balance_round(
+    ctx: &Arc<Ctx>,
+    partitions: &[String],
+    owned: &mut HashMap<String, Owned>,
+    expiry: Duration,
+) -> bool {
     let me = &ctx.me;
     owned.retain(|p, o| {
         let alive = !o.reader.is_finished();
@@ -473,17 +495,17 @@ async fn balance_round(ctx: &Arc<Ctx>, partitions: &[String], owned: &mut HashMa
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not renew partition ownership");
-            return;
+            return false;
         }
     }
     let rows = match ctx.store.ownerships().await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "could not read partition ownership");
-            return;
+            return false;
         }
     };
-    let Some(claim) = balance::next_claim(me, partitions, &rows, expiry) else { return };
+    let Some(claim) = balance::next_claim(me, partitions, &rows, expiry) else { return false };
     match ctx.store.claim(me, &claim).await {
         Ok(Some(version)) => {
             let from =
@@ -494,9 +516,16 @@ async fn balance_round(ctx: &Arc<Ctx>, partitions: &[String], owned: &mut HashMa
             ctx.shared.partitions.insert(claim.partition.clone(), state.clone());
             let reader = actix_rt::spawn(read_partition(ctx.clone(), claim.partition.clone(), version, state, stop_rx));
             owned.insert(claim.partition, Owned { version, stop, reader });
+            claim.free
         }
-        Ok(None) => tracing::debug!(partition = %claim.partition, "another instance claimed it first"),
-        Err(e) => tracing::warn!(error = %e, "could not claim a partition"),
+        Ok(None) => {
+            tracing::debug!(partition = %claim.partition, "another instance claimed it first");
+            claim.free
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not claim a partition");
+            false
+        }
     }
 }
 
@@ -583,7 +612,7 @@ async fn read_partition(
             }
         };
         let mut events = Box::pin(receiver.stream_events());
-        loop {
+        let ended = loop {
             let taking = *stop.borrow() == Phase::Running && book.in_flight() < ctx.s.max_in_flight;
             tokio::select! {
                 next = events.next(), if taking => match next {
@@ -596,32 +625,40 @@ async fn read_partition(
                     Some(Err(e)) => {
                         if stolen(&e) {
                             tracing::info!(partition = %partition, "another instance took the partition (higher owner level)");
-                            drop(events);
-                            break 'session;
+                            break Session::Over;
                         }
                         tracing::warn!(partition = %partition, error = %e, "partition receiver failed; reopening");
-                        drop(events);
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue 'session;
+                        break Session::Reopen(Duration::from_secs(1));
                     }
-                    None => {
-                        drop(events);
-                        continue 'session;
-                    }
+                    None => break Session::Reopen(Duration::ZERO),
                 },
                 Some(s) = settled.recv() => settle(&ctx, s, &mut book).await,
                 _ = tick.tick() => {
                     if !write_checkpoint(&ctx, &partition, version, &mut book, &state).await {
-                        break 'session;
+                        break Session::Over;
                     }
                 }
                 changed = stop.changed() => {
                     // Closed: the coordinator gave the partition up (lost to another instance).
                     if changed.is_err() || *stop.borrow() == Phase::Close {
-                        break 'session;
+                        break Session::Over;
                     }
                 }
             }
+        };
+        // Closed, not just dropped: the client keeps a dropped receiver's link, and a later
+        // receiver on this partition (it coming back to this instance) would find that stale,
+        // stolen link, fail, and take the whole connection (every partition) into a loop of
+        // recoveries.
+        drop(events);
+        match tokio::time::timeout(Duration::from_secs(5), receiver.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(partition = %partition, error = %e, "closing the partition receiver"),
+            Err(_) => tracing::debug!(partition = %partition, "closing the partition receiver timed out"),
+        }
+        match ended {
+            Session::Over => break 'session,
+            Session::Reopen(pause) => tokio::time::sleep(pause).await,
         }
     }
     // What was handed over still settles: book it (dead letters included), so that the counts
@@ -640,6 +677,14 @@ async fn read_partition(
     }
     write_checkpoint(&ctx, &partition, version, &mut book, &state).await;
     metrics::get().checkpoint_lag.remove_label_values(&[&partition]).ok();
+}
+
+/// How a receiver's session on a partition ended.
+enum Session {
+    /// The partition is no longer read here (stopped, closed, or taken by another instance).
+    Over,
+    /// The link failed or ended: a new receiver, after this pause, from the last event read.
+    Reopen(Duration),
 }
 
 fn stolen(e: &azure_messaging_eventhubs::EventHubsError) -> bool {

@@ -1,6 +1,8 @@
 //! Which partition this instance claims next: the share-out rule of Event Hubs processors. Every
 //! instance runs it on the same ownership table at every balancing round and claims at most one
-//! partition per round, so that instances converge on an even split without a coordinator.
+//! partition per round, so that instances converge on an even split without a coordinator. After
+//! an instance's first interval, a round that claimed a free partition is followed at once by
+//! another (see the coordinator), so a lone instance does not wait an interval per partition.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,6 +26,9 @@ pub struct Ownership {
 pub struct Claim {
     pub partition: String,
     pub version: i64,
+    /// Nobody held it (never owned, released, or its owner stopped renewing): claiming it takes
+    /// nothing from another instance.
+    pub free: bool,
 }
 
 /// The partition `me` should claim now, if any. `partitions` are the hub's partition ids.
@@ -46,7 +51,7 @@ pub fn next_claim(me: &str, partitions: &[String], rows: &[Ownership], expiry: D
     // Free partitions first: never owned, released, or their owner stopped renewing.
     let free = partitions.iter().find(|p| row(p).is_none_or(|r| !live(r)));
     if let Some(p) = free {
-        return Some(Claim { partition: p.clone(), version: row(p).map_or(0, |r| r.version) });
+        return Some(Claim { partition: p.clone(), version: row(p).map_or(0, |r| r.version), free: true });
     }
     // None free: take one from the busiest instance, when it holds more than its share. With a
     // remainder some instances rightly hold `ceil`; only below `floor` may we take from those.
@@ -57,7 +62,7 @@ pub fn next_claim(me: &str, partitions: &[String], rows: &[Ownership], expiry: D
         return None;
     }
     let r = busiest.iter().min_by(|a, b| a.partition.cmp(&b.partition))?;
-    Some(Claim { partition: r.partition.clone(), version: r.version })
+    Some(Claim { partition: r.partition.clone(), version: r.version, free: false })
 }
 
 #[cfg(test)]
@@ -124,14 +129,26 @@ mod tests {
     fn a_dead_instances_partitions_are_taken_once_its_ownership_expires() {
         let rows = vec![own(0, "a", 1), own(1, "a", 1), own(2, "dead", 31), own(3, "dead", 31)];
         let c = next_claim("a", &parts(4), &rows, EXPIRY);
-        assert_eq!(c, Some(Claim { partition: "2".into(), version: 3 }));
+        assert_eq!(c, Some(Claim { partition: "2".into(), version: 3, free: true }));
         let fresh = vec![own(0, "a", 1), own(1, "a", 1), own(2, "b", 29), own(3, "b", 29)];
         assert_eq!(next_claim("a", &parts(4), &fresh, EXPIRY), None, "not before expiry");
     }
 
     #[test]
+    fn taking_from_another_instance_is_not_a_free_claim() {
+        let all_a: Vec<Ownership> = (0..4).map(|p| own(p, "a", 1)).collect();
+        assert_eq!(
+            next_claim("b", &parts(4), &all_a, EXPIRY),
+            Some(Claim { partition: "0".into(), version: 3, free: false })
+        );
+    }
+
+    #[test]
     fn a_released_partition_is_free_at_once() {
         let rows = vec![own(0, "a", 1), own(1, "", 0)];
-        assert_eq!(next_claim("a", &parts(2), &rows, EXPIRY), Some(Claim { partition: "1".into(), version: 3 }));
+        assert_eq!(
+            next_claim("a", &parts(2), &rows, EXPIRY),
+            Some(Claim { partition: "1".into(), version: 3, free: true })
+        );
     }
 }
