@@ -369,7 +369,12 @@ impl FhirClient {
                 if let Some(v) = &p.if_match {
                     request["ifMatch"] = json!(format!("W/\"{v}\""));
                 }
-                json!({"fullUrl": format!("{}/{}/{}", self.base, p.resource_type, p.id), "resource": p.resource, "request": request})
+                // A clone, not `json!`: the macro would serialize the Observation into its copy.
+                let mut entry = serde_json::Map::with_capacity(3);
+                entry.insert("fullUrl".into(), format!("{}/{}/{}", self.base, p.resource_type, p.id).into());
+                entry.insert("resource".into(), p.resource.clone());
+                entry.insert("request".into(), request);
+                Value::Object(entry)
             })
             .collect();
         let answers = self.post_batch("write", entries).await?;
@@ -404,7 +409,12 @@ impl FhirClient {
             let chunk: Vec<Value> = entries.by_ref().take(self.max_batch).collect();
             let sent = chunk.len();
             metrics::get().fhir_batch_entries.with_label_values(&[op]).observe(sent as f64);
-            let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": chunk});
+            // Moved in, not through `json!`, which would serialize every entry into a copy.
+            let mut bundle = serde_json::Map::with_capacity(3);
+            bundle.insert("resourceType".into(), "Bundle".into());
+            bundle.insert("type".into(), "batch".into());
+            bundle.insert("entry".into(), Value::Array(chunk));
+            let bundle = Value::Object(bundle);
             let answer = if op == "write" { Answer::Minimal } else { Answer::Resource };
             let mut r = self.request(Method::POST, "", Some(&bundle), None, answer).await?;
             let got = match r.body.get_mut("entry").map(Value::take) {

@@ -173,7 +173,7 @@ pub fn envelope(m: &AmqpMessage) -> Result<Value, String> {
             system.insert(annotation_key(k), value_json(v));
         }
     }
-    Ok(json!({"Body": body, "Properties": Value::Object(properties), "SystemProperties": Value::Object(system)}))
+    Ok(crate::source::envelope(body, properties, system))
 }
 
 fn body_bytes(m: &AmqpMessage) -> Vec<u8> {

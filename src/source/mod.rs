@@ -14,7 +14,7 @@ pub mod rabbitmq;
 use crate::metrics;
 use crate::model::kind::ErrorKind;
 use crate::status::Shared;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::any::Any;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -145,6 +145,17 @@ impl Drop for DeliveryGuard {
             let _ = self.to_source.send(Settled { position, status, sent_at, received });
         }
     }
+}
+
+/// The evaluation envelope every source gives a template, as iomt-fhir builds it from the .NET
+/// `EventData`: `{"Body", "Properties", "SystemProperties"}`. Built by moving the parts in:
+/// `json!` would serialize each into a copy, for every message.
+pub fn envelope(body: Value, properties: Map<String, Value>, system: Map<String, Value>) -> Value {
+    let mut envelope = Map::with_capacity(3);
+    envelope.insert("Body".into(), body);
+    envelope.insert("Properties".into(), Value::Object(properties));
+    envelope.insert("SystemProperties".into(), Value::Object(system));
+    Value::Object(envelope)
 }
 
 /// Where a source hands its deliveries: the pipeline.

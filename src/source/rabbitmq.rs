@@ -47,7 +47,7 @@ pub fn envelope(
     } else {
         serde_json::from_slice(body).map_err(|e| format!("the message body is not valid JSON: {e}"))?
     };
-    let properties = props.headers().as_ref().map(table_json).unwrap_or_else(|| Value::Object(Map::new()));
+    let properties = props.headers().as_ref().map(table_map).unwrap_or_default();
     let mut system = Map::new();
     let mut put = |k: &str, v: &Option<ShortString>| {
         if let Some(v) = v {
@@ -69,11 +69,11 @@ pub fn envelope(
     system.insert("exchange".into(), Value::String(exchange.to_string()));
     system.insert("routing-key".into(), Value::String(routing_key.to_string()));
     system.insert("redelivered".into(), Value::Bool(redelivered));
-    Ok(json!({"Body": body, "Properties": properties, "SystemProperties": Value::Object(system)}))
+    Ok(crate::source::envelope(body, properties, system))
 }
 
-fn table_json(t: &FieldTable) -> Value {
-    Value::Object(t.inner().iter().map(|(k, v)| (k.as_str().to_string(), amqp_json(v))).collect())
+fn table_map(t: &FieldTable) -> Map<String, Value> {
+    t.inner().iter().map(|(k, v)| (k.as_str().to_string(), amqp_json(v))).collect()
 }
 
 fn amqp_json(v: &AMQPValue) -> Value {
@@ -96,7 +96,7 @@ fn amqp_json(v: &AMQPValue) -> Value {
             .ok()
             .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
             .map_or(Value::Null, |t| json!(crate::model::time::millis(t))),
-        AMQPValue::FieldTable(t) => table_json(t),
+        AMQPValue::FieldTable(t) => Value::Object(table_map(t)),
         AMQPValue::ByteArray(_) | AMQPValue::Void => Value::Null,
     }
 }
