@@ -18,7 +18,8 @@ cpu_secs() { awk -v t="$TICK" '{print ($14+$15)/t}' "/proc/$1/stat"; }
 
 PEER_PORT=$(port)
 DATA=$(mktemp -d)
-node tests/eventhubs/peer.mjs --port "$PEER_PORT" --data "$DATA" --partitions 4 > /dev/null &
+PARTITIONS=4
+node tests/eventhubs/peer.mjs --port "$PEER_PORT" --data "$DATA" --partitions $PARTITIONS > /dev/null &
 PEER=$!
 trap 'kill $PEER 2>/dev/null; rm -rf "$DATA"' EXIT
 sleep 1
@@ -35,7 +36,7 @@ for profile in vitals spot; do
     pid=$!; wait $pid
     secs=$(awk '{print $4}' /tmp/$hub.bare)
     ROW[$profile,bare]=$(echo "$N / $secs" | bc)
-    ROW[$profile,bare_cpu]=$(awk -v n="$N" '{printf "%.1f", $(NF-1) * 100000 / n}' /tmp/$hub.bare)
+    ROW[$profile,bare_cpu]=$(awk -v n="$N" '$(NF-1) ~ /^[0-9.]+$/ {printf "%.1f", $(NF-1) * 100000 / n; next} {print "n/a"}' /tmp/$hub.bare)
 
     HTTP=127.0.0.1:$(port)
     env IOMT_SOURCE__KIND=eventhubs IOMT_EVENTHUBS__HUB="$hub" IOMT_EVENTHUBS__DEAD_LETTER_HUB="$hub-dl" \
@@ -55,7 +56,7 @@ for profile in vitals spot; do
         got=${got:-0}
         now=$(date +%s%N)
         if [[ $t0 == 0 && $got -gt 0 ]]; then t0=$now; fi
-        if [[ $t_all == 0 && ${owned:-0} -ge 4 ]]; then t_all=$now; acked_all=$got; fi
+        if [[ $t0 != 0 && $t_all == 0 && ${owned:-0} -ge $PARTITIONS ]]; then t_all=$now; acked_all=$got; fi
         [[ $got -ge $N ]] && break
         sleep 0.05
     done
@@ -64,14 +65,20 @@ for profile in vitals spot; do
     c1=$(cpu_secs $PID)
     kill -TERM $PID; wait $PID || true
     ROW[$profile,dry]=$(echo "$N / $secs" | bc)
-    ROW[$profile,steady]=$(echo "($N - $acked_all) * 1000000000 / ($t1 - $t_all)" | bc)
-    ROW[$profile,all]=$(echo "scale=1; ($t_all - $t0) / 1000000000" | bc)
+    if [[ $t_all != 0 && $t1 -gt $t_all ]]; then
+        ROW[$profile,steady]=$(echo "($N - $acked_all) * 1000000000 / ($t1 - $t_all)" | bc)
+        ROW[$profile,all]=$(echo "scale=1; ($t_all - $t0) / 1000000000" | bc)
+    else
+        # Every event acked before the last partition was seen owned: no steady phase to time.
+        ROW[$profile,steady]=0
+        ROW[$profile,all]=n/a
+    fi
     ROW[$profile,dry_cpu]=$(echo "scale=1; ($c1 - $c0) * 100000 / $N" | bc)
 done
 
 cat <<TABLE
 
-Event Hubs ($N events per profile, 4 partitions, the repo's test peer on this machine; one instance)
+Event Hubs ($N events per profile, $PARTITIONS partitions, the repo's test peer on this machine; one instance)
 
 | | vitals | spot |
 |---|---|---|

@@ -177,8 +177,8 @@ pub struct EventHubs {
     /// partitions are taken over.
     pub ownership_expiry_secs: u64,
     /// How often an instance renews its ownership and looks for partitions to claim (at most one
-    /// per round; after the first interval, a round that claimed a free one is followed at once). Keep it well below
-    /// `ownership_expiry_secs`.
+    /// per round; after the first interval, a round that claimed a free one is followed by the next
+    /// 100 ms later). Keep it well below `ownership_expiry_secs`.
     pub balance_interval_secs: u64,
     /// How often checkpoints are written (each partition's, when it has moved).
     pub checkpoint_interval_ms: u64,

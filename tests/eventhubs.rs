@@ -322,7 +322,8 @@ async fn a_partition_taken_from_an_instance_and_given_back_is_read_again_by_it()
     let system = format!("urn:iomt-test:{run}");
     let hub = run.clone();
     let setup = Setup::new("unused", "Create", &system);
-    let msgs = bodies(&run, 8, 10, &[Vital::HeartRate]);
+    // 40 devices (the partition key), so that every partition gets events in each half.
+    let msgs = bodies(&run, 40, 4, &[Vital::HeartRate]);
     let (before, after) = msgs.split_at(msgs.len() / 2);
 
     let a = connector(&peer, &hub, "instance-a", &setup).await;
@@ -339,7 +340,13 @@ async fn a_partition_taken_from_an_instance_and_given_back_is_read_again_by_it()
     b.signal("TERM");
     assert_eq!(b.wait(Duration::from_secs(30)).await, Some(0), "{}", b.log());
     until("a owns all four partitions again", Duration::from_secs(30), || async { owned(&a).await == 4.0 }).await;
+    let enqueued = peer.enqueued(&hub).await;
     send(&peer, &hub, after).await;
+    let now = peer.enqueued(&hub).await;
+    assert!(
+        now.iter().zip(&enqueued).all(|(n, e)| n > e),
+        "every partition, the two given back included, has new events: {enqueued:?} -> {now:?}"
+    );
     until_checkpointed(&peer, &hub, Duration::from_secs(60)).await;
     assert_eq!(a.metric("iomt_dead_lettered_total").await, 0.0);
 }

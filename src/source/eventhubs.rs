@@ -357,6 +357,18 @@ struct Ctx {
     store: PgStore,
     intake: Arc<dyn Intake>,
     shared: Arc<Shared>,
+    /// Per partition, held by a reader from opening its receiver to closing it. The SDK closes
+    /// a receiver by the partition's address, so a reader of a lost partition that closes late
+    /// (held up settling) would otherwise detach the receiver of the reader that claimed the
+    /// partition back.
+    links: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Ctx {
+    fn link_lock(&self, partition: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut links = self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        links.entry(partition.to_string()).or_default().clone()
+    }
 }
 
 /// A partition this instance reads.
@@ -389,6 +401,7 @@ async fn connect(
         store,
         intake: intake.clone(),
         shared: shared.clone(),
+        links: Default::default(),
     };
     Ok((ctx, props.partition_ids))
 }
@@ -415,8 +428,8 @@ async fn coordinate(s: EventHubs, intake: Arc<dyn Intake>, shared: Arc<Shared>, 
     let expiry = Duration::from_secs(s.ownership_expiry_secs);
     let mut owned: HashMap<String, Owned> = HashMap::new();
     let interval = Duration::from_secs(s.balance_interval_secs);
-    let mut round = tokio::time::interval(interval);
     let connected = tokio::time::Instant::now();
+    let mut round = tokio::time::interval(interval);
     round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut dropped = false;
@@ -599,6 +612,15 @@ async fn read_partition(
             start_position: Some(position),
             receive_timeout: None,
         };
+        let link = tokio::select! {
+            held = ctx.link_lock(&partition).lock_owned() => held,
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    break 'session;
+                }
+                continue 'session;
+            }
+        };
         let receiver = match ctx.consumer.open_receiver_on_partition(partition.clone(), Some(options)).await {
             Ok(r) => r,
             Err(e) => {
@@ -651,11 +673,14 @@ async fn read_partition(
         // stolen link, fail, and take the whole connection (every partition) into a loop of
         // recoveries.
         drop(events);
-        match tokio::time::timeout(Duration::from_secs(5), receiver.close()).await {
+        // Briefly: on a stop, the last checkpoint is still to be written within the
+        // coordinator's 5 s.
+        match tokio::time::timeout(Duration::from_secs(1), receiver.close()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(partition = %partition, error = %e, "closing the partition receiver"),
             Err(_) => tracing::debug!(partition = %partition, "closing the partition receiver timed out"),
         }
+        drop(link);
         match ended {
             Session::Over => break 'session,
             Session::Reopen(pause) => tokio::time::sleep(pause).await,

@@ -1,8 +1,8 @@
 //! Which partition this instance claims next: the share-out rule of Event Hubs processors. Every
 //! instance runs it on the same ownership table at every balancing round and claims at most one
 //! partition per round, so that instances converge on an even split without a coordinator. After
-//! an instance's first interval, a round that claimed a free partition is followed at once by
-//! another (see the coordinator), so a lone instance does not wait an interval per partition.
+//! an instance's first interval, a round that claimed a free partition is followed 100 ms later
+//! by another (see the coordinator), so a lone instance does not wait an interval per partition.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
