@@ -182,6 +182,17 @@ async fn ownership(namespace: &str, hub: &str) -> HashMap<String, String> {
 }
 
 /// Every partition checkpointed at its last event.
+/// What every test here starts with: the one-at-a-time lock, the FHIR server checked, its own
+/// peer, and a unique run name (also the hub's) with its identifier system.
+async fn begin(prefix: &str) -> (tokio::sync::MutexGuard<'static, ()>, Peer, String, String) {
+    let one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let peer = Peer::start().await;
+    let run = services::unique(prefix);
+    let system = format!("urn:iomt-test:{run}");
+    (one, peer, run, system)
+}
+
 async fn until_checkpointed(peer: &Peer, hub: &str, timeout: Duration) {
     let namespace = format!("127.0.0.1:{}", peer.port);
     let deadline = Instant::now() + timeout;
@@ -239,11 +250,7 @@ where
 
 #[tokio::test]
 async fn two_instances_share_a_four_partition_hub_a_sigkilled_ones_partitions_are_taken_over_and_checkpoints_resume() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    services::require_fhir().await;
-    let mut peer = Peer::start().await;
-    let run = services::unique("ehub");
-    let system = format!("urn:iomt-test:{run}");
+    let (_one, mut peer, run, system) = begin("ehub").await;
     let hub = run.clone();
     let setup = Setup::new("unused", "Create", &system);
     // 20 devices x 3 vitals x 30 readings, the device id as partition key.
@@ -315,11 +322,7 @@ async fn two_instances_share_a_four_partition_hub_a_sigkilled_ones_partitions_ar
 /// every partition on the connection.
 #[tokio::test]
 async fn a_partition_taken_from_an_instance_and_given_back_is_read_again_by_it() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    services::require_fhir().await;
-    let peer = Peer::start().await;
-    let run = services::unique("ehback");
-    let system = format!("urn:iomt-test:{run}");
+    let (_one, peer, run, system) = begin("ehback").await;
     let hub = run.clone();
     let setup = Setup::new("unused", "Create", &system);
     // 40 devices (the partition key), so that every partition gets events in each half.
@@ -372,11 +375,7 @@ fn iot_hub_event(device: &str, heartrate: &str) -> AmqpMessage {
 
 #[tokio::test]
 async fn an_iot_hub_routed_event_normalizes_with_an_unchanged_iot_template_and_bad_events_go_to_the_dead_letter_hub() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    services::require_fhir().await;
-    let peer = Peer::start().await;
-    let run = services::unique("iothub");
-    let system = format!("urn:iomt-test:{run}");
+    let (_one, peer, run, system) = begin("iothub").await;
     let hub = run.clone();
     let device = format!("{run}-ev-d795");
     // Lookup mode: the Device and its Patient exist, as an IoT Hub deployment's would.
@@ -460,11 +459,7 @@ fn token_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 
 #[tokio::test]
 async fn entra_client_credentials_sign_in_through_the_tenants_token_endpoint() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    services::require_fhir().await;
-    let peer = Peer::start().await;
-    let run = services::unique("entra");
-    let system = format!("urn:iomt-test:{run}");
+    let (_one, peer, run, system) = begin("entra").await;
     let hub = run.clone();
     let (authority, requests) = token_endpoint();
     let setup = Setup::new("unused", "Create", &system);

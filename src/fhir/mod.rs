@@ -370,11 +370,11 @@ impl FhirClient {
                     request["ifMatch"] = json!(format!("W/\"{v}\""));
                 }
                 // A clone, not `json!`: the macro would serialize the Observation into its copy.
-                let mut entry = serde_json::Map::with_capacity(3);
-                entry.insert("fullUrl".into(), format!("{}/{}/{}", self.base, p.resource_type, p.id).into());
-                entry.insert("resource".into(), p.resource.clone());
-                entry.insert("request".into(), request);
-                Value::Object(entry)
+                Value::Object(serde_json::Map::from_iter([
+                    ("fullUrl".into(), format!("{}/{}/{}", self.base, p.resource_type, p.id).into()),
+                    ("resource".into(), p.resource.clone()),
+                    ("request".into(), request),
+                ]))
             })
             .collect();
         let answers = self.post_batch("write", entries).await?;
@@ -410,11 +410,11 @@ impl FhirClient {
             let sent = chunk.len();
             metrics::get().fhir_batch_entries.with_label_values(&[op]).observe(sent as f64);
             // Moved in, not through `json!`, which would serialize every entry into a copy.
-            let mut bundle = serde_json::Map::with_capacity(3);
-            bundle.insert("resourceType".into(), "Bundle".into());
-            bundle.insert("type".into(), "batch".into());
-            bundle.insert("entry".into(), Value::Array(chunk));
-            let bundle = Value::Object(bundle);
+            let bundle = Value::Object(serde_json::Map::from_iter([
+                ("resourceType".into(), "Bundle".into()),
+                ("type".into(), "batch".into()),
+                ("entry".into(), Value::Array(chunk)),
+            ]));
             let answer = if op == "write" { Answer::Minimal } else { Answer::Resource };
             let mut r = self.request(Method::POST, "", Some(&bundle), None, answer).await?;
             let got = match r.body.get_mut("entry").map(Value::take) {

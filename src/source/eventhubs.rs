@@ -135,12 +135,7 @@ mod entra {
 /// annotation (`x-opt-sequence-number`, `x-opt-offset`, `x-opt-enqueued-time`, IoT Hub's
 /// `iothub-connection-device-id`, ...). `Err` when the body is not JSON.
 pub fn envelope(m: &AmqpMessage) -> Result<Value, String> {
-    let bytes = body_bytes(m);
-    let body = if bytes.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| format!("the event body is not valid JSON: {e}"))?
-    };
+    let body = crate::source::body_json(&body_bytes(m), "event")?;
     let mut properties = Map::new();
     if let Some(app) = &m.application_properties {
         for (k, v) in app.0.iter() {

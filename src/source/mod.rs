@@ -151,11 +151,21 @@ impl Drop for DeliveryGuard {
 /// `EventData`: `{"Body", "Properties", "SystemProperties"}`. Built by moving the parts in:
 /// `json!` would serialize each into a copy, for every message.
 pub fn envelope(body: Value, properties: Map<String, Value>, system: Map<String, Value>) -> Value {
-    let mut envelope = Map::with_capacity(3);
-    envelope.insert("Body".into(), body);
-    envelope.insert("Properties".into(), Value::Object(properties));
-    envelope.insert("SystemProperties".into(), Value::Object(system));
-    Value::Object(envelope)
+    Value::Object(Map::from_iter([
+        ("Body".into(), body),
+        ("Properties".into(), Value::Object(properties)),
+        ("SystemProperties".into(), Value::Object(system)),
+    ]))
+}
+
+/// A delivery's body as the envelope's `Body`: `null` when empty or blank (no error in the
+/// reference: it matches nothing), else the parsed JSON; `Err` naming `what` (the message, the
+/// event) when it is not JSON.
+pub fn body_json(bytes: &[u8], what: &str) -> Result<Value, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("the {what} body is not valid JSON: {e}"))
 }
 
 /// Where a source hands its deliveries: the pipeline.
