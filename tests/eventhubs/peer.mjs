@@ -614,12 +614,13 @@ container.on('error', (err) => console.error('peer error:', err?.stack ?? err));
 const server = container.listen({ port: PORT, host: '127.0.0.1' });
 server.on('listening', () => {
   const address = `127.0.0.1:${server.address().port}`;
-  console.log(`listening on ${address}`);
   if (READY_FILE) {
-    // Written whole, then renamed: whoever waits for the file never reads half of it.
+    // Written whole, then renamed: whoever waits for the file never reads half of it. Before the
+    // line on stdout, so that whoever waits for the line finds the file there too.
     fs.writeFileSync(`${READY_FILE}.tmp`, `${address}\n`);
     fs.renameSync(`${READY_FILE}.tmp`, READY_FILE);
   }
+  console.log(`listening on ${address}`);
 });
 server.on('error', (err) => {
   console.error(`peer: cannot listen on 127.0.0.1:${PORT}: ${err.message}`);
