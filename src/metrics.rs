@@ -28,6 +28,8 @@ pub struct Metrics {
     pub queue_deliveries: IntCounterVec,
     pub queue_active: IntGaugeVec,
     pub create_races: IntCounter,
+    pub fhir_invalid_responses: IntCounterVec,
+    pub unconfirmed_writes: IntCounterVec,
     pub mappings_info: IntGaugeVec,
     pub mapping_reloads: IntCounterVec,
     pub source_info: IntGaugeVec,
@@ -189,6 +191,18 @@ pub fn get() -> &'static Metrics {
                 &r,
                 "iomt_fhir_create_races_total",
                 "Windows another writer created between this writer's read and write, repaired from the server's _history",
+            ),
+            fhir_invalid_responses: counter_vec(
+                &r,
+                "iomt_fhir_invalid_responses_total",
+                "Successful FHIR answers that were not the FHIR expected (an HTML page, an empty or broken body, another resource type, a batch answer with the wrong entry count), by method; held and retried like a 503",
+                &["method"],
+            ),
+            unconfirmed_writes: counter_vec(
+                &r,
+                "iomt_fhir_unconfirmed_writes_total",
+                "Writes answered 2xx with no version (no etag, no _history location, no echoed resource), by what reading back found: confirmed (persisted) or missing (held and written again)",
+                &["result"],
             ),
             held_groups: gauge(
                 &r,

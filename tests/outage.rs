@@ -233,6 +233,90 @@ async fn retry_after_on_429_and_503_is_honoured_and_nothing_is_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn answers_that_are_not_fhir_are_held_like_an_outage_and_nothing_is_lost() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let proxy = FaultProxy::start(&services::fhir_url()).await;
+    let o = outage("garbage", 40).await;
+    let c = o.connector(proxy.url(&services::fhir_url()), &[]).await;
+    let Outage { run, system, queue, msgs, .. } = &o;
+
+    // 60 s of stream; from 10 s to 40 s every request is answered 200 with an HTML page, an empty
+    // body, broken JSON or a batch-response without entries, never reaching the server.
+    let publishing = stream(queue, msgs.to_vec(), 40);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(c.metric("iomt_messages_acked_total").await > 0.0, "written before the fault");
+    proxy.mode("garbage").await;
+    let began = Instant::now();
+    assert_holding(&c, queue).await;
+    // Acks of writes that finished before the fault may still be on their way (an ack waits up
+    // to 1 s for the tags before it); after that, no answer of the fault may count as written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let acked = c.metric("iomt_messages_acked_total").await;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(began.elapsed())).await;
+    assert_holding(&c, queue).await;
+    assert_eq!(c.metric("iomt_messages_acked_total").await, acked, "nothing acked on a 200 that is not FHIR");
+    let garbage = proxy.log().await.iter().filter(|e| e["injected"] == "garbage").count();
+    let (_, ready) = c.get("/health/ready").await;
+    println!("{garbage} requests answered 200 with garbage; readiness said: {ready}");
+    assert!(garbage > 0, "the fault was met");
+    let invalid: f64 = c
+        .metrics()
+        .await
+        .iter()
+        .filter(|(k, _)| k.starts_with("iomt_fhir_invalid_responses_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(invalid > 0.0, "counted in iomt_fhir_invalid_responses_total");
+    let held = c.metric("iomt_unacked_messages").await;
+    proxy.mode("pass").await;
+    let took = recovery(&c, Instant::now()).await;
+    println!("answers not FHIR for 30 s: {held} messages held unacked at its end; writing resumed {took:.1} s after");
+    publishing.await.unwrap_or_else(|e| panic!("{e}"));
+    c.wait_acked(msgs.len() as f64, Duration::from_secs(300)).await;
+    assert_nothing_dead_lettered(&c, queue).await;
+    assert_converged(&Fhir::new(), run, 20, &uninterrupted(msgs, system)).await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_answered_without_a_version_or_creates_answered_200_are_read_back_and_nothing_is_lost() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let proxy = FaultProxy::start(&services::fhir_url()).await;
+    let o = outage("noversion", 12).await;
+    let c = o.connector(proxy.url(&services::fhir_url()), &[]).await;
+    let Outage { run, system, queue, msgs, conn } = &o;
+    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
+    let (first, second) = msgs.split_at(msgs.len() / 2);
+
+    // No etag, no Location, batch entries without etag, location or resource, creates as 200.
+    proxy.mode("noversion").await;
+    services::publish(&ch, queue, first).await;
+    c.wait_acked(first.len() as f64, Duration::from_secs(120)).await;
+    let confirmed = c.metric("iomt_fhir_unconfirmed_writes_total{result=\"confirmed\"}").await;
+    assert!(confirmed > 0.0, "writes without a version were read back");
+
+    // Creates answered 200 (with a version), and _history in either order.
+    proxy.mode("create200").await;
+    services::publish(&ch, queue, second).await;
+    c.wait_acked(msgs.len() as f64, Duration::from_secs(120)).await;
+    let histories =
+        proxy.log().await.iter().filter(|e| e["path"].as_str().is_some_and(|p| p.contains("/_history"))).count();
+    let races = c.metric("iomt_fhir_create_races_total").await;
+    let missing = c.metric("iomt_fhir_unconfirmed_writes_total{result=\"missing\"}").await;
+    println!(
+        "{confirmed} writes without a version confirmed by reading back, {missing} missing; {histories} histories read after creates answered 200, {races} create races"
+    );
+    assert!(histories > 0, "a create answered 200 looks at the history");
+    assert_eq!(races, 0.0, "a history with only our version is a plain create, not a race");
+    assert_eq!(missing, 0.0, "the server wrote everything");
+    assert_nothing_dead_lettered(&c, queue).await;
+    assert_converged(&Fhir::new(), run, 20, &uninterrupted(msgs, system)).await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn rabbitmq_restarted_with_messages_in_flight_loses_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     services::require_fhir().await;

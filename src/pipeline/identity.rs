@@ -64,7 +64,7 @@ pub fn fhir_kind(e: &FhirError) -> ErrorKind {
     match e {
         e if e.retryable() => ErrorKind::FhirUnavailable,
         FhirError::Status { .. } => ErrorKind::FhirRejected,
-        FhirError::Decode { .. } => ErrorKind::FhirInvalidResponse,
+        FhirError::Decode { .. } | FhirError::Invalid { .. } => ErrorKind::FhirInvalidResponse,
         FhirError::Auth(_) => ErrorKind::FhirAuth,
         FhirError::Network { .. } => ErrorKind::FhirUnavailable,
     }
@@ -259,6 +259,19 @@ async fn put(client: &FhirClient, kind: &'static str, id: &str, resource: &Value
             status: r.status,
             outcome: r.outcome.unwrap_or_default(),
             retry_after: None,
+        }));
+    }
+    // An answer with no version is no evidence that the server wrote (a proxy's page, a server
+    // that says 200 and drops the body): the Observations will point at this resource, so it must
+    // be there before they are written.
+    if r.version.is_none() && client.read(kind, id).await?.is_none() {
+        return Err(IdentityError::Fhir(FhirError::Invalid {
+            method: "PUT",
+            path: format!("{kind}/{id}"),
+            message: format!(
+                "HTTP {} with no version, and reading the {kind} back does not find it: the server did not write it",
+                r.status
+            ),
         }));
     }
     Ok(())

@@ -15,7 +15,7 @@
 use super::Counted;
 use super::identity::{IdentityCache, IdentityError, IdentityKey, Resolve, fhir_kind};
 use super::mappings::Mappings;
-use crate::fhir::{FhirClient, FhirError, Put, PutResult};
+use crate::fhir::{Before, FhirClient, FhirError, Put, PutResult};
 use crate::metrics;
 use crate::model::group::Group;
 use crate::model::kind::ErrorKind;
@@ -303,6 +303,35 @@ fn is_instant(item: &Item) -> bool {
     matches!(item.pending.group.key.window, crate::model::group::Window::Instant(_))
 }
 
+fn count_written(w: &Write) {
+    let outcome = if w.if_match.is_some() { "updated" } else { "created" };
+    metrics::get().observations.with_label_values(&[outcome]).inc();
+}
+
+/// The server holds the write at `version`: counted, and kept for the next merge (but instants).
+/// Its groups' guards drop with it, which acks their messages once nothing else holds them.
+fn written(stored: &mut Stored, w: Write, version: Option<String>) {
+    count_written(&w);
+    if w.instant {
+        stored.map.remove(&w.id);
+    } else {
+        stored.map.insert(w.id, Some(Known { version, obs: w.obs }));
+    }
+}
+
+/// Whether `obs` (read back from the server) already holds every group of the write.
+fn holds(w: &Write, obs: &Observation) -> bool {
+    let now = chrono::Utc::now();
+    w.items.iter().all(|i| {
+        template(&i.pending).is_some_and(|t| {
+            matches!(
+                observation::build_or_merge(t, &i.pending.group, &i.identity, Some(obs), now),
+                Ok(Outcome::Unchanged)
+            )
+        })
+    })
+}
+
 impl Work {
     /// Writes the groups; returns those the server could not take for now.
     async fn run(&self, stored: &mut Stored, groups: Vec<PendingGroup>) -> Held {
@@ -509,28 +538,28 @@ impl Work {
                 .await
         };
         let mut conflicts = Vec::new();
+        let mut unconfirmed = Vec::new();
         for (w, r) in writes.into_iter().zip(results) {
             match r {
-                // A create that the server answers as an update: another writer created this window
-                // between our read and our write, and we replaced its version. Merge that version
-                // back in before anything is acked.
+                // A success with no version in it is no evidence of a write: read it back.
+                Ok(PutResult { status: 200..=299, version: None, .. }) => {
+                    stored.map.remove(&w.id);
+                    unconfirmed.push(w);
+                }
+                // A create that the server answers as an update: another writer may have created
+                // this window between our read and our write, and we replaced its version. Merge
+                // that version back in before anything is acked.
                 Ok(PutResult { status: 200, version: Some(v), .. }) if w.if_match.is_none() => {
                     let mut w = w;
                     match self.recover_overwritten(stored, &mut w, &v).await {
-                        Ok(()) => conflicts.push(w),
+                        Ok(true) => conflicts.push(w),
+                        // Nothing was there before: a plain create, answered 200 (some servers do).
+                        Ok(false) => written(stored, w, Some(v)),
                         Err(e) if e.retryable() => w.items.into_iter().for_each(|i| held.settle(i.pending, &e)),
                         Err(e) => w.fail(ErrorKind::FhirConflict, &e.to_string()),
                     }
                 }
-                Ok(PutResult { status: 200 | 201, version, .. }) => {
-                    let outcome = if w.if_match.is_some() { "updated" } else { "created" };
-                    metrics::get().observations.with_label_values(&[outcome]).inc();
-                    if w.instant {
-                        stored.map.remove(&w.id);
-                    } else {
-                        stored.map.insert(w.id, Some(Known { version, obs: w.obs }));
-                    }
-                }
+                Ok(PutResult { status: 200..=299, version, .. }) => written(stored, w, version),
                 Ok(PutResult { status: 409 | 412, .. }) => {
                     stored.map.remove(&w.id);
                     conflicts.push(w);
@@ -547,17 +576,70 @@ impl Work {
                 }
             }
         }
+        self.confirm(client, stored, unconfirmed, held).await;
         conflicts
     }
 
-    /// After overwriting another writer's fresh version: that version's readings join this write
-    /// as one more group, so every conflict round merges them again until the union is written.
-    /// If the history cannot show what was overwritten, the write fails (and is dead-lettered)
-    /// rather than claim a success it cannot vouch for.
-    async fn recover_overwritten(&self, stored: &mut Stored, w: &mut Write, ours: &str) -> Result<(), FhirError> {
-        let Some(client) = &self.client else { return Ok(()) };
-        metrics::get().create_races.inc();
-        stored.map.remove(&w.id);
+    /// Writes the server answered 2xx without a version (no etag, no `_history` location, no
+    /// echoed resource): read back, and done only where the server holds every group. Where it
+    /// does not (an HTML page from a proxy, a body dropped on the way), the groups are held like a
+    /// 503's and written again: never counted as written, never dead-lettered for it.
+    async fn confirm(&self, client: &FhirClient, stored: &mut Stored, writes: Vec<Write>, held: &mut Held) {
+        if writes.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = writes.iter().map(|w| w.id.clone()).collect();
+        let reads = if self.batch {
+            match client.read_many("Observation", &ids).await {
+                Ok(r) => r,
+                Err(e) => ids.iter().map(|_| Err(e.clone())).collect(),
+            }
+        } else {
+            join_all(ids.iter().map(|id| client.read("Observation", id))).await
+        };
+        let m = metrics::get();
+        for (w, r) in writes.into_iter().zip(reads) {
+            let read = match r {
+                Ok(read) => read,
+                Err(e) => {
+                    w.items.into_iter().for_each(|i| held.settle(i.pending, &e));
+                    continue;
+                }
+            };
+            let back = read.and_then(|v| Some((v.version, serde_json::from_value::<Observation>(v.resource).ok()?)));
+            match back {
+                Some((version, obs)) if holds(&w, &obs) => {
+                    m.unconfirmed_writes.with_label_values(&["confirmed"]).inc();
+                    // Without a version the next write could not be conditional: read it again then.
+                    match version {
+                        Some(v) => written(stored, Write { obs, ..w }, Some(v)),
+                        None => {
+                            count_written(&w);
+                            stored.map.remove(&w.id);
+                        }
+                    }
+                }
+                _ => {
+                    m.unconfirmed_writes.with_label_values(&["missing"]).inc();
+                    let e = FhirError::Invalid {
+                        method: "PUT",
+                        path: format!("Observation/{}", w.id),
+                        message: "a 2xx answer to a write with no version (no etag, no _history location, no echoed resource), and reading the Observation back does not show the write".into(),
+                    };
+                    client.circuit().trip(e.summary());
+                    w.items.into_iter().for_each(|i| held.settle(i.pending, &e));
+                }
+            }
+        }
+    }
+
+    /// After a create answered 200: what the history shows before our version. Another writer's
+    /// fresh version that we overwrote joins this write as one more group, so every conflict round
+    /// merges it again until the union is written (`Ok(true)`); a history that starts with our
+    /// version means nothing was overwritten (`Ok(false)`). If the history does not show our
+    /// version, the write fails (and is dead-lettered) rather than claim a success it cannot vouch for.
+    async fn recover_overwritten(&self, stored: &mut Stored, w: &mut Write, ours: &str) -> Result<bool, FhirError> {
+        let Some(client) = &self.client else { return Ok(false) };
         let lost = || FhirError::Decode {
             method: "GET",
             path: "Observation/_history".into(),
@@ -566,7 +648,13 @@ impl Work {
                 w.id
             ),
         };
-        let previous = client.version_before("Observation", &w.id, ours).await?.ok_or_else(lost)?;
+        let previous = match client.history_before("Observation", &w.id, ours).await? {
+            Before::Nothing => return Ok(false),
+            Before::NotShown => return Err(lost()),
+            Before::Version(previous) => previous,
+        };
+        metrics::get().create_races.inc();
+        stored.map.remove(&w.id);
         let obs = serde_json::from_value::<Observation>(previous.resource).map_err(|_| lost())?;
         let first = w.items.first().ok_or_else(lost)?;
         let template = template(&first.pending).ok_or_else(lost)?;
@@ -574,7 +662,7 @@ impl Work {
         let identity = first.identity.clone();
         let mappings = first.pending.mappings.clone();
         w.items.push(Item::new(PendingGroup { group, guards: Vec::new(), mappings }, identity));
-        Ok(())
+        Ok(true)
     }
 
     /// Someone wrote the window's Observation since it was read: read it again, merge again, write
