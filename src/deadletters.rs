@@ -2,6 +2,8 @@
 //! kind, and putting back what the current mappings now take.
 
 use crate::config::Broker;
+use crate::engine;
+use crate::model::kind::Failure;
 use crate::source::rabbitmq::{DeadLetter, DeadLetterQueue};
 use crate::template::device::DeviceMapping;
 use crate::template::fhir::FhirMapping;
@@ -60,28 +62,10 @@ pub async fn list(b: &Broker) -> Result<Vec<KindSummary>, DeadLetterError> {
     Ok(summarize(all.iter().map(|d| (d.kind.as_str(), d.error.as_str()))))
 }
 
-/// Why a dead letter would still fail with the current mappings; `None` when it now passes.
-pub fn still_failing(d: &DeadLetter, device: &DeviceMapping, fhir: &FhirMapping) -> Option<(String, String)> {
-    let event = match d.envelope() {
-        Ok(e) => e,
-        Err(why) => return Some(("invalid-json".into(), why)),
-    };
-    let measurements = match device.normalize(&event) {
-        Ok(ms) => ms,
-        Err(e) => return Some((e.kind().to_string(), e.to_string())),
-    };
-    if measurements.is_empty() {
-        return Some((
-            "no-template-matched".into(),
-            "no device template's typeMatchExpression matches the message".into(),
-        ));
-    }
-    for m in &measurements {
-        if fhir.template(&m.type_name).is_none() {
-            return Some(("no-fhir-template".into(), format!("no FHIR template has typeName '{}'", m.type_name)));
-        }
-    }
-    None
+/// Why a dead letter would still fail with the current mappings (the service's own rule,
+/// `engine::would_pass`); `None` when it now passes.
+pub fn still_failing(d: &DeadLetter, device: &DeviceMapping, fhir: &FhirMapping) -> Option<Failure> {
+    engine::would_pass(device, fhir, d.envelope()).err()
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -138,7 +122,7 @@ pub async fn redrive(
         }
     }
     q.close().await;
-    report.still_failing = summarize(failing.iter().map(|(k, e)| (k.as_str(), e.as_str())));
+    report.still_failing = summarize(failing.iter().map(|f: &Failure| (f.kind.as_str(), f.message.as_str())));
     Ok(report)
 }
 

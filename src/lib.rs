@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod deadletters;
+pub mod engine;
 pub mod fhir;
 pub mod http;
 pub mod metrics;

@@ -3,12 +3,12 @@
 use clap::{Args, Parser, Subcommand};
 use iomt_connector::config::{Broker, LogFormat, Settings};
 use iomt_connector::deadletters;
+use iomt_connector::engine::{self, Checked};
 use iomt_connector::model::measurement::Measurement;
 use iomt_connector::source::rabbitmq::{Publisher, redact};
-use iomt_connector::template::crosscheck::cross_check;
+use iomt_connector::template::TemplateError;
 use iomt_connector::template::device::DeviceMapping;
 use iomt_connector::template::fhir::FhirMapping;
-use iomt_connector::template::{TemplateError, TemplateErrors};
 use iomt_connector::transform::{CreateIdentity, transform};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -386,12 +386,28 @@ fn mapping_errors(path: &Path, errors: &[TemplateError]) -> String {
     iomt_connector::template::located_all(errors, &path.display().to_string())
 }
 
-fn load_device(path: &Path) -> Result<DeviceMapping, Failure> {
-    DeviceMapping::parse(&read(path)?).map_err(|TemplateErrors(e)| Failure(2, mapping_errors(path, &e)))
+/// Loads a mapping pair (or a device mapping alone) through the engine, refusing it with every
+/// problem located; exit status 2. Cross-check findings do not refuse a pair.
+fn load(device: &Path, fhir: Option<&Path>) -> Result<(DeviceMapping, Option<FhirMapping>), Failure> {
+    let fhir_text = fhir.map(read).transpose()?;
+    let fhir_file = fhir.map(|p| p.display().to_string()).unwrap_or_default();
+    let Checked { device: d, fhir: f, report } = engine::check(&read(device)?, fhir_text.as_deref(), &fhir_file);
+    if !report.device.is_empty() {
+        return Err(Failure(2, mapping_errors(device, &report.device)));
+    }
+    if let Some(path) = fhir.filter(|_| !report.fhir.is_empty()) {
+        return Err(Failure(2, mapping_errors(path, &report.fhir)));
+    }
+    Ok((d, f))
 }
 
-fn load_fhir(path: &Path) -> Result<FhirMapping, Failure> {
-    FhirMapping::parse(&read(path)?).map_err(|TemplateErrors(e)| Failure(2, mapping_errors(path, &e)))
+fn load_device(path: &Path) -> Result<DeviceMapping, Failure> {
+    load(path, None).map(|(d, _)| d)
+}
+
+fn load_pair(device: &Path, fhir: &Path) -> Result<(DeviceMapping, FhirMapping), Failure> {
+    let (d, f) = load(device, Some(fhir))?;
+    Ok((d, f.unwrap_or_default()))
 }
 
 fn normalize_file(mapping: &DeviceMapping, path: &Path, whole_envelope: bool) -> Result<Vec<Measurement>, Failure> {
@@ -413,8 +429,7 @@ fn normalize(a: NormalizeArgs) -> Result<(), Failure> {
 }
 
 fn transform_cmd(a: TransformArgs) -> Result<(), Failure> {
-    let device = load_device(&a.device_mapping)?;
-    let fhir = load_fhir(&a.fhir_mapping)?;
+    let (device, fhir) = load_pair(&a.device_mapping, &a.fhir_mapping)?;
     let mut measurements = Vec::new();
     for path in &a.messages {
         measurements.extend(normalize_file(&device, path, a.envelope)?);
@@ -467,8 +482,7 @@ fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
 
 fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
     let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
-    let device = load_device(&settings.mappings.device)?;
-    let fhir = load_fhir(&settings.mappings.fhir)?;
+    let (device, fhir) = load_pair(&settings.mappings.device, &settings.mappings.fhir)?;
     let b = &settings.broker;
     let r = runtime()?
         .block_on(deadletters::redrive(b, &device, &fhir, a.kind.as_deref(), a.dry_run))
@@ -582,40 +596,24 @@ fn init_logging(log: &iomt_connector::config::Log) {
 }
 
 fn validate(a: ValidateArgs) -> Result<(), Failure> {
-    let device_text = read(&a.device_mapping)?;
-    let (device, device_errors) = DeviceMapping::parse_partial(&device_text);
-    let mut problems = mapping_errors(&a.device_mapping, &device_errors);
-    let mut summary = vec![format!("{}: {} device template(s)", a.device_mapping.display(), device.templates.len())];
-    let mut notes = Vec::new();
-    let mut count = device_errors.len();
-    if let Some(fhir_path) = &a.fhir_mapping {
-        let (fhir, fhir_errors) = FhirMapping::parse_partial(&read(fhir_path)?);
-        count += fhir_errors.len();
-        let mut cross = Vec::new();
-        // Cross-checks only make sense when the FHIR mapping itself is sound.
-        if fhir_errors.is_empty() {
-            let fhir_file = fhir_path.display().to_string();
-            let checked = cross_check(&device, &fhir, &fhir_file);
-            cross = checked.problems.iter().map(|e| e.located(&a.device_mapping.display().to_string())).collect();
-            notes = checked.notes.iter().map(|n| format!("note: {}", n.located(&fhir_file))).collect();
-        }
-        count += cross.len();
-        let fhir_problems = mapping_errors(fhir_path, &fhir_errors);
-        for p in [fhir_problems, cross.join("\n")] {
-            if !p.is_empty() {
-                if !problems.is_empty() {
-                    problems.push('\n');
-                }
-                problems.push_str(&p);
-            }
-        }
-        summary.push(format!("{}: {} FHIR template(s)", fhir_path.display(), fhir.templates.len()));
+    let fhir_text = a.fhir_mapping.as_deref().map(read).transpose()?;
+    let fhir_file = a.fhir_mapping.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let Checked { device, fhir, report } = engine::check(&read(&a.device_mapping)?, fhir_text.as_deref(), &fhir_file);
+    let device_file = a.device_mapping.display().to_string();
+    let mut problems = vec![mapping_errors(&a.device_mapping, &report.device)];
+    let mut summary = vec![format!("{device_file}: {} device template(s)", device.templates.len())];
+    if let (Some(path), Some(fhir)) = (&a.fhir_mapping, &fhir) {
+        problems.push(mapping_errors(path, &report.fhir));
+        problems.push(report.cross.iter().map(|e| e.located(&device_file)).collect::<Vec<_>>().join("\n"));
+        summary.push(format!("{fhir_file}: {} FHIR template(s)", fhir.templates.len()));
     }
-    for n in &notes {
-        eprintln!("{n}");
+    for n in &report.notes {
+        eprintln!("note: {}", n.located(&fhir_file));
     }
+    let count = report.problem_count();
     if count > 0 {
-        return Err(Failure(1, format!("{problems}\n{count} problem(s) found")));
+        let problems: Vec<String> = problems.into_iter().filter(|p| !p.is_empty()).collect();
+        return Err(Failure(1, format!("{}\n{count} problem(s) found", problems.join("\n"))));
     }
     println!("{}\nvalid", summary.join("\n"));
     Ok(())

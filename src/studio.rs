@@ -4,8 +4,8 @@
 //! the service do. Served alone by `iomt-connector studio` (no broker, no FHIR server) and, when
 //! `http.debugger` is on, by `run` under `/debugger` behind `http.debugger_token`.
 
+use crate::engine::{self, Checked};
 use crate::template::TemplateError;
-use crate::template::crosscheck::cross_check;
 use crate::template::device::{DeviceMapping, envelope};
 use crate::template::fhir::FhirMapping;
 use crate::transform::{CreateIdentity, transform};
@@ -38,24 +38,18 @@ struct Pair {
     fhir: String,
 }
 
-/// Every problem of both mappings with its line and column, and the cross-checks when both parse.
+/// Every problem of both mappings with its line and column, and the cross-checks when both parse
+/// (`engine::check`, as `validate` and the service's loads).
 fn check(pair: &Pair) -> (Value, Option<(DeviceMapping, FhirMapping)>) {
-    let (device, device_errors) = DeviceMapping::parse_partial(&pair.device);
-    let (fhir, fhir_errors) = FhirMapping::parse_partial(&pair.fhir);
-    let mut report = json!({
-        "device": problems(&device_errors),
-        "fhir": problems(&fhir_errors),
-        "cross": [],
-        "notes": [],
+    let Checked { device, fhir, report } = engine::check(&pair.device, Some(&pair.fhir), "the FHIR mapping");
+    let json = json!({
+        "device": problems(&report.device),
+        "fhir": problems(&report.fhir),
+        "cross": problems(&report.cross),
+        "notes": problems(&report.notes),
     });
-    if !fhir_errors.is_empty() {
-        return (report, None);
-    }
-    let checked = cross_check(&device, &fhir, "the FHIR mapping");
-    report["cross"] = json!(problems(&checked.problems));
-    report["notes"] = json!(problems(&checked.notes));
-    let usable = device_errors.is_empty().then_some((device, fhir));
-    (report, usable)
+    let usable = fhir.filter(|_| !report.refuses()).map(|f| (device, f));
+    (json, usable)
 }
 
 #[derive(Deserialize)]

@@ -2,7 +2,6 @@
 //! would write to an empty FHIR server. What `iomt-connector transform` prints.
 
 use crate::model::group::{GroupError, GroupKey, Grouper};
-use crate::model::ids;
 use crate::model::kind::ErrorKind;
 use crate::model::measurement::Measurement;
 use crate::model::observation::{self, Identity, Observation, ObservationError};
@@ -45,11 +44,7 @@ impl CreateIdentity {
             device_id: key.device_id.clone(),
             type_name: key.type_name.to_string(),
         })?;
-        Ok(Identity {
-            patient_id: ids::resource_id(None, patient),
-            device_id: ids::resource_id(self.device_system.as_deref(), &key.device_id),
-            encounter_id: None,
-        })
+        Ok(Identity::created(self.device_system.as_deref(), &key.device_id, patient))
     }
 }
 

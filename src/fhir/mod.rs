@@ -6,7 +6,7 @@ pub mod answer;
 pub mod auth;
 pub mod circuit;
 mod client;
-
+pub mod memory;
 pub mod store;
 
 pub use answer::Before;

@@ -133,38 +133,62 @@ pub fn key_for(m: &Measurement, template: &CodeValueTemplate) -> Result<GroupKey
     })
 }
 
-/// Accumulates measurements into groups, keeping the order in which groups were first seen.
-#[derive(Debug, Default)]
-pub struct Grouper {
-    groups: Vec<Group>,
+/// Accumulates measurements into groups, keeping the order in which groups were first seen. Each
+/// group carries a `T` of the caller's (the shards: the messages it came from; `transform`:
+/// nothing). The one grouping rule of the service and the offline tools.
+#[derive(Debug)]
+pub struct Grouper<T = ()> {
+    groups: Vec<(Group, T)>,
     index: HashMap<GroupKey, usize>,
 }
 
-impl Grouper {
-    pub fn add(&mut self, mapping: &FhirMapping, m: Measurement) -> Result<(), GroupError> {
+impl<T> Default for Grouper<T> {
+    fn default() -> Self {
+        Grouper { groups: Vec::new(), index: HashMap::new() }
+    }
+}
+
+impl<T> Grouper<T> {
+    /// Adds `m` to the group of its window under its FHIR template; returns that group's `T`
+    /// (made by `new` when the group is new).
+    pub fn add_with(
+        &mut self,
+        mapping: &FhirMapping,
+        m: Measurement,
+        new: impl FnOnce() -> T,
+    ) -> Result<&mut T, GroupError> {
         let template = mapping.template(&m.type_name).ok_or_else(|| GroupError::NoTemplate(m.type_name.to_string()))?;
         let key = key_for(&m, template)?;
         let i = match self.index.get(&key) {
             Some(&i) => i,
             None => {
                 self.index.insert(key.clone(), self.groups.len());
-                self.groups.push(Group::new(key));
+                self.groups.push((Group::new(key), new()));
                 self.groups.len() - 1
             }
         };
-        self.groups[i].insert(m);
-        Ok(())
-    }
-
-    pub fn len(&self) -> usize {
-        self.groups.len()
+        let (group, carried) = &mut self.groups[i];
+        group.insert(m);
+        Ok(carried)
     }
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
     }
 
-    pub fn into_groups(self) -> Vec<Group> {
-        self.groups
+    /// The groups so far, in the order first seen; the grouper starts empty again.
+    pub fn take(&mut self) -> Vec<(Group, T)> {
+        self.index.clear();
+        std::mem::take(&mut self.groups)
+    }
+}
+
+impl Grouper<()> {
+    pub fn add(&mut self, mapping: &FhirMapping, m: Measurement) -> Result<(), GroupError> {
+        self.add_with(mapping, m, || ()).map(|_| ())
+    }
+
+    pub fn into_groups(mut self) -> Vec<Group> {
+        self.take().into_iter().map(|(g, ())| g).collect()
     }
 }

@@ -76,3 +76,17 @@ impl PartialEq<&str> for ErrorKind {
         self.as_str() == *other
     }
 }
+
+/// Why a message was not (wholly) persisted: its kind, and text naming what to fix (the template,
+/// the expression, the field, the HTTP status).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Failure {
+        Failure { kind, message: message.into() }
+    }
+}

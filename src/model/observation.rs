@@ -174,6 +174,19 @@ pub struct Identity {
     pub encounter_id: Option<String>,
 }
 
+impl Identity {
+    /// Create mode's ids: Patient and Device ids derived from the message's ids, as the reference's
+    /// Create identity service derives them (`sha256("{system}_{value}")`). The one rule the
+    /// service, its dry run and the offline `transform` share.
+    pub fn created(device_system: Option<&str>, device_id: &str, patient_id: &str) -> Identity {
+        Identity {
+            patient_id: ids::resource_id(None, patient_id),
+            device_id: ids::resource_id(device_system, device_id),
+            encounter_id: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ObservationError {
     #[error(

@@ -4,7 +4,7 @@
 //! the message's patient id, so a device handed to another patient is noticed.
 
 use crate::config::IdentityMode;
-use crate::fhir::{self, FhirClient, FhirError};
+use crate::fhir::{self, FhirError, FhirStore};
 use crate::model::ids;
 use crate::model::kind::ErrorKind;
 use crate::model::observation::Identity;
@@ -77,8 +77,9 @@ impl Message for Resolve {
 }
 
 pub struct IdentityCache {
-    /// `None` in dry-run: identities are derived as Create mode would, without a server.
-    client: Option<FhirClient>,
+    /// The FHIR server, the dry run (with Create mode: the ids Create would make), or a test's
+    /// in-memory server.
+    store: Arc<dyn FhirStore>,
     mode: IdentityMode,
     device_system: Option<String>,
     ttl: Duration,
@@ -89,14 +90,14 @@ pub struct IdentityCache {
 
 impl IdentityCache {
     pub fn new(
-        client: Option<FhirClient>,
+        store: Arc<dyn FhirStore>,
         mode: IdentityMode,
         device_system: Option<String>,
         ttl: Duration,
         miss_ttl: Duration,
         stats: Arc<ActorStats>,
     ) -> Self {
-        IdentityCache { client, mode, device_system, ttl, miss_ttl, cache: HashMap::new(), stats }
+        IdentityCache { store, mode, device_system, ttl, miss_ttl, cache: HashMap::new(), stats }
     }
 }
 
@@ -124,16 +125,10 @@ impl Handler<Resolve> for IdentityCache {
             let answer = answer.clone();
             return Box::pin(actix::fut::ready(answer));
         }
-        let Some(client) = self.client.clone() else {
-            let answer = derived(self.device_system.as_deref(), &key);
-            self.cache.insert(key, (answer.clone(), Instant::now() + self.ttl));
-            self.stats.set_devices(self.cache.len());
-            return Box::pin(actix::fut::ready(answer));
-        };
-        let (mode, system) = (self.mode, self.device_system.clone());
+        let (store, mode, system) = (self.store.clone(), self.mode, self.device_system.clone());
         let lookup = {
             let key = key.clone();
-            async move { resolve(&client, mode, system.as_deref(), &key).await }
+            async move { resolve(&*store, mode, system.as_deref(), &key).await }
         };
         Box::pin(lookup.into_actor(self).map(move |answer, act, _| {
             let ttl = match &answer {
@@ -150,23 +145,12 @@ impl Handler<Resolve> for IdentityCache {
     }
 }
 
-/// Create mode's ids, computed without a server (dry-run and the offline transform).
-fn derived(device_system: Option<&str>, key: &IdentityKey) -> Result<Identity, IdentityError> {
-    let patient =
-        key.patient_id.as_deref().ok_or(IdentityError::NotDefined { mode: IdentityMode::Create, what: "patient" })?;
-    Ok(Identity {
-        patient_id: ids::resource_id(None, patient),
-        device_id: ids::resource_id(device_system, &key.device_id),
-        encounter_id: None,
-    })
-}
-
 fn id_of(v: &Value) -> String {
     v.get("id").and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
 async fn resolve(
-    client: &FhirClient,
+    client: &dyn FhirStore,
     mode: IdentityMode,
     system: Option<&str>,
     key: &IdentityKey,
@@ -207,7 +191,7 @@ async fn resolve(
 /// The message names a patient: it must be the Device's patient (by resource id, as Create mode
 /// derives it, or by one of the Patient's identifiers).
 async fn check_patient(
-    client: &FhirClient,
+    client: &dyn FhirStore,
     device: &str,
     patient: &str,
     message_patient: &str,
@@ -227,15 +211,14 @@ async fn check_patient(
 
 /// Create mode: Patient and Device with deterministic ids, written with PUT so that instances
 /// racing to create them write the same two resources.
-async fn create(client: &FhirClient, system: Option<&str>, key: &IdentityKey) -> Result<Identity, IdentityError> {
+async fn create(client: &dyn FhirStore, system: Option<&str>, key: &IdentityKey) -> Result<Identity, IdentityError> {
     let pid =
         key.patient_id.as_deref().ok_or(IdentityError::NotDefined { mode: IdentityMode::Create, what: "patient" })?;
-    let patient_id = ids::resource_id(None, pid);
+    let Identity { patient_id, device_id, .. } = Identity::created(system, &key.device_id, pid);
     if client.read("Patient", &patient_id).await?.is_none() {
         let patient = json!({"resourceType": "Patient", "id": patient_id, "identifier": [{"value": pid}]});
         put(client, "Patient", &patient_id, &patient).await?;
     }
-    let device_id = ids::resource_id(system, &key.device_id);
     let mut identifier = json!({"value": key.device_id});
     if let Some(s) = system {
         identifier["system"] = json!(s);
@@ -250,7 +233,7 @@ async fn create(client: &FhirClient, system: Option<&str>, key: &IdentityKey) ->
     Ok(Identity { patient_id, device_id, encounter_id: None })
 }
 
-async fn put(client: &FhirClient, kind: &'static str, id: &str, resource: &Value) -> Result<(), IdentityError> {
+async fn put(client: &dyn FhirStore, kind: &'static str, id: &str, resource: &Value) -> Result<(), IdentityError> {
     let r = client.update(kind, id, resource, None).await?;
     if r.status >= 300 {
         return Err(IdentityError::Fhir(FhirError::Status {
@@ -265,14 +248,20 @@ async fn put(client: &FhirClient, kind: &'static str, id: &str, resource: &Value
     // that says 200 and drops the body): the Observations will point at this resource, so it must
     // be there before they are written.
     if r.version.is_none() && client.read(kind, id).await?.is_none() {
-        return Err(IdentityError::Fhir(FhirError::Invalid {
+        let e = FhirError::Invalid {
             method: "PUT",
             path: format!("{kind}/{id}"),
             message: format!(
                 "HTTP {} with no version, and reading the {kind} back does not find it: the server did not write it",
                 r.status
             ),
-        }));
+        };
+        client.circuit().trip(e.summary());
+        return Err(IdentityError::Fhir(e));
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "identity_tests.rs"]
+mod tests;

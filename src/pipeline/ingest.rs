@@ -5,7 +5,8 @@
 use super::mappings::{Current, Mappings};
 use super::shard::{DeviceShard, Ingest as ShardIngest};
 use super::{Counted, shard_for};
-use crate::config::{Settings, Unmatched};
+use crate::config::Unmatched;
+use crate::engine;
 use crate::metrics;
 use crate::model::kind::ErrorKind;
 use crate::model::measurement::Measurement;
@@ -14,14 +15,14 @@ use serde_json::Value;
 use std::sync::Arc;
 
 pub struct Ingest {
-    settings: Arc<Settings>,
+    unmatched: Unmatched,
     mappings: Arc<Current>,
     shards: Arc<Vec<Counted<DeviceShard>>>,
 }
 
 impl Ingest {
-    pub fn new(settings: Arc<Settings>, mappings: Arc<Current>, shards: Arc<Vec<Counted<DeviceShard>>>) -> Self {
-        Ingest { settings, mappings, shards }
+    pub fn new(unmatched: Unmatched, mappings: Arc<Current>, shards: Arc<Vec<Counted<DeviceShard>>>) -> Self {
+        Ingest { unmatched, mappings, shards }
     }
 
     fn route(&self, mut measurements: Vec<Measurement>, guard: &Arc<DeliveryGuard>, mappings: &Arc<Mappings>) {
@@ -48,26 +49,17 @@ impl Ingest {
 
 impl Intake for Ingest {
     fn accept(&self, event: Result<Value, String>, guard: Arc<DeliveryGuard>) {
-        let m = metrics::get();
-        let event = match event {
-            Ok(e) => e,
-            Err(why) => return guard.fail(ErrorKind::InvalidJson, why),
-        };
         // The pair in force now is the one this message is normalized, grouped and written with.
         let mappings = self.mappings.get();
-        let measurements = match mappings.device.normalize(&event) {
+        let measurements = match engine::admit(&mappings.device, event) {
             Ok(ms) => ms,
-            Err(e) => return guard.fail(e.kind(), e.to_string()),
-        };
-        if measurements.is_empty() {
-            match self.settings.broker.unmatched {
-                Unmatched::Drop => m.messages_dropped.with_label_values(&["no-match"]).inc(),
-                Unmatched::DeadLetter => guard
-                    .fail(ErrorKind::NoTemplateMatched, "no device template's typeMatchExpression matched the message"),
+            Err(f) if f.kind == ErrorKind::NoTemplateMatched && self.unmatched == Unmatched::Drop => {
+                metrics::get().messages_dropped.with_label_values(&["no-match"]).inc();
+                return;
             }
-            return;
-        }
-        m.measurements.inc_by(measurements.len() as u64);
+            Err(f) => return guard.fail(f.kind, f.message),
+        };
+        metrics::get().measurements.inc_by(measurements.len() as u64);
         self.route(measurements, &guard, &mappings);
     }
 }

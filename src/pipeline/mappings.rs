@@ -5,12 +5,12 @@
 
 use super::RunError;
 use crate::config::Settings;
+use crate::engine::{self, Checked};
 use crate::metrics;
 use crate::status::Shared;
 use crate::template::device::DeviceMapping;
 use crate::template::fhir::FhirMapping;
 use crate::template::located_all;
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -46,34 +46,27 @@ impl Current {
     }
 }
 
-/// Reads and parses both files; every problem with its file, line and column. Cross-check
-/// findings are warnings (MedTech runs such pairs: unmatched types are dead-lettered).
+/// Reads and parses both files through the engine; every problem with its file, line and column.
+/// Cross-check findings are warnings (MedTech runs such pairs: unmatched types are dead-lettered).
 pub fn load(s: &Settings) -> Result<Mappings, RunError> {
     let read =
         |p: &Path| std::fs::read_to_string(p).map_err(|e| RunError::Io(format!("cannot read {}: {e}", p.display())));
-    let located = |p: &Path, e: crate::template::TemplateErrors| located_all(&e.0, &p.display().to_string());
     let (device_text, fhir_text) = (read(&s.mappings.device)?, read(&s.mappings.fhir)?);
-    let device = DeviceMapping::parse(&device_text).map_err(|e| RunError::Mapping {
-        path: s.mappings.device.display().to_string(),
-        what: "device",
-        problems: located(&s.mappings.device, e),
-    })?;
-    let fhir = FhirMapping::parse(&fhir_text).map_err(|e| RunError::Mapping {
-        path: s.mappings.fhir.display().to_string(),
-        what: "FHIR",
-        problems: located(&s.mappings.fhir, e),
-    })?;
-    let fhir_file = s.mappings.fhir.display().to_string();
-    let checked = crate::template::crosscheck::cross_check(&device, &fhir, &fhir_file);
-    for p in &checked.problems {
-        tracing::warn!("{}", p.located(&s.mappings.device.display().to_string()));
+    let (device_file, fhir_file) = (s.mappings.device.display().to_string(), s.mappings.fhir.display().to_string());
+    let Checked { device, fhir, report } = engine::check(&device_text, Some(&fhir_text), &fhir_file);
+    if !report.device.is_empty() {
+        let problems = located_all(&report.device, &device_file);
+        return Err(RunError::Mapping { path: device_file, what: "device", problems });
     }
-    let mut h = Sha256::new();
-    h.update(device_text.as_bytes());
-    h.update([0]);
-    h.update(fhir_text.as_bytes());
-    let version = hex::encode(h.finalize())[..12].to_string();
-    Ok(Mappings { device, fhir, version })
+    if !report.fhir.is_empty() {
+        let problems = located_all(&report.fhir, &fhir_file);
+        return Err(RunError::Mapping { path: fhir_file, what: "FHIR", problems });
+    }
+    for p in &report.cross {
+        tracing::warn!("{}", p.located(&device_file));
+    }
+    let version = engine::version(&device_text, &fhir_text);
+    Ok(Mappings { device, fhir: fhir.unwrap_or_default(), version })
 }
 
 fn modified(s: &Settings) -> (Option<SystemTime>, Option<SystemTime>) {

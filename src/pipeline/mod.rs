@@ -5,10 +5,12 @@ pub mod identity;
 pub mod ingest;
 pub mod mappings;
 pub mod shard;
+#[cfg(test)]
+mod testkit;
 pub mod writer;
 
 use crate::config::Settings;
-use crate::fhir::FhirClient;
+use crate::fhir::{DryRun, FhirClient, FhirStore};
 use crate::metrics;
 use crate::status::{ActorStats, Shared};
 use actix::dev::ToEnvelope;
@@ -104,7 +106,11 @@ pub fn run(settings: Settings, dry_run: bool) -> Result<(), RunError> {
 
 async fn serve(settings: Arc<Settings>, mappings: mappings::Mappings, dry_run: bool) -> Result<(), RunError> {
     let client = if dry_run { None } else { Some(FhirClient::new(&settings.fhir)?) };
-    let shared = Shared::new(dry_run, client.as_ref().map(|c| c.circuit().clone()).unwrap_or_default());
+    let store: Arc<dyn FhirStore> = match &client {
+        Some(c) => Arc::new(c.clone()),
+        None => Arc::new(DryRun::default()),
+    };
+    let shared = Shared::new(dry_run, store.circuit().clone());
     mappings::announce(&mappings, &shared);
     let current = mappings::Current::new(mappings);
     shared.mappings_loaded.store(true, Ordering::SeqCst);
@@ -124,8 +130,9 @@ async fn serve(settings: Arc<Settings>, mappings: mappings::Mappings, dry_run: b
     let istats = shared.stats("identity".into(), "IdentityCache");
     let identity = Counted {
         addr: identity::IdentityCache::new(
-            client.clone(),
-            settings.identity.mode,
+            store.clone(),
+            // A dry run has no server to look up in: its ids are the ones Create makes.
+            if dry_run { crate::config::IdentityMode::Create } else { settings.identity.mode },
             settings.device_system().map(str::to_string),
             Duration::from_secs(settings.identity.cache_ttl_secs),
             Duration::from_secs(settings.identity.miss_ttl_secs),
@@ -143,7 +150,7 @@ async fn serve(settings: Arc<Settings>, mappings: mappings::Mappings, dry_run: b
     let mut writers = Vec::new();
     for i in 0..settings.pipeline.writers {
         let stats = shared.stats(format!("writer-{i}"), "FhirWriter");
-        let (c, id, batch, s) = (client.clone(), identity.clone(), settings.fhir.batch, stats.clone());
+        let (c, id, batch, s) = (store.clone(), identity.clone(), settings.fhir.batch, stats.clone());
         let give_up = Some(Duration::from_secs(settings.fhir.give_up_after_secs)).filter(|d| !d.is_zero());
         let addr =
             writer::FhirWriter::start_in_arbiter(&place(i), move |_| writer::FhirWriter::new(c, id, batch, s, give_up));
@@ -180,7 +187,7 @@ async fn serve(settings: Arc<Settings>, mappings: mappings::Mappings, dry_run: b
     }
 
     actix_rt::spawn(mappings::watch(settings.clone(), current.clone(), shared.clone()));
-    let intake = Arc::new(ingest::Ingest::new(settings.clone(), current, shards.clone()));
+    let intake = Arc::new(ingest::Ingest::new(settings.broker.unmatched, current, shards.clone()));
     let mut source = crate::source::start(&settings, intake, shared.clone());
     let reads = match settings.source.kind {
         crate::config::SourceKind::Rabbitmq => settings.broker.queue.clone(),

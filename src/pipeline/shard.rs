@@ -5,14 +5,13 @@
 use super::mappings::Mappings;
 use super::writer::{FhirWriter, PendingGroup, WriteBatch};
 use super::{Counted, writer_for};
+use crate::engine::Grouper;
 use crate::metrics;
-use crate::model::group::{Group, GroupKey, key_for};
-use crate::model::kind::ErrorKind;
 use crate::model::measurement::Measurement;
 use crate::source::DeliveryGuard;
 use crate::status::ActorStats;
 use actix::prelude::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,12 +34,18 @@ impl Message for FlushNow {
     type Result = ();
 }
 
+/// What a group carries through the shard: the messages it came from, and the mappings of its
+/// first message (it is written with them).
+struct Carried {
+    guards: Vec<Arc<DeliveryGuard>>,
+    mappings: Arc<Mappings>,
+}
+
 pub struct DeviceShard {
     writers: Arc<Vec<Counted<FhirWriter>>>,
     flush_interval: Duration,
     flush_max: usize,
-    groups: Vec<PendingGroup>,
-    index: HashMap<GroupKey, usize>,
+    groups: Grouper<Carried>,
     devices: HashSet<String>,
     buffered: usize,
     stats: Arc<ActorStats>,
@@ -57,8 +62,7 @@ impl DeviceShard {
             writers,
             flush_interval,
             flush_max,
-            groups: Vec::new(),
-            index: HashMap::new(),
+            groups: Grouper::default(),
             devices: HashSet::new(),
             buffered: 0,
             stats,
@@ -66,57 +70,38 @@ impl DeviceShard {
     }
 
     fn add(&mut self, m: Measurement, guard: &Arc<DeliveryGuard>, mappings: &Arc<Mappings>) {
-        let Some(template) = mappings.fhir.template(&m.type_name) else {
-            guard.fail(
-                ErrorKind::NoFhirTemplate,
-                format!("no FHIR template has typeName '{}': add a CodeValueFhir template for it", m.type_name),
-            );
-            return;
-        };
-        let key = match key_for(&m, template) {
-            Ok(k) => k,
-            Err(e) => {
-                guard.fail(e.kind(), e.to_string());
-                return;
-            }
-        };
         if !self.devices.contains(&m.device_id) {
             self.devices.insert(m.device_id.clone());
         }
-        let i = match self.index.get(&key) {
-            Some(&i) => i,
-            None => {
-                self.index.insert(key.clone(), self.groups.len());
-                self.groups.push(PendingGroup {
-                    group: Group::new(key),
-                    guards: Vec::new(),
-                    mappings: mappings.clone(),
-                });
-                self.groups.len() - 1
+        let new = || Carried { guards: Vec::new(), mappings: mappings.clone() };
+        match self.groups.add_with(&mappings.fhir, m, new) {
+            Ok(carried) => {
+                // Measurements of one message arrive together: checking the last guard is enough
+                // to keep one clone per message and group.
+                if !carried.guards.last().is_some_and(|g| Arc::ptr_eq(g, guard)) {
+                    carried.guards.push(guard.clone());
+                }
+                self.buffered += 1;
             }
-        };
-        let pending = &mut self.groups[i];
-        pending.group.insert(m);
-        // Measurements of one message arrive together: checking the last guard is enough to keep
-        // one clone per message and group.
-        if !pending.guards.last().is_some_and(|g| Arc::ptr_eq(g, guard)) {
-            pending.guards.push(guard.clone());
+            Err(e) => guard.fail(e.kind(), e.to_string()),
         }
-        self.buffered += 1;
     }
 
     fn flush(&mut self) {
         if self.groups.is_empty() {
             return;
         }
-        let groups = std::mem::take(&mut self.groups);
-        self.index.clear();
+        let groups = self.groups.take();
         self.devices.clear();
         self.buffered = 0;
         metrics::get().groups.inc_by(groups.len() as u64);
         let mut per_writer: Vec<Vec<PendingGroup>> = (0..self.writers.len()).map(|_| Vec::new()).collect();
-        for g in groups {
-            per_writer[writer_for(&g.group.key.device_id, self.writers.len())].push(g);
+        for (group, Carried { guards, mappings }) in groups {
+            per_writer[writer_for(&group.key.device_id, self.writers.len())].push(PendingGroup {
+                group,
+                guards,
+                mappings,
+            });
         }
         for (w, batch) in self.writers.iter().zip(per_writer) {
             if !batch.is_empty() {

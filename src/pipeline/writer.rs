@@ -15,7 +15,7 @@
 use super::Counted;
 use super::identity::{IdentityCache, IdentityError, IdentityKey, Resolve, fhir_kind};
 use super::mappings::Mappings;
-use crate::fhir::{Before, FhirClient, FhirError, Put, PutResult};
+use crate::fhir::{Before, FhirError, FhirStore, Put, PutResult};
 use crate::metrics;
 use crate::model::group::Group;
 use crate::model::kind::ErrorKind;
@@ -114,8 +114,8 @@ const CACHE_BYTES: usize = 64 << 20;
 const CONFLICT_ROUNDS: usize = 3;
 
 pub struct FhirWriter {
-    /// `None` in dry-run: Observations are built and counted, nothing is sent.
-    client: Option<FhirClient>,
+    /// The FHIR server, the dry run, or a test's in-memory server.
+    store: Arc<dyn FhirStore>,
     identity: Counted<IdentityCache>,
     batch: bool,
     /// Taken by the batch being written (batches are written one at a time).
@@ -135,14 +135,14 @@ const GATHER: Duration = Duration::from_millis(20);
 
 impl FhirWriter {
     pub fn new(
-        client: Option<FhirClient>,
+        store: Arc<dyn FhirStore>,
         identity: Counted<IdentityCache>,
         batch: bool,
         stats: Arc<ActorStats>,
         give_up: Option<Duration>,
     ) -> Self {
         FhirWriter {
-            client,
+            store,
             identity,
             batch,
             stored: Some(Stored::default()),
@@ -171,7 +171,7 @@ impl FhirWriter {
         self.scheduled = false;
         let groups = std::mem::take(&mut self.pending);
         let Some(mut stored) = self.stored.take() else { return };
-        let work = Work { client: self.client.clone(), identity: self.identity.clone(), batch: self.batch };
+        let work = Work { store: self.store.clone(), identity: self.identity.clone(), batch: self.batch };
         let give_up = self.give_up;
         let fut = async move {
             let mut groups = groups;
@@ -252,7 +252,7 @@ impl Handler<WriteBatch> for FhirWriter {
 }
 
 struct Work {
-    client: Option<FhirClient>,
+    store: Arc<dyn FhirStore>,
     identity: Counted<IdentityCache>,
     batch: bool,
 }
@@ -349,8 +349,7 @@ impl Work {
     /// Before held groups are tried again: the server's `Retry-After` (capped by
     /// `fhir.max_backoff_ms`) in full, else a doubling backoff that the circuit's closing cuts short.
     async fn wait(&self, round: u32, retry_after: Option<Duration>) {
-        let Some(client) = &self.client else { return };
-        let cap = client.max_backoff();
+        let cap = self.store.max_backoff();
         let m = metrics::get();
         let started = Instant::now();
         match retry_after {
@@ -361,9 +360,21 @@ impl Work {
             }
             None => {
                 let delay = HOLD_FIRST_DELAY.saturating_mul(1 << round.min(16)).min(cap);
-                client.circuit().wait(delay).await;
+                self.store.circuit().wait(delay).await;
                 m.fhir_wait_seconds.with_label_values(&["backoff"]).inc_by(started.elapsed().as_secs_f64());
             }
+        }
+    }
+
+    /// The stored Observations of `ids`, in one batch read or one read each.
+    async fn read_all(&self, ids: &[String]) -> Vec<Result<Option<crate::fhir::Versioned>, FhirError>> {
+        if self.batch {
+            match self.store.read_many("Observation", ids).await {
+                Ok(r) => r,
+                Err(e) => ids.iter().map(|_| Err(e.clone())).collect(),
+            }
+        } else {
+            join_all(ids.iter().map(|id| self.store.read("Observation", id))).await
         }
     }
 
@@ -391,19 +402,11 @@ impl Work {
 
     /// Reads the stored Observation of every window not in the cache.
     async fn read_missing(&self, stored: &mut Stored, items: Vec<Item>, held: &mut Held) -> Vec<Item> {
-        let Some(client) = &self.client else { return items };
         let mut ids: Vec<String> =
             items.iter().map(|i| i.id.clone()).filter(|id| !stored.map.contains_key(id)).collect();
         ids.sort();
         ids.dedup();
-        let reads = if self.batch {
-            match client.read_many("Observation", &ids).await {
-                Ok(r) => r,
-                Err(e) => ids.iter().map(|_| Err(e.clone())).collect(),
-            }
-        } else {
-            join_all(ids.iter().map(|id| client.read("Observation", id))).await
-        };
+        let reads = self.read_all(&ids).await;
         let mut failed: HashMap<String, FhirError> = HashMap::new();
         for (id, r) in ids.into_iter().zip(reads) {
             match r {
@@ -494,22 +497,6 @@ impl Work {
         if writes.is_empty() {
             return writes;
         }
-        let Some(client) = &self.client else {
-            for w in writes {
-                let outcome = if w.if_match.is_some() || stored.map.get(&w.id).is_some_and(Option::is_some) {
-                    "updated"
-                } else {
-                    "created"
-                };
-                metrics::get().observations.with_label_values(&[outcome]).inc();
-                if w.instant {
-                    stored.map.remove(&w.id);
-                } else {
-                    stored.map.insert(w.id, Some(Known { version: Some("0".into()), obs: w.obs }));
-                }
-            }
-            return Vec::new();
-        };
         let mut puts = Vec::with_capacity(writes.len());
         let mut ready = Vec::with_capacity(writes.len());
         for w in writes {
@@ -529,12 +516,12 @@ impl Work {
         }
         let writes = ready;
         let results: Vec<Result<PutResult, FhirError>> = if self.batch && puts.len() > 1 {
-            match client.batch(&puts).await {
+            match self.store.batch(&puts).await {
                 Ok(r) => r.into_iter().map(Ok).collect(),
                 Err(e) => puts.iter().map(|_| Err(e.clone())).collect(),
             }
         } else {
-            join_all(puts.iter().map(|p| client.update(p.resource_type, &p.id, &p.resource, p.if_match.as_deref())))
+            join_all(puts.iter().map(|p| self.store.update(p.resource_type, &p.id, &p.resource, p.if_match.as_deref())))
                 .await
         };
         let mut conflicts = Vec::new();
@@ -576,7 +563,7 @@ impl Work {
                 }
             }
         }
-        self.confirm(client, stored, unconfirmed, held).await;
+        self.confirm(stored, unconfirmed, held).await;
         conflicts
     }
 
@@ -584,19 +571,12 @@ impl Work {
     /// echoed resource): read back, and done only where the server holds every group. Where it
     /// does not (an HTML page from a proxy, a body dropped on the way), the groups are held like a
     /// 503's and written again: never counted as written, never dead-lettered for it.
-    async fn confirm(&self, client: &FhirClient, stored: &mut Stored, writes: Vec<Write>, held: &mut Held) {
+    async fn confirm(&self, stored: &mut Stored, writes: Vec<Write>, held: &mut Held) {
         if writes.is_empty() {
             return;
         }
         let ids: Vec<String> = writes.iter().map(|w| w.id.clone()).collect();
-        let reads = if self.batch {
-            match client.read_many("Observation", &ids).await {
-                Ok(r) => r,
-                Err(e) => ids.iter().map(|_| Err(e.clone())).collect(),
-            }
-        } else {
-            join_all(ids.iter().map(|id| client.read("Observation", id))).await
-        };
+        let reads = self.read_all(&ids).await;
         let m = metrics::get();
         for (w, r) in writes.into_iter().zip(reads) {
             let read = match r {
@@ -626,7 +606,7 @@ impl Work {
                         path: format!("Observation/{}", w.id),
                         message: "a 2xx answer to a write with no version (no etag, no _history location, no echoed resource), and reading the Observation back does not show the write".into(),
                     };
-                    client.circuit().trip(e.summary());
+                    self.store.circuit().trip(e.summary());
                     w.items.into_iter().for_each(|i| held.settle(i.pending, &e));
                 }
             }
@@ -639,7 +619,6 @@ impl Work {
     /// version means nothing was overwritten (`Ok(false)`). If the history does not show our
     /// version, the write fails (and is dead-lettered) rather than claim a success it cannot vouch for.
     async fn recover_overwritten(&self, stored: &mut Stored, w: &mut Write, ours: &str) -> Result<bool, FhirError> {
-        let Some(client) = &self.client else { return Ok(false) };
         let lost = || FhirError::Decode {
             method: "GET",
             path: "Observation/_history".into(),
@@ -648,7 +627,7 @@ impl Work {
                 w.id
             ),
         };
-        let previous = match client.history_before("Observation", &w.id, ours).await? {
+        let previous = match self.store.history_before("Observation", &w.id, ours).await? {
             Before::Nothing => return Ok(false),
             Before::NotShown => return Err(lost()),
             Before::Version(previous) => previous,
@@ -685,3 +664,7 @@ impl Work {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "writer_tests.rs"]
+mod tests;

@@ -65,13 +65,7 @@ impl Running {
     }
 }
 
-/// Why a message was not (wholly) persisted.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Failure {
-    pub kind: ErrorKind,
-    /// Human text naming what to fix (template, expression, HTTP status...).
-    pub message: String,
-}
+pub use crate::model::kind::Failure;
 
 /// What became of a delivery.
 #[derive(Debug, Clone, PartialEq)]
