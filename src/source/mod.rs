@@ -9,6 +9,7 @@
 //! sees an actor.
 
 pub mod eventhubs;
+pub mod ordered;
 pub mod rabbitmq;
 
 use crate::metrics;

@@ -2,40 +2,42 @@
 //! order (shards and writers finish when they finish); the checkpoint may only move to the end of
 //! the run of settled events from the oldest, the same rule RabbitMQ's in-order acks follow: a
 //! restart then re-reads from the oldest event not yet persisted or dead-lettered, never past it.
+//! The order itself is `source::ordered::InOrder`, shared with RabbitMQ's acks.
 
 use super::store::Checkpoint;
-use std::collections::BTreeMap;
+use crate::source::ordered::InOrder;
+use std::collections::HashMap;
+use std::time::Instant;
 
 #[derive(Default)]
 pub struct Book {
-    /// Read and not yet behind the checkpoint, by sequence number: settled or not.
-    open: BTreeMap<i64, (Checkpoint, bool)>,
+    /// Read and not yet behind the checkpoint, by sequence number.
+    order: InOrder<i64, Checkpoint>,
+    /// Where each open event is, until it settles.
+    at: HashMap<i64, Checkpoint>,
     /// The checkpoint to write next (moved since the last write), if any.
     unwritten: Option<Checkpoint>,
 }
 
 impl Book {
     pub fn read(&mut self, at: Checkpoint) {
-        self.open.insert(at.sequence_number, (at, false));
+        self.order.read(at.sequence_number);
+        self.at.insert(at.sequence_number, at);
     }
 
     /// An event is persisted or dead-lettered; moves the checkpoint as far as the order allows.
     pub fn settled(&mut self, sequence_number: i64) {
-        if let Some(e) = self.open.get_mut(&sequence_number) {
-            e.1 = true;
+        if let Some(at) = self.at.remove(&sequence_number) {
+            let _ = self.order.settle(sequence_number, at, Instant::now());
         }
-        while let Some(first) = self.open.first_entry() {
-            if !first.get().1 {
-                break;
-            }
-            let (at, _) = first.remove();
-            self.unwritten = Some(at);
+        if let Some(last) = self.order.release().pop() {
+            self.unwritten = Some(last);
         }
     }
 
     /// Events read and not yet behind the checkpoint.
     pub fn in_flight(&self) -> usize {
-        self.open.len()
+        self.order.in_flight()
     }
 
     /// The checkpoint to write, once: `None` when it has not moved since.

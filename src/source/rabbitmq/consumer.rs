@@ -5,6 +5,7 @@
 use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope, redact, sent_at};
 use crate::config::{Broker, Topology};
 use crate::metrics;
+use crate::source::ordered::InOrder;
 use crate::source::{DeliveryGuard, Failure, Intake, Position, Settled, Status, book_dead_lettered, book_settled};
 use crate::status::{QueueState, Shared};
 use futures_util::StreamExt;
@@ -69,9 +70,11 @@ pub fn start(broker: Broker, intake: Arc<dyn Intake>, shared: Arc<Shared>) -> Ru
     }
     let (stop, stop_rx) = watch::channel(false);
     let (to_settler, settled) = tokio::sync::mpsc::unbounded_channel();
+    let (reads, read) = tokio::sync::mpsc::unbounded_channel();
     let dl_channel = Arc::new(Mutex::new(None));
-    let settler = actix_rt::spawn(settler(settled, dl_channel.clone(), broker.clone(), shared.clone()));
-    let consumer = Consumer { session: AtomicU64::new(0), broker, intake, shared, to_settler, primary, standby };
+    let settler = actix_rt::spawn(settler(settled, read, dl_channel.clone(), broker.clone(), shared.clone()));
+    let session = AtomicU64::new(0);
+    let consumer = Consumer { session, broker, intake, shared, to_settler, reads, primary, standby };
     let consumer = actix_rt::spawn(run(consumer, stop_rx, dl_channel));
     Running { stop, consumer: Some(consumer), keep_alive: None, settler }
 }
@@ -100,6 +103,8 @@ struct Consumer {
     intake: Arc<dyn Intake>,
     shared: Arc<Shared>,
     to_settler: UnboundedSender<Settled>,
+    /// Each delivery's (session, tag), sent before the pipeline sees it: the settler's order.
+    reads: UnboundedSender<(u64, u64)>,
     /// The queues consumed at once, and those stood by for.
     primary: Vec<Arc<QueueState>>,
     standby: Vec<Arc<QueueState>>,
@@ -154,6 +159,7 @@ impl Consumer {
             properties: d.properties,
         };
         let sent_at = sent_at(&record.properties);
+        let _ = self.reads.send((record.session, record.tag));
         let guard = DeliveryGuard::new(Position::new(record), sent_at, self.to_settler.clone());
         self.intake.accept(event, Arc::new(guard));
     }
@@ -384,15 +390,17 @@ async fn watch_activity(b: Broker, shared: Arc<Shared>) {
 /// delivery waits at most `STRAGGLER` from when it settled, then is acked on its own.
 async fn settler(
     mut rx: UnboundedReceiver<Settled>,
+    mut reads: UnboundedReceiver<(u64, u64)>,
     dl: Arc<Mutex<Option<Channel>>>,
     broker: Broker,
     shared: Arc<Shared>,
 ) {
-    let mut book = AckBook::default();
+    let mut book = Book { order: InOrder::default(), session: 0 };
     loop {
+        let next_straggler = book.order.next_straggler(STRAGGLER).unwrap_or_else(Instant::now);
         let first = tokio::select! {
             s = rx.recv() => s,
-            _ = tokio::time::sleep_until(book.next_straggler().unwrap_or_else(Instant::now).into()), if book.is_waiting() => {
+            _ = tokio::time::sleep_until(next_straggler.into()), if book.order.is_waiting() => {
                 ack_stragglers(&mut book, &shared).await;
                 continue;
             }
@@ -404,6 +412,10 @@ async fn settler(
                 Ok(s) => batch.push(s),
                 Err(_) => break,
             }
+        }
+        // Every delivery was announced before the pipeline saw it, so before it could settle.
+        while let Ok(read) = reads.try_recv() {
+            book.read(read, &shared);
         }
         for s in batch {
             let Some(record) = s.position.into_inner::<Record>() else {
@@ -458,111 +470,21 @@ async fn dead_letter_one(
     }
 }
 
-/// What was settled and waits for its ack, by delivery tag: the bookkeeping of the in-order acks,
-/// apart from the broker calls (`T` is the settled delivery).
-struct AckBook<T> {
+/// The in-order acks of the current broker session: deliveries by (session, tag).
+struct Book {
+    order: InOrder<(u64, u64), Done>,
     session: u64,
-    /// The lowest delivery tag not yet acked in this session.
-    next: u64,
-    /// Settled deliveries waiting for the tags before them, by tag.
-    waiting: std::collections::BTreeMap<u64, T>,
-    /// Tags acked ahead of `next` (stragglers, requeued), skipped when `next` reaches them.
-    acked_ahead: std::collections::BTreeSet<u64>,
-    /// The waiting tags in the order they settled, with when: the oldest are at the front.
-    by_age: std::collections::VecDeque<(Instant, u64)>,
 }
 
-impl<T> Default for AckBook<T> {
-    fn default() -> Self {
-        AckBook {
-            session: 0,
-            next: 1,
-            waiting: Default::default(),
-            acked_ahead: Default::default(),
-            by_age: Default::default(),
+impl Book {
+    /// A delivery was handed to the pipeline. The first of a new session voids what waited for the
+    /// old one: its tags can no longer be acked, and the broker redelivers those messages.
+    fn read(&mut self, (session, tag): (u64, u64), shared: &Shared) {
+        if session > self.session {
+            self.order.clear().iter().for_each(|old| count(old, false, shared));
+            self.session = session;
         }
-    }
-}
-
-/// Where a settled delivery's session stands in the book.
-enum Session<T> {
-    Current,
-    /// A new session began: what waited for the old one can no longer be acked.
-    New(Vec<T>),
-    /// From a closed session: its tag is void (the broker redelivers the message).
-    Stale,
-}
-
-impl<T> AckBook<T> {
-    fn enter(&mut self, session: u64) -> Session<T> {
-        if session == self.session {
-            return Session::Current;
-        }
-        if session < self.session {
-            return Session::Stale;
-        }
-        let void = std::mem::take(&mut self.waiting).into_values().collect();
-        self.by_age.clear();
-        self.acked_ahead.clear();
-        self.session = session;
-        self.next = 1;
-        Session::New(void)
-    }
-
-    /// A tag settled on its own (returned to the queue): nothing waits for it.
-    fn done_alone(&mut self, tag: u64) {
-        self.acked_ahead.insert(tag);
-    }
-
-    fn wait(&mut self, tag: u64, item: T, now: Instant) {
-        self.by_age.push_back((now, tag));
-        self.waiting.insert(tag, item);
-    }
-
-    fn is_waiting(&self) -> bool {
-        !self.waiting.is_empty()
-    }
-
-    /// When the oldest waiter becomes a straggler (an entry acked in order since only makes the
-    /// settler look one wake-up early).
-    fn next_straggler(&self) -> Option<Instant> {
-        self.by_age.front().map(|(at, _)| *at + STRAGGLER)
-    }
-
-    /// The run of settled tags from `next` on: one `multiple` ack of the last covers them all.
-    fn in_order(&mut self) -> Vec<T> {
-        let mut run = Vec::new();
-        loop {
-            if self.acked_ahead.remove(&self.next) {
-                self.next += 1;
-            } else if let Some(d) = self.waiting.remove(&self.next) {
-                run.push(d);
-                self.next += 1;
-            } else {
-                break;
-            }
-        }
-        if self.waiting.is_empty() {
-            self.by_age.clear();
-        }
-        run
-    }
-
-    /// What has waited `STRAGGLER` since it settled, to be acked one by one.
-    fn stragglers(&mut self, now: Instant) -> Vec<T> {
-        let mut out = Vec::new();
-        while let Some(&(at, tag)) = self.by_age.front() {
-            if now.duration_since(at) < STRAGGLER {
-                break;
-            }
-            self.by_age.pop_front();
-            // Acked in order since: nothing left to do.
-            if let Some(d) = self.waiting.remove(&tag) {
-                self.acked_ahead.insert(tag);
-                out.push(d);
-            }
-        }
-        out
+        self.order.read((session, tag));
     }
 }
 
@@ -570,25 +492,24 @@ fn count(d: &Done, acked: bool, shared: &Shared) {
     book_settled(d.sent_at, d.received, acked, shared);
 }
 
-async fn settle_one(book: &mut AckBook<Done>, d: Done, requeue: bool, shared: &Shared) {
-    match book.enter(d.record.session) {
-        Session::Stale => return count(&d, false, shared),
-        Session::New(void) => void.iter().for_each(|old| count(old, false, shared)),
-        Session::Current => {}
-    }
-    if requeue {
-        // Returned to the queue at once, on its own; its tag counts as done.
+async fn settle_one(book: &mut Book, d: Done, requeue: bool, shared: &Shared) {
+    let at = (d.record.session, d.record.tag);
+    if requeue && at.0 == book.session {
+        // Returned to the queue at once, on its own: nothing waits for it.
         let _ = d.record.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-        book.done_alone(d.record.tag);
+        book.order.forget(at);
         count(&d, false, shared);
         return;
     }
-    book.wait(d.record.tag, d, Instant::now());
+    // A stale session's delivery: its tag is void (the broker redelivers the message).
+    if let Err(d) = book.order.settle(at, d, Instant::now()) {
+        count(&d, false, shared);
+    }
 }
 
 /// One `multiple` ack for the run of settled tags at the head.
-async fn ack_in_order(book: &mut AckBook<Done>, shared: &Shared) {
-    let run = book.in_order();
+async fn ack_in_order(book: &mut Book, shared: &Shared) {
+    let run = book.order.release();
     if let Some(last) = run.last() {
         let ok = last.record.acker.ack(BasicAckOptions { multiple: true }).await.unwrap_or(false);
         if !ok {
@@ -601,72 +522,9 @@ async fn ack_in_order(book: &mut AckBook<Done>, shared: &Shared) {
 }
 
 /// Acks, one by one, what has waited `STRAGGLER` behind a tag still in flight.
-async fn ack_stragglers(book: &mut AckBook<Done>, shared: &Shared) {
-    for d in book.stragglers(Instant::now()) {
+async fn ack_stragglers(book: &mut Book, shared: &Shared) {
+    for d in book.order.stragglers(Instant::now(), STRAGGLER) {
         let ok = d.record.acker.ack(BasicAckOptions::default()).await.unwrap_or(false);
         count(&d, ok, shared);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn book(tags: &[u64], at: Instant) -> AckBook<u64> {
-        let mut b = AckBook::default();
-        assert!(matches!(b.enter(1), Session::New(v) if v.is_empty()));
-        for &t in tags {
-            b.wait(t, t, at);
-        }
-        b
-    }
-
-    #[test]
-    fn acks_go_out_as_one_run_from_the_head_and_wait_behind_a_tag_in_flight() {
-        let t0 = Instant::now();
-        let mut b = book(&[1, 2, 4, 5], t0);
-        assert_eq!(b.in_order(), vec![1, 2]);
-        assert_eq!(b.in_order(), Vec::<u64>::new(), "4 and 5 wait for 3");
-        b.wait(3, 3, t0);
-        assert_eq!(b.in_order(), vec![3, 4, 5]);
-        assert!(!b.is_waiting());
-    }
-
-    #[test]
-    fn a_straggler_wait_counts_from_when_each_delivery_settled() {
-        let t0 = Instant::now();
-        let mut b = book(&[2], t0);
-        b.wait(3, 3, t0 + Duration::from_millis(900));
-        assert!(b.stragglers(t0 + Duration::from_millis(999)).is_empty());
-        // 2 has waited a second behind 1; 3, settled later, still waits: one busy period behind a
-        // slow tag does not send everything settled since one by one.
-        assert_eq!(b.stragglers(t0 + STRAGGLER), vec![2]);
-        assert_eq!(b.stragglers(t0 + STRAGGLER + Duration::from_millis(100)), Vec::<u64>::new());
-        // 1 settles: 2 went alone and is skipped; 3 goes in order.
-        b.wait(1, 1, t0 + STRAGGLER);
-        assert_eq!(b.in_order(), vec![1, 3]);
-        assert!(b.stragglers(t0 + STRAGGLER * 3).is_empty(), "nothing acked twice");
-    }
-
-    #[test]
-    fn the_settler_wakes_when_the_oldest_waiter_becomes_a_straggler() {
-        let t0 = Instant::now();
-        let mut b = book(&[2], t0);
-        b.wait(3, 3, t0 + Duration::from_millis(300));
-        assert_eq!(b.next_straggler(), Some(t0 + STRAGGLER));
-        assert_eq!(b.stragglers(t0 + STRAGGLER), vec![2]);
-        assert_eq!(b.next_straggler(), Some(t0 + Duration::from_millis(300) + STRAGGLER));
-    }
-
-    #[test]
-    fn a_new_session_voids_what_waited_and_an_old_one_is_stale() {
-        let t0 = Instant::now();
-        let mut b = book(&[2, 3], t0);
-        b.done_alone(1);
-        assert!(matches!(b.enter(2), Session::New(v) if v == vec![2, 3]));
-        assert!(matches!(b.enter(1), Session::Stale));
-        assert!(b.stragglers(t0 + STRAGGLER).is_empty(), "the old session's tags are gone");
-        b.wait(1, 10, t0);
-        assert_eq!(b.in_order(), vec![10]);
     }
 }
