@@ -38,8 +38,9 @@ pub struct Broker {
     pub dead_letter_queue: String,
     /// Declare the queue, the dead-letter exchange and queue at start (durable).
     pub declare: bool,
-    /// What to do with a message no template matches: `drop` (ack and count) or `dead-letter`.
-    pub unmatched: Unmatched,
+    /// Deprecated: `pipeline.unmatched` (read when that is not set, with a warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmatched: Option<Unmatched>,
     /// Seconds between reconnection attempts when the broker is unreachable.
     pub reconnect_delay_secs: u64,
     /// The type of the queues the connector declares: `quorum` (replicated, with a delivery limit)
@@ -121,26 +122,7 @@ pub enum Unmatched {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
-    pub kind: SourceKind,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    /// `[broker]`: a RabbitMQ queue (or shard queues).
-    #[default]
-    Rabbitmq,
-    /// `[eventhubs]`: an Azure Event Hub, its partitions shared by the instances of one consumer group.
-    Eventhubs,
-}
-
-impl SourceKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceKind::Rabbitmq => "rabbitmq",
-            SourceKind::Eventhubs => "eventhubs",
-        }
-    }
+    pub kind: crate::source::SourceKind,
 }
 
 /// `source.kind = "eventhubs"`.
@@ -236,6 +218,16 @@ pub struct Pipeline {
     pub writers: usize,
     /// Threads the shards and writers run on (round-robin); 0 runs them on the ingest thread.
     pub threads: usize,
+    /// What to do with a message no template matches: `drop` (ack and count) or `dead-letter`.
+    #[serde(default)]
+    pub unmatched: Option<Unmatched>,
+    /// The most a SIGTERM waits for the messages in hand to be written.
+    #[serde(default = "default_shutdown_timeout_secs")]
+    pub shutdown_timeout_secs: u64,
+}
+
+fn default_shutdown_timeout_secs() -> u64 {
+    25
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -370,10 +362,10 @@ impl ConfigError {
 
 /// Collects what validation finds wrong.
 #[derive(Default)]
-struct Problems(Vec<ConfigError>);
+pub(crate) struct Problems(Vec<ConfigError>);
 
 impl Problems {
-    fn bad(&mut self, key: &str, message: impl Into<String>) {
+    pub(crate) fn bad(&mut self, key: &str, message: impl Into<String>) {
         self.0.push(ConfigError::Invalid { key: key.to_string(), message: message.into() });
     }
 }
@@ -426,7 +418,7 @@ impl Broker {
         ConfigError::from_problems(p.0)
     }
 
-    fn check(&self, p: &mut Problems) {
+    pub(crate) fn check(&self, p: &mut Problems) {
         if !self.url.starts_with("amqp://") && !self.url.starts_with("amqps://") {
             p.bad("broker.url", format!("'{}' is not an amqp:// or amqps:// URL", self.url));
         }
@@ -481,7 +473,7 @@ impl EventHubs {
         host.trim_end_matches('/').to_string()
     }
 
-    fn check(&self, p: &mut Problems) {
+    pub(crate) fn check(&self, p: &mut Problems) {
         match self.auth {
             EventHubsAuth::ConnectionString => {
                 if self.connection_string.is_empty() {
@@ -649,10 +641,7 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
-        match self.source.kind {
-            SourceKind::Rabbitmq => self.broker.check(&mut p),
-            SourceKind::Eventhubs => self.eventhubs.check(&mut p),
-        }
+        crate::source::check(self, &mut p);
         if self.pipeline.shards == 0 || self.pipeline.shards > 1024 {
             p.bad("pipeline.shards", format!("{} is outside 1..=1024", self.pipeline.shards));
         }
@@ -710,6 +699,22 @@ impl Settings {
     }
 
     /// The Device identifier system, if one is set.
+    /// What to do with a message no template matches (`pipeline.unmatched`, else the deprecated
+    /// `broker.unmatched`, else drop).
+    pub fn unmatched(&self) -> Unmatched {
+        self.pipeline.unmatched.or(self.broker.unmatched).unwrap_or(Unmatched::Drop)
+    }
+
+    /// Settings still read from an old place, each with where it belongs now: logged at start.
+    pub fn deprecations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.broker.unmatched.is_some() {
+            let used = if self.pipeline.unmatched.is_some() { "ignored: pipeline.unmatched is set" } else { "used" };
+            out.push(format!("broker.unmatched is deprecated ({used}); set pipeline.unmatched instead"));
+        }
+        out
+    }
+
     pub fn device_system(&self) -> Option<&str> {
         Some(self.identity.device_identifier_system.as_str()).filter(|s| !s.is_empty())
     }
@@ -726,7 +731,8 @@ mod tests {
         let fig = Figment::new().merge(Toml::string(DEFAULT_TOML));
         let s: Settings = fig.extract().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.identity.mode, IdentityMode::Create);
-        assert_eq!(s.broker.unmatched, Unmatched::Drop);
+        assert_eq!(s.unmatched(), Unmatched::Drop);
+        assert!(s.deprecations().is_empty());
     }
 
     #[test]

@@ -18,7 +18,8 @@ async fn ready(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     let broker = shared.broker_connected.load(Ordering::SeqCst);
     let outage = shared.fhir_circuit.state();
     let fhir = shared.fhir_reachable.load(Ordering::SeqCst) && outage.is_none();
-    let mappings = shared.mappings_loaded.load(Ordering::SeqCst);
+    // The service does not start without mappings, and a refused reload keeps the ones in force.
+    let mappings = true;
     let mut body = json!({
         "status": if broker && fhir && mappings { "ready" } else { "not ready" },
         "broker": broker,
@@ -63,6 +64,7 @@ async fn ready(shared: web::Data<Arc<Shared>>) -> HttpResponse {
 
 /// Every actor: its mailbox depth, messages handled, devices held and last flush.
 async fn actors(shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let m = metrics::get();
     let mut list: Vec<serde_json::Value> = shared.actors.iter().map(|a| a.value().snapshot()).collect();
     list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     let mut queues: Vec<serde_json::Value> = shared.queues.iter().map(|q| q.value().snapshot()).collect();
@@ -79,9 +81,9 @@ async fn actors(shared: web::Data<Arc<Shared>>) -> HttpResponse {
         "actors": list,
         "source": source,
         "messages": {
-            "received": shared.received.load(Ordering::SeqCst),
-            "unacked": shared.unsettled(),
-            "deadLettered": shared.dead_lettered.load(Ordering::SeqCst),
+            "received": m.messages_received.get(),
+            "unacked": m.unacked.get().max(0),
+            "deadLettered": metrics::dead_lettered_total(),
         }
     }))
 }

@@ -8,6 +8,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod service;
 pub mod simulate;
 pub mod source;
 pub mod status;

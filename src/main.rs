@@ -447,7 +447,7 @@ fn transform_cmd(a: TransformArgs) -> Result<(), Failure> {
 fn run(a: RunArgs) -> Result<(), Failure> {
     let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
     init_logging(&settings.log);
-    iomt_connector::pipeline::run(settings, a.dry_run).map_err(|e| Failure(1, format!("error: {e}")))
+    iomt_connector::service::run(settings, a.dry_run).map_err(|e| Failure(1, format!("error: {e}")))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {

@@ -228,6 +228,13 @@ pub fn get() -> &'static Metrics {
     })
 }
 
+/// Messages dead-lettered, of every kind.
+pub fn dead_lettered_total() -> u64 {
+    use prometheus::core::Collector;
+    let families = get().dead_lettered.collect();
+    families.iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
+}
+
 /// The text exposition format.
 pub fn render() -> String {
     let mut buf = Vec::new();

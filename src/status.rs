@@ -64,12 +64,8 @@ impl ActorStats {
 pub struct Shared {
     pub broker_connected: AtomicBool,
     pub fhir_reachable: AtomicBool,
-    pub mappings_loaded: AtomicBool,
     pub dry_run: bool,
     pub actors: DashMap<String, Arc<ActorStats>>,
-    pub received: AtomicU64,
-    pub settled: AtomicU64,
-    pub dead_lettered: AtomicU64,
     /// Open while the FHIR server fails transiently (never in dry-run).
     pub fhir_circuit: Arc<Circuit>,
     /// The queues this instance consumes, by name.
@@ -180,12 +176,8 @@ impl Shared {
             mappings_refused: Default::default(),
             broker_connected: AtomicBool::new(false),
             fhir_reachable: AtomicBool::new(dry_run),
-            mappings_loaded: AtomicBool::new(false),
             dry_run,
             actors: DashMap::new(),
-            received: AtomicU64::new(0),
-            settled: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
         })
     }
 
@@ -193,9 +185,5 @@ impl Shared {
         let s = ActorStats::new(name.clone(), kind);
         self.actors.insert(name, s.clone());
         s
-    }
-
-    pub fn unsettled(&self) -> u64 {
-        self.received.load(Ordering::SeqCst).saturating_sub(self.settled.load(Ordering::SeqCst))
     }
 }

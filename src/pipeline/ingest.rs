@@ -13,16 +13,24 @@ use crate::model::measurement::Measurement;
 use crate::source::{DeliveryGuard, Intake};
 use serde_json::Value;
 use std::sync::Arc;
+use tokio_util::task::TaskTracker;
 
 pub struct Ingest {
     unmatched: Unmatched,
+    /// The service's work in hand: each delivery taken holds a token until its source is done.
+    work: TaskTracker,
     mappings: Arc<Current>,
     shards: Arc<Vec<Counted<DeviceShard>>>,
 }
 
 impl Ingest {
-    pub fn new(unmatched: Unmatched, mappings: Arc<Current>, shards: Arc<Vec<Counted<DeviceShard>>>) -> Self {
-        Ingest { unmatched, mappings, shards }
+    pub fn new(
+        unmatched: Unmatched,
+        mappings: Arc<Current>,
+        shards: Arc<Vec<Counted<DeviceShard>>>,
+        work: TaskTracker,
+    ) -> Self {
+        Ingest { unmatched, work, mappings, shards }
     }
 
     fn route(&self, mut measurements: Vec<Measurement>, guard: &Arc<DeliveryGuard>, mappings: &Arc<Mappings>) {
@@ -49,6 +57,7 @@ impl Ingest {
 
 impl Intake for Ingest {
     fn accept(&self, event: Result<Value, String>, guard: Arc<DeliveryGuard>) {
+        guard.hold(self.work.token());
         // The pair in force now is the one this message is normalized, grouped and written with.
         let mappings = self.mappings.get();
         let measurements = match engine::admit(&mappings.device, event) {

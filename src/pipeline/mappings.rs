@@ -3,7 +3,6 @@
 //! refused while the old pair keeps running. Each delivery is normalized, grouped and written with
 //! the pair that was current when it arrived.
 
-use super::RunError;
 use crate::config::Settings;
 use crate::engine::{self, Checked};
 use crate::metrics;
@@ -21,6 +20,15 @@ pub struct Mappings {
     pub fhir: FhirMapping,
     /// The first 12 hex digits of the sha256 of both files' text.
     pub version: String,
+}
+
+/// Why a pair of mapping files does not load.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: the {what} mapping is invalid:\n{problems}")]
+    Mapping { path: String, what: &'static str, problems: String },
+    #[error("{0}")]
+    Io(String),
 }
 
 /// The pair in force; swapped whole.
@@ -48,19 +56,19 @@ impl Current {
 
 /// Reads and parses both files through the engine; every problem with its file, line and column.
 /// Cross-check findings are warnings (MedTech runs such pairs: unmatched types are dead-lettered).
-pub fn load(s: &Settings) -> Result<Mappings, RunError> {
+pub fn load(s: &Settings) -> Result<Mappings, LoadError> {
     let read =
-        |p: &Path| std::fs::read_to_string(p).map_err(|e| RunError::Io(format!("cannot read {}: {e}", p.display())));
+        |p: &Path| std::fs::read_to_string(p).map_err(|e| LoadError::Io(format!("cannot read {}: {e}", p.display())));
     let (device_text, fhir_text) = (read(&s.mappings.device)?, read(&s.mappings.fhir)?);
     let (device_file, fhir_file) = (s.mappings.device.display().to_string(), s.mappings.fhir.display().to_string());
     let Checked { device, fhir, report } = engine::check(&device_text, Some(&fhir_text), &fhir_file);
     if !report.device.is_empty() {
         let problems = located_all(&report.device, &device_file);
-        return Err(RunError::Mapping { path: device_file, what: "device", problems });
+        return Err(LoadError::Mapping { path: device_file, what: "device", problems });
     }
     if !report.fhir.is_empty() {
         let problems = located_all(&report.fhir, &fhir_file);
-        return Err(RunError::Mapping { path: fhir_file, what: "FHIR", problems });
+        return Err(LoadError::Mapping { path: fhir_file, what: "FHIR", problems });
     }
     for p in &report.cross {
         tracing::warn!("{}", p.located(&device_file));
@@ -111,7 +119,12 @@ pub async fn watch(settings: Arc<Settings>, current: Arc<Current>, shared: Arc<S
 fn reload(settings: &Settings, current: &Current, shared: &Shared) {
     let m = metrics::get();
     match load(settings) {
-        Ok(new) if new.version == current.get().version => {}
+        // The files are back to the pair in force: whatever was refused in between is moot.
+        Ok(new) if new.version == current.get().version => {
+            if let Ok(mut r) = shared.mappings_refused.lock() {
+                *r = None;
+            }
+        }
         Ok(new) => {
             tracing::info!(version = %new.version, previous = %current.get().version, "mappings reloaded");
             announce(&new, shared);

@@ -1,5 +1,6 @@
-//! The running service: ingest → DeviceShard actors → FhirWriter actors (with the IdentityCache
-//! actor) → ack or dead-letter. This file wires them, supervises the run, and shuts it down.
+//! The stages: ingest → DeviceShard actors → FhirWriter actors (with the IdentityCache actor).
+//! [`Pipeline::start`] builds them on a FHIR store and hands back the intake a source feeds; the
+//! service (`crate::service`) composes it with the source, the HTTP endpoints and the shutdown.
 
 pub mod identity;
 pub mod ingest;
@@ -9,16 +10,15 @@ pub mod shard;
 mod testkit;
 pub mod writer;
 
-use crate::config::Settings;
-use crate::fhir::{DryRun, FhirClient, FhirStore};
-use crate::metrics;
+use crate::config::{IdentityMode, Settings};
+use crate::fhir::FhirStore;
 use crate::status::{ActorStats, Shared};
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 /// An actor's address that counts what waits in its mailbox.
 pub struct Counted<A: Actor> {
@@ -87,188 +87,86 @@ pub enum RunError {
 }
 
 /// The measurements a shard holds before it flushes. Messages are acked only after their flush, so
-/// if the shards together could hold the whole prefetch window the broker would stop sending until
-/// the interval timer fired: each shard flushes at a quarter of its share of the window at most.
-pub fn flush_bound(s: &Settings) -> usize {
-    let share = (s.broker.prefetch as usize / (4 * s.pipeline.shards)).max(1);
+/// if the shards together could hold the source's whole in-flight window the source would stop
+/// delivering until the interval timer fired: each shard flushes at a quarter of its share of the
+/// window at most.
+pub fn flush_bound(in_flight_bound: usize, s: &Settings) -> usize {
+    let share = (in_flight_bound / (4 * s.pipeline.shards)).max(1);
     s.pipeline.flush_max_measurements.min(share)
 }
 
-/// Runs the service until SIGTERM or SIGINT, then stops consuming, flushes every shard, waits for
-/// the writes and the acks, and returns.
-pub fn run(settings: Settings, dry_run: bool) -> Result<(), RunError> {
-    let mappings = mappings::load(&settings)?;
-    let system = actix_rt::System::new();
-    let result = system.block_on(serve(Arc::new(settings), mappings, dry_run));
-    System::current().stop();
-    result
+/// The running stages.
+pub struct Pipeline {
+    /// Where a source hands its deliveries.
+    pub intake: Arc<ingest::Ingest>,
+    shards: Arc<Vec<Counted<shard::DeviceShard>>>,
+    arbiters: Vec<Arbiter>,
 }
 
-async fn serve(settings: Arc<Settings>, mappings: mappings::Mappings, dry_run: bool) -> Result<(), RunError> {
-    let client = if dry_run { None } else { Some(FhirClient::new(&settings.fhir)?) };
-    let store: Arc<dyn FhirStore> = match &client {
-        Some(c) => Arc::new(c.clone()),
-        None => Arc::new(DryRun::default()),
-    };
-    let shared = Shared::new(dry_run, store.circuit().clone());
-    mappings::announce(&mappings, &shared);
-    let current = mappings::Current::new(mappings);
-    shared.mappings_loaded.store(true, Ordering::SeqCst);
-    // Bound before any actor starts: a port in use ends the start with its message, and nothing
-    // half-started is left to fail on its own.
-    let debugger = settings.http.debugger.then(|| crate::studio::Studio {
-        device: settings.mappings.device.clone(),
-        fhir: settings.mappings.fhir.clone(),
-        messages: settings.mappings.device.parent().map(|d| d.join("messages")).unwrap_or_default(),
-        token: settings.http.debugger_token.clone(),
-    });
-    let server = crate::http::server(&settings.http.listen, shared.clone(), debugger)
-        .map_err(|e| RunError::Http { addr: settings.http.listen.clone(), message: e.to_string() })?;
-    let server_handle = server.handle();
-    actix_rt::spawn(server);
+impl Pipeline {
+    /// Starts the identity cache, the writers and the shards on `store`, with the mappings in
+    /// `current`. `in_flight_bound` is the most deliveries the source hands over unsettled;
+    /// `identity` the identity mode (a dry run resolves as Create does); `work` counts every
+    /// delivery the intake takes until its source is done with it.
+    pub fn start(
+        settings: &Settings,
+        store: Arc<dyn FhirStore>,
+        identity: IdentityMode,
+        current: Arc<mappings::Current>,
+        shared: &Shared,
+        in_flight_bound: usize,
+        work: TaskTracker,
+    ) -> Pipeline {
+        let istats = shared.stats("identity".into(), "IdentityCache");
+        let ttl = Duration::from_secs(settings.identity.cache_ttl_secs);
+        let miss_ttl = Duration::from_secs(settings.identity.miss_ttl_secs);
+        let system = settings.device_system().map(str::to_string);
+        let cache = identity::IdentityCache::new(store.clone(), identity, system, ttl, miss_ttl, istats.clone());
+        let identity = Counted { addr: cache.start(), stats: istats };
 
-    let istats = shared.stats("identity".into(), "IdentityCache");
-    let identity = Counted {
-        addr: identity::IdentityCache::new(
-            store.clone(),
-            // A dry run has no server to look up in: its ids are the ones Create makes.
-            if dry_run { crate::config::IdentityMode::Create } else { settings.identity.mode },
-            settings.device_system().map(str::to_string),
-            Duration::from_secs(settings.identity.cache_ttl_secs),
-            Duration::from_secs(settings.identity.miss_ttl_secs),
-            istats.clone(),
-        )
-        .start(),
-        stats: istats,
-    };
-
-    // Actors run on `pipeline.threads` arbiters (threads), round-robin; with 0 they share the main
-    // thread with ingest. On a small machine that shares its cores with the broker, fewer threads
-    // means fewer cross-thread wake-ups per message (see the README's performance notes).
-    let arbiters: Vec<Arbiter> = (0..settings.pipeline.threads).map(|_| Arbiter::new()).collect();
-    let place = |i: usize| arbiters.get(i % arbiters.len().max(1)).map(|a| a.handle()).unwrap_or_else(Arbiter::current);
-    let mut writers = Vec::new();
-    for i in 0..settings.pipeline.writers {
-        let stats = shared.stats(format!("writer-{i}"), "FhirWriter");
-        let (c, id, batch, s) = (store.clone(), identity.clone(), settings.fhir.batch, stats.clone());
+        // Actors run on `pipeline.threads` arbiters (threads), round-robin; with 0 they share the
+        // main thread with ingest. On a small machine that shares its cores with the broker, fewer
+        // threads means fewer cross-thread wake-ups per message (see the README's performance notes).
+        let arbiters: Vec<Arbiter> = (0..settings.pipeline.threads).map(|_| Arbiter::new()).collect();
+        let place =
+            |i: usize| arbiters.get(i % arbiters.len().max(1)).map(|a| a.handle()).unwrap_or_else(Arbiter::current);
         let give_up = Some(Duration::from_secs(settings.fhir.give_up_after_secs)).filter(|d| !d.is_zero());
-        let addr =
-            writer::FhirWriter::start_in_arbiter(&place(i), move |_| writer::FhirWriter::new(c, id, batch, s, give_up));
-        writers.push(Counted { addr, stats });
-    }
-    let writers = Arc::new(writers);
-    let mut shards = Vec::new();
-    for i in 0..settings.pipeline.shards {
-        let stats = shared.stats(format!("shard-{i}"), "DeviceShard");
-        let (w, s) = (writers.clone(), stats.clone());
-        let (interval, max) = (Duration::from_millis(settings.pipeline.flush_interval_ms), flush_bound(&settings));
-        let addr = shard::DeviceShard::start_in_arbiter(&place(i + settings.pipeline.writers), move |_| {
-            shard::DeviceShard::new(w, interval, max, s)
-        });
-        shards.push(Counted { addr, stats });
-    }
-    let shards = Arc::new(shards);
-
-    if let Some(c) = client.clone() {
-        let shared = shared.clone();
-        actix_rt::spawn(async move {
-            loop {
-                let ok = c.ping().await.is_ok();
-                if shared.fhir_reachable.swap(ok, Ordering::SeqCst) != ok {
-                    tracing::info!(reachable = ok, url = c.base_url(), "FHIR server reachability changed");
-                }
-                // While writes are held, probe every second: the held work resumes as soon as a
-                // probe answers (the circuit closes), not at the end of the writers' backoff.
-                // Books the outage time as it goes (iomt_fhir_outage_seconds_total).
-                let calm = ok && c.circuit().state().is_none();
-                tokio::time::sleep(Duration::from_secs(if calm { 10 } else { 1 })).await;
-            }
-        });
-    }
-
-    actix_rt::spawn(mappings::watch(settings.clone(), current.clone(), shared.clone()));
-    let intake = Arc::new(ingest::Ingest::new(settings.broker.unmatched, current, shards.clone()));
-    let mut source = crate::source::start(&settings, intake, shared.clone());
-    let reads = match settings.source.kind {
-        crate::config::SourceKind::Rabbitmq => settings.broker.queue.clone(),
-        crate::config::SourceKind::Eventhubs => {
-            format!("{}/ConsumerGroups/{}", settings.eventhubs.hub_name(), settings.eventhubs.consumer_group)
+        let mut writers = Vec::new();
+        for i in 0..settings.pipeline.writers {
+            let stats = shared.stats(format!("writer-{i}"), "FhirWriter");
+            let (c, id, batch, s) = (store.clone(), identity.clone(), settings.fhir.batch, stats.clone());
+            let addr = writer::FhirWriter::start_in_arbiter(&place(i), move |_| {
+                writer::FhirWriter::new(c, id, batch, s, give_up)
+            });
+            writers.push(Counted { addr, stats });
         }
-    };
-    tracing::info!(
-        source = settings.source.kind.as_str(),
-        reads = %reads,
-        shards = settings.pipeline.shards,
-        writers = settings.pipeline.writers,
-        fhir = %settings.fhir.base_url,
-        dry_run,
-        http = %settings.http.listen,
-        "iomt-connector running"
-    );
-
-    wait_for_signal().await;
-    tracing::info!("stopping: no new messages; flushing shards and waiting for writes and acks");
-    source.stop_taking().await;
-    for s in shards.iter() {
-        let _ = s.send(shard::FlushNow).await;
-    }
-    let started = Instant::now();
-    // During a FHIR outage the held messages cannot be written before an orchestrator's grace
-    // period ends: after 10 s of it, stop without them. They stay unacked (the source stops
-    // settling first), so the broker redelivers them.
-    let mut outage_since: Option<Instant> = None;
-    while shared.unsettled() > 0 && started.elapsed() < Duration::from_secs(300) {
-        if shared.fhir_circuit.is_open() {
-            if outage_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(10) {
-                tracing::warn!(
-                    held = shared.unsettled(),
-                    "stopping during a FHIR outage: held messages go back to the broker"
-                );
-                break;
-            }
-        } else {
-            outage_since = None;
+        let writers = Arc::new(writers);
+        let (interval, max) =
+            (Duration::from_millis(settings.pipeline.flush_interval_ms), flush_bound(in_flight_bound, settings));
+        let mut shards = Vec::new();
+        for i in 0..settings.pipeline.shards {
+            let stats = shared.stats(format!("shard-{i}"), "DeviceShard");
+            let (w, s) = (writers.clone(), stats.clone());
+            let addr = shard::DeviceShard::start_in_arbiter(&place(i + settings.pipeline.writers), move |_| {
+                shard::DeviceShard::new(w, interval, max, s)
+            });
+            shards.push(Counted { addr, stats });
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let shards = Arc::new(shards);
+        let intake = Arc::new(ingest::Ingest::new(settings.unmatched(), current, shards.clone(), work));
+        Pipeline { intake, shards, arbiters }
     }
-    let left = shared.unsettled();
-    source.close().await;
-    server_handle.stop(true).await;
-    for a in arbiters {
-        a.stop();
-    }
-    let m = metrics::get();
-    tracing::info!(
-        received = shared.received.load(Ordering::SeqCst),
-        acked = m.messages_acked.get(),
-        dead_lettered = shared.dead_lettered.load(Ordering::SeqCst),
-        unsettled = left,
-        "stopped"
-    );
-    eprintln!(
-        "iomt-connector stopped: received {}, acked {}, dead-lettered {}, unacked {left}",
-        shared.received.load(Ordering::SeqCst),
-        m.messages_acked.get(),
-        shared.dead_lettered.load(Ordering::SeqCst)
-    );
-    if left > 0 {
-        Err(RunError::Io(format!("{left} messages were not written before the stop; the broker will redeliver them")))
-    } else {
-        Ok(())
-    }
-}
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+    /// Hands every shard's groups to the writers now (shutdown: nothing waits for its timer).
+    pub async fn flush(&self) {
+        for s in self.shards.iter() {
+            let _ = s.send(shard::FlushNow).await;
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+
+    pub fn stop(self) {
+        for a in self.arbiters {
+            a.stop();
         }
     }
 }

@@ -11,7 +11,10 @@
 
 mod balance;
 mod book;
+mod source;
 pub mod store;
+
+pub use source::EventHubsSource;
 
 use crate::config::{EventHubs, EventHubsAuth, StartAt};
 use crate::metrics;
@@ -732,9 +735,7 @@ fn handle(
         enqueued_time: event.enqueued_time().map(chrono::DateTime::<chrono::Utc>::from),
     };
     book.read(at.clone());
-    metrics::get().messages_received.inc();
-    metrics::get().unacked.inc();
-    ctx.shared.received.fetch_add(1, Ordering::SeqCst);
+    crate::source::book_received();
     let record = Record { partition: pid.clone(), at, message: message.clone() };
     let guard = Arc::new(DeliveryGuard::new(Position::new(record), sent_at(message), to_reader.clone()));
     ctx.intake.accept(envelope(message), guard);
@@ -753,7 +754,7 @@ async fn settle(ctx: &Ctx, s: Settled, book: &mut Book) {
         loop {
             match dead_letter(ctx, &record, f).await {
                 Ok(()) => {
-                    book_dead_lettered(f.kind, &f.message, &ctx.shared);
+                    book_dead_lettered(f.kind, &f.message);
                     break;
                 }
                 Err(e) => {
@@ -765,7 +766,7 @@ async fn settle(ctx: &Ctx, s: Settled, book: &mut Book) {
         }
     }
     book.settled(record.at.sequence_number);
-    book_settled(s.sent_at, s.received, true, &ctx.shared);
+    book_settled(s.sent_at, s.received, true);
 }
 
 /// The original event to the dead-letter hub: body, properties and application properties as

@@ -9,60 +9,81 @@
 //! sees an actor.
 
 pub mod eventhubs;
+pub mod memory;
 pub mod ordered;
 pub mod rabbitmq;
 
+use crate::config::Settings;
 use crate::metrics;
 use crate::model::kind::ErrorKind;
 use crate::status::Shared;
 use serde_json::{Map, Value};
 use std::any::Any;
-use std::sync::Mutex;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
-/// A running source, whichever it is.
-pub enum Running {
-    Rabbitmq(Box<rabbitmq::Running>),
-    Eventhubs(eventhubs::Running),
+/// A source of device messages (quickwit's `Source`): what the service asks of it. A source
+/// turns each delivery into its envelope and a [`DeliveryGuard`], hands both to the intake, and
+/// acks, checkpoints or dead-letters each delivery when its guard reports back.
+pub trait Source {
+    /// `source.kind`.
+    fn kind(&self) -> &'static str;
+    /// What it reads (a queue, a hub's consumer group), for the log.
+    fn reads(&self) -> String;
+    /// The most deliveries it hands over unsettled at a time: what the shards' flush bound divides.
+    fn in_flight_bound(&self) -> usize;
+    /// Starts reading into `intake`; its connection state goes to `shared` (readiness, `/actors`).
+    fn start(self: Box<Self>, intake: Arc<dyn Intake>, shared: Arc<Shared>) -> Box<dyn Running>;
 }
 
-/// Starts the configured source (`source.kind`), handing its deliveries to `intake`.
-pub fn start(
-    settings: &crate::config::Settings,
-    intake: std::sync::Arc<dyn Intake>,
-    shared: std::sync::Arc<Shared>,
-) -> Running {
-    let kind = settings.source.kind;
-    let _ = shared.source_kind.set(kind.as_str());
-    metrics::get().source_info.with_label_values(&[kind.as_str()]).set(1);
-    match kind {
-        crate::config::SourceKind::Rabbitmq => {
-            Running::Rabbitmq(Box::new(rabbitmq::start(settings.broker.clone(), intake, shared)))
-        }
-        crate::config::SourceKind::Eventhubs => {
-            Running::Eventhubs(eventhubs::start(settings.eventhubs.clone(), intake, shared))
-        }
-    }
-}
-
-impl Running {
+/// A source that is reading.
+#[async_trait::async_trait(?Send)]
+pub trait Running {
     /// Stops taking new messages; those already handed over are still settled.
-    pub async fn stop_taking(&mut self) {
-        match self {
-            Running::Rabbitmq(r) => r.stop_taking().await,
-            Running::Eventhubs(r) => r.stop_taking().await,
-        }
-    }
-
+    async fn stop_taking(&mut self);
     /// Once the pipeline has settled what it was given: the last acks or checkpoints, then the
     /// connection closes.
-    pub async fn close(self) {
+    async fn close(self: Box<Self>);
+}
+
+/// Which source the messages come from (`source.kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// `[broker]`: a RabbitMQ queue (or shard queues).
+    #[default]
+    Rabbitmq,
+    /// `[eventhubs]`: an Azure Event Hub, its partitions shared by the instances of one consumer group.
+    Eventhubs,
+}
+
+// The registry: a new source is a folder under src/source/, a variant above, and one line in
+// each of the three matches below.
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Running::Rabbitmq(r) => (*r).close(),
-            Running::Eventhubs(r) => r.close().await,
+            SourceKind::Rabbitmq => "rabbitmq",
+            SourceKind::Eventhubs => "eventhubs",
         }
+    }
+}
+
+/// The configured source, built from its settings section.
+pub fn configured(settings: &Settings) -> Box<dyn Source> {
+    match settings.source.kind {
+        SourceKind::Rabbitmq => Box::new(rabbitmq::Rabbitmq(settings.broker.clone())),
+        SourceKind::Eventhubs => Box::new(eventhubs::EventHubsSource(settings.eventhubs.clone())),
+    }
+}
+
+/// The configured source's settings problems (only its own section is checked).
+pub(crate) fn check(settings: &Settings, p: &mut crate::config::Problems) {
+    match settings.source.kind {
+        SourceKind::Rabbitmq => settings.broker.check(p),
+        SourceKind::Eventhubs => settings.eventhubs.check(p),
     }
 }
 
@@ -98,6 +119,9 @@ pub struct Settled {
     /// When the device sent it (for the latency metric), if the message says.
     pub sent_at: Option<SystemTime>,
     pub received: Instant,
+    /// The service's count of work in hand: held until the source has acked, checkpointed or
+    /// returned the delivery, so that shutdown knows when the last one is done.
+    pub work: Option<TaskTrackerToken>,
 }
 
 /// A delivery in flight. See the module comment; `Drop` is the only way out, so nothing derived
@@ -106,11 +130,19 @@ pub struct DeliveryGuard {
     settled: Option<(Position, Option<SystemTime>, Instant)>,
     failure: Mutex<Option<Failure>>,
     to_source: UnboundedSender<Settled>,
+    work: OnceLock<TaskTrackerToken>,
 }
 
 impl DeliveryGuard {
     pub fn new(position: Position, sent_at: Option<SystemTime>, to_source: UnboundedSender<Settled>) -> Self {
-        DeliveryGuard { settled: Some((position, sent_at, Instant::now())), failure: Mutex::new(None), to_source }
+        let settled = Some((position, sent_at, Instant::now()));
+        DeliveryGuard { settled, failure: Mutex::new(None), to_source, work: OnceLock::new() }
+    }
+
+    /// The pipeline took the delivery in hand: the service's work count holds it until its source
+    /// is done with it (the intake calls this; the first token is kept).
+    pub fn hold(&self, work: TaskTrackerToken) {
+        let _ = self.work.set(work);
     }
 
     /// Records a failure; the first one is the reason given when the message is dead-lettered.
@@ -137,7 +169,8 @@ impl Drop for DeliveryGuard {
             let status = failure.map_or(Status::Persisted, Status::DeadLettered);
             // The source outlives every guard during a run; if it is gone the process is ending
             // and the broker redelivers what it did not hear about.
-            let _ = self.to_source.send(Settled { position, status, sent_at, received });
+            let work = self.work.take();
+            let _ = self.to_source.send(Settled { position, status, sent_at, received, work });
         }
     }
 }
@@ -173,7 +206,7 @@ pub trait Intake: Send + Sync {
 /// The bookkeeping every source does when it has settled a delivery: acked (or not, when its
 /// broker session is gone and the broker will redeliver), the end-to-end latency, the in-flight
 /// count.
-pub fn book_settled(sent_at: Option<SystemTime>, received: Instant, acked: bool, shared: &Shared) {
+pub fn book_settled(sent_at: Option<SystemTime>, received: Instant, acked: bool) {
     let m = metrics::get();
     if acked {
         m.messages_acked.inc();
@@ -181,13 +214,18 @@ pub fn book_settled(sent_at: Option<SystemTime>, received: Instant, acked: bool,
     m.unacked.dec();
     let since = sent_at.and_then(|t| SystemTime::now().duration_since(t).ok()).unwrap_or_else(|| received.elapsed());
     m.latency.observe(since.as_secs_f64());
-    shared.settled.fetch_add(1, Ordering::SeqCst);
+}
+
+/// A delivery was taken from the broker (before the pipeline sees it).
+pub fn book_received() {
+    let m = metrics::get();
+    m.messages_received.inc();
+    m.unacked.inc();
 }
 
 /// A dead letter is out: counted, and logged without the message's content.
-pub fn book_dead_lettered(kind: ErrorKind, message: &str, shared: &Shared) {
+pub fn book_dead_lettered(kind: ErrorKind, message: &str) {
     metrics::get().dead_lettered.with_label_values(&[kind.as_str()]).inc();
-    shared.dead_lettered.fetch_add(1, Ordering::SeqCst);
     tracing::info!(%kind, "message dead-lettered");
     tracing::debug!(%kind, error = %message, "dead-letter reason");
 }

@@ -6,6 +6,31 @@ mod consumer;
 
 pub use consumer::{Running, start};
 
+/// `source.kind = "rabbitmq"`: the `[broker]` section's queue (or shard queues).
+pub struct Rabbitmq(pub Broker);
+
+impl crate::source::Source for Rabbitmq {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn reads(&self) -> String {
+        self.0.queue.clone()
+    }
+
+    fn in_flight_bound(&self) -> usize {
+        self.0.prefetch as usize
+    }
+
+    fn start(
+        self: Box<Self>,
+        intake: std::sync::Arc<dyn crate::source::Intake>,
+        shared: std::sync::Arc<crate::status::Shared>,
+    ) -> Box<dyn crate::source::Running> {
+        Box::new(start(self.0, intake, shared))
+    }
+}
+
 use crate::config::{Broker, QueueType, Topology};
 use crate::source::Failure;
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};

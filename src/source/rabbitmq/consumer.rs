@@ -6,7 +6,9 @@ use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope
 use crate::config::{Broker, Topology};
 use crate::metrics;
 use crate::source::ordered::InOrder;
-use crate::source::{DeliveryGuard, Failure, Intake, Position, Settled, Status, book_dead_lettered, book_settled};
+use crate::source::{
+    DeliveryGuard, Failure, Intake, Position, Settled, Status, book_dead_lettered, book_received, book_settled,
+};
 use crate::status::{QueueState, Shared};
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream, SelectAll};
@@ -22,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// What the source keeps of a delivery until it is settled (the pipeline sees it as a `Position`).
 struct Record {
@@ -41,6 +44,8 @@ struct Done {
     record: Record,
     sent_at: Option<SystemTime>,
     received: Instant,
+    /// Held until the ack is out: the service's shutdown waits for it.
+    _work: Option<TaskTrackerToken>,
 }
 
 /// What keeps the broker session open while the last acks go out.
@@ -72,16 +77,17 @@ pub fn start(broker: Broker, intake: Arc<dyn Intake>, shared: Arc<Shared>) -> Ru
     let (to_settler, settled) = tokio::sync::mpsc::unbounded_channel();
     let (reads, read) = tokio::sync::mpsc::unbounded_channel();
     let dl_channel = Arc::new(Mutex::new(None));
-    let settler = actix_rt::spawn(settler(settled, read, dl_channel.clone(), broker.clone(), shared.clone()));
+    let settler = actix_rt::spawn(settler(settled, read, dl_channel.clone(), broker.clone()));
     let session = AtomicU64::new(0);
     let consumer = Consumer { session, broker, intake, shared, to_settler, reads, primary, standby };
     let consumer = actix_rt::spawn(run(consumer, stop_rx, dl_channel));
     Running { stop, consumer: Some(consumer), keep_alive: None, settler }
 }
 
-impl Running {
+#[async_trait::async_trait(?Send)]
+impl crate::source::Running for Running {
     /// Stops taking deliveries; those already sent by the broker are still handed over.
-    pub async fn stop_taking(&mut self) {
+    async fn stop_taking(&mut self) {
         let _ = self.stop.send(true);
         if let Some(c) = self.consumer.take() {
             self.keep_alive = c.await.ok().flatten();
@@ -89,7 +95,7 @@ impl Running {
     }
 
     /// Closes the broker session (once the pipeline has settled what it was given).
-    pub fn close(self) {
+    async fn close(self: Box<Self>) {
         drop(self.keep_alive);
         self.settler.abort();
     }
@@ -142,11 +148,8 @@ async fn subscribe(channel: &Channel, queue: &Arc<QueueState>) -> lapin::Result<
 
 impl Consumer {
     fn handle(&self, queue: &QueueState, d: Delivery) {
-        let m = metrics::get();
-        m.messages_received.inc();
-        m.unacked.inc();
+        book_received();
         queue.delivered();
-        self.shared.received.fetch_add(1, Ordering::SeqCst);
         let event = envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered);
         let record = Record {
             acker: d.acker,
@@ -393,7 +396,6 @@ async fn settler(
     mut reads: UnboundedReceiver<(u64, u64)>,
     dl: Arc<Mutex<Option<Channel>>>,
     broker: Broker,
-    shared: Arc<Shared>,
 ) {
     let mut book = Book { order: InOrder::default(), session: 0 };
     loop {
@@ -401,7 +403,7 @@ async fn settler(
         let first = tokio::select! {
             s = rx.recv() => s,
             _ = tokio::time::sleep_until(next_straggler.into()), if book.order.is_waiting() => {
-                ack_stragglers(&mut book, &shared).await;
+                ack_stragglers(&mut book).await;
                 continue;
             }
         };
@@ -415,7 +417,7 @@ async fn settler(
         }
         // Every delivery was announced before the pipeline saw it, so before it could settle.
         while let Ok(read) = reads.try_recv() {
-            book.read(read, &shared);
+            book.read(read);
         }
         for s in batch {
             let Some(record) = s.position.into_inner::<Record>() else {
@@ -427,13 +429,14 @@ async fn settler(
                 // From a session that is gone: its ack would fail and the broker redelivers it, so
                 // dead-lettering it now would dead-letter it twice. It is dealt with on redelivery.
                 Status::DeadLettered(_) if !record.acker.usable() => false,
-                Status::DeadLettered(f) => !dead_letter_one(&dl, &broker, &shared, &record, f).await,
+                Status::DeadLettered(f) => !dead_letter_one(&dl, &broker, &record, f).await,
                 Status::Persisted => false,
             };
-            settle_one(&mut book, Done { record, sent_at: s.sent_at, received: s.received }, requeue, &shared).await;
+            let done = Done { record, sent_at: s.sent_at, received: s.received, _work: s.work };
+            settle_one(&mut book, done, requeue).await;
         }
-        ack_in_order(&mut book, &shared).await;
-        ack_stragglers(&mut book, &shared).await;
+        ack_in_order(&mut book).await;
+        ack_stragglers(&mut book).await;
     }
 }
 
@@ -443,13 +446,7 @@ async fn settler(
 /// cost the broker more CPU than the connector itself and cut end-to-end throughput.
 const STRAGGLER: Duration = Duration::from_secs(1);
 
-async fn dead_letter_one(
-    dl: &Mutex<Option<Channel>>,
-    broker: &Broker,
-    shared: &Shared,
-    r: &Record,
-    f: &Failure,
-) -> bool {
+async fn dead_letter_one(dl: &Mutex<Option<Channel>>, broker: &Broker, r: &Record, f: &Failure) -> bool {
     let channel = dl.lock().ok().and_then(|c| c.clone());
     let published = match channel {
         Some(ch) => {
@@ -460,7 +457,7 @@ async fn dead_letter_one(
     };
     match published {
         Ok(()) => {
-            book_dead_lettered(f.kind, &f.message, shared);
+            book_dead_lettered(f.kind, &f.message);
             true
         }
         Err(e) => {
@@ -479,36 +476,36 @@ struct Book {
 impl Book {
     /// A delivery was handed to the pipeline. The first of a new session voids what waited for the
     /// old one: its tags can no longer be acked, and the broker redelivers those messages.
-    fn read(&mut self, (session, tag): (u64, u64), shared: &Shared) {
+    fn read(&mut self, (session, tag): (u64, u64)) {
         if session > self.session {
-            self.order.clear().iter().for_each(|old| count(old, false, shared));
+            self.order.clear().iter().for_each(|old| count(old, false));
             self.session = session;
         }
         self.order.read((session, tag));
     }
 }
 
-fn count(d: &Done, acked: bool, shared: &Shared) {
-    book_settled(d.sent_at, d.received, acked, shared);
+fn count(d: &Done, acked: bool) {
+    book_settled(d.sent_at, d.received, acked);
 }
 
-async fn settle_one(book: &mut Book, d: Done, requeue: bool, shared: &Shared) {
+async fn settle_one(book: &mut Book, d: Done, requeue: bool) {
     let at = (d.record.session, d.record.tag);
     if requeue && at.0 == book.session {
         // Returned to the queue at once, on its own: nothing waits for it.
         let _ = d.record.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
         book.order.forget(at);
-        count(&d, false, shared);
+        count(&d, false);
         return;
     }
     // A stale session's delivery: its tag is void (the broker redelivers the message).
     if let Err(d) = book.order.settle(at, d, Instant::now()) {
-        count(&d, false, shared);
+        count(&d, false);
     }
 }
 
 /// One `multiple` ack for the run of settled tags at the head.
-async fn ack_in_order(book: &mut Book, shared: &Shared) {
+async fn ack_in_order(book: &mut Book) {
     let run = book.order.release();
     if let Some(last) = run.last() {
         let ok = last.record.acker.ack(BasicAckOptions { multiple: true }).await.unwrap_or(false);
@@ -516,15 +513,15 @@ async fn ack_in_order(book: &mut Book, shared: &Shared) {
             tracing::debug!("ack not sent (channel closed); the broker will redeliver");
         }
         for d in &run {
-            count(d, ok, shared);
+            count(d, ok);
         }
     }
 }
 
 /// Acks, one by one, what has waited `STRAGGLER` behind a tag still in flight.
-async fn ack_stragglers(book: &mut Book, shared: &Shared) {
+async fn ack_stragglers(book: &mut Book) {
     for d in book.order.stragglers(Instant::now(), STRAGGLER) {
         let ok = d.record.acker.ack(BasicAckOptions::default()).await.unwrap_or(false);
-        count(&d, ok, shared);
+        count(&d, ok);
     }
 }
