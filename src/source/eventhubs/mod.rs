@@ -1,0 +1,44 @@
+//! Azure Event Hubs (AMQP 1.0, Microsoft's `azure_messaging_eventhubs`): the evaluation envelope of
+//! an event, partition ownership shared with the other instances of the consumer group, in-order
+//! checkpoints, and dead letters sent to a dead-letter hub. No Event Hubs type leaves this module.
+//!
+//! Every instance runs one coordinator. Each balancing round it renews what it owns, then claims
+//! at most one partition (`balance::next_claim`) in the PostgreSQL store (`store`). For each partition
+//! it owns, a reader opens a receiver with the ownership's version as its owner level (epoch), so
+//! the service cuts off a previous owner that has not noticed yet. The reader hands events to the
+//! pipeline, pauses when `max_in_flight` are unsettled (the held-messages rule of a FHIR outage),
+//! and moves the checkpoint only past events that are persisted or dead-lettered (`book`).
+
+mod balance;
+mod book;
+mod client;
+mod coordinator;
+mod envelope;
+mod publisher;
+mod reader;
+mod source;
+pub mod store;
+
+pub use client::{consumer, producer};
+pub use coordinator::{Running, start};
+pub use envelope::envelope;
+pub use publisher::{HubPublisher, event};
+pub use source::EventHubsSource;
+
+pub const ERROR_KIND_PROPERTY: &str = "x-iomt-error-kind";
+pub const ERROR_PROPERTY: &str = "x-iomt-error";
+/// The send time a sender may stamp (epoch milliseconds), as on RabbitMQ.
+pub const SENT_AT_PROPERTY: &str = "x-iomt-sent-at";
+
+/// What went wrong with the hub or the checkpoint store, in words naming the setting to check.
+#[derive(Debug, thiserror::Error)]
+pub enum EventHubsError {
+    #[error("event hub {hub}: {message}")]
+    Hub { hub: String, message: String },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+fn hub_error(hub: &str, e: impl std::fmt::Display) -> EventHubsError {
+    EventHubsError::Hub { hub: hub.to_string(), message: e.to_string() }
+}
