@@ -2,6 +2,7 @@
 //! variable `IOMT_<SECTION>__<KEY>` (e.g. `IOMT_BROKER__PREFETCH=500`), validated at start with a
 //! message that names the key.
 
+pub use crate::source::{Broker, EventHubs, EventHubsAuth, QueueType, StartAt, Topology, connection_string_part};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
@@ -26,92 +27,6 @@ pub struct Settings {
     pub log: Log,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Broker {
-    /// `amqp://user:password@host:port/vhost`.
-    pub url: String,
-    pub queue: String,
-    /// Unacked messages the broker may hand us at once: also the bound on messages in memory.
-    pub prefetch: u16,
-    pub dead_letter_exchange: String,
-    pub dead_letter_queue: String,
-    /// Declare the queue, the dead-letter exchange and queue at start (durable).
-    pub declare: bool,
-    /// Deprecated: `pipeline.unmatched` (read when that is not set, with a warning).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unmatched: Option<Unmatched>,
-    /// Seconds between reconnection attempts when the broker is unreachable.
-    pub reconnect_delay_secs: u64,
-    /// The type of the queues the connector declares: `quorum` (replicated, with a delivery limit)
-    /// or `classic`. Queues that already exist are used as they are.
-    #[serde(default)]
-    pub queue_type: QueueType,
-    /// Quorum queues: deliveries of one message before the broker dead-letters it (a message that
-    /// keeps crashing the process must not loop forever). 0: no limit.
-    #[serde(default = "default_delivery_limit")]
-    pub delivery_limit: u32,
-    /// `queue`: every instance consumes `queue`. `sharded`: devices are spread by id over
-    /// `shard_queues` queues by a consistent-hash exchange, each consumed by one instance at a time.
-    #[serde(default)]
-    pub topology: Topology,
-    /// Sharded: how many shard queues (`{queue}.shard-0` ...); the exchange is named `queue`.
-    #[serde(default = "default_shard_queues")]
-    pub shard_queues: u16,
-    /// Sharded: this instance's index, 0-based, and how many instances share the shard queues.
-    /// Instance `i` is the first consumer of shard queues `k` with `k % instances == i`, and a
-    /// standby on the others.
-    #[serde(default)]
-    pub instance: u16,
-    #[serde(default = "default_instances")]
-    pub instances: u16,
-    /// Sharded: the exchange hashes this header's value instead of the routing key; empty: the
-    /// routing key (the device id) is hashed.
-    #[serde(default)]
-    pub hash_header: String,
-    /// RabbitMQ's management API (`http://host:15672`), to learn on which shard queues this instance
-    /// is the active consumer (`/actors`, `/metrics`); empty: not asked (activity is then unknown).
-    #[serde(default)]
-    pub management_url: String,
-    /// Sharded: when this instance takes over a shard queue (its first delivery there is a
-    /// redelivery), it waits this long before processing, so that the FHIR writes the previous
-    /// consumer still had in flight land first (keep it at least `fhir.timeout_ms`).
-    #[serde(default = "default_takeover_grace_ms")]
-    pub takeover_grace_ms: u64,
-}
-
-fn default_takeover_grace_ms() -> u64 {
-    10_000
-}
-
-fn default_shard_queues() -> u16 {
-    6
-}
-
-fn default_instances() -> u16 {
-    1
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Topology {
-    #[default]
-    Queue,
-    Sharded,
-}
-
-fn default_delivery_limit() -> u32 {
-    20
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    #[default]
-    Quorum,
-    Classic,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Unmatched {
@@ -123,86 +38,6 @@ pub enum Unmatched {
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
     pub kind: crate::source::SourceKind,
-}
-
-/// `source.kind = "eventhubs"`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EventHubs {
-    /// `Endpoint=sb://NAMESPACE.servicebus.windows.net/;SharedAccessKeyName=…;SharedAccessKey=…;EntityPath=HUB`
-    /// (the hub may be given as `hub` instead). For `auth = "connection-string"`.
-    pub connection_string: String,
-    /// `connection-string` (SAS) or `entra` (Microsoft Entra client credentials).
-    pub auth: EventHubsAuth,
-    /// The fully qualified namespace, e.g. `myns.servicebus.windows.net` (`auth = "entra"`).
-    pub namespace: String,
-    pub hub: String,
-    pub consumer_group: String,
-    /// `auth = "entra"`: the app registration's tenant, client id and secret.
-    pub tenant_id: String,
-    pub client_id: String,
-    pub client_secret: String,
-    /// Where Entra tokens come from; another authority (a sovereign cloud) may be set here.
-    pub authority_host: String,
-    /// Talk to this AMQP address instead of the namespace's (`amqp://host:port`: plain AMQP, as the
-    /// Event Hubs emulator and the test peer speak; `amqps://` for a gateway).
-    pub custom_endpoint: String,
-    /// The checkpoint store: a PostgreSQL connection string (`host=… user=… dbname=…` or a
-    /// `postgres://` URL). Ownership and checkpoints of every instance of the consumer group live there.
-    pub checkpoint_postgres_url: String,
-    /// Where a partition without a checkpoint starts: `earliest`, `latest`, or an enqueued time
-    /// (RFC 3339, e.g. `2026-11-24T00:00:00Z`).
-    pub start_position: String,
-    /// This instance's name in the ownership table; empty: host name and process id.
-    pub instance_id: String,
-    /// An instance that has not renewed its ownership for this long is taken to be gone, and its
-    /// partitions are taken over.
-    pub ownership_expiry_secs: u64,
-    /// How often an instance renews its ownership and looks for partitions to claim (at most one
-    /// per round; after the first interval, a round that claimed a free one is followed by the next
-    /// 100 ms later). Keep it well below `ownership_expiry_secs`.
-    pub balance_interval_secs: u64,
-    /// How often checkpoints are written (each partition's, when it has moved).
-    pub checkpoint_interval_ms: u64,
-    /// Events of one partition being processed at once, at most (what `broker.prefetch` is for a
-    /// queue): during a FHIR outage this many are held and reading the partition pauses.
-    pub max_in_flight: usize,
-    /// The event hub dead letters are sent to (same namespace and credentials), with the error in
-    /// the application properties `x-iomt-error-kind` and `x-iomt-error`.
-    pub dead_letter_hub: String,
-}
-
-impl Default for EventHubs {
-    fn default() -> Self {
-        EventHubs {
-            connection_string: String::new(),
-            auth: EventHubsAuth::ConnectionString,
-            namespace: String::new(),
-            hub: String::new(),
-            consumer_group: "$Default".into(),
-            tenant_id: String::new(),
-            client_id: String::new(),
-            client_secret: String::new(),
-            authority_host: "https://login.microsoftonline.com".into(),
-            custom_endpoint: String::new(),
-            checkpoint_postgres_url: String::new(),
-            start_position: "earliest".into(),
-            instance_id: String::new(),
-            ownership_expiry_secs: 30,
-            balance_interval_secs: 5,
-            checkpoint_interval_ms: 1000,
-            max_in_flight: 5000,
-            dead_letter_hub: String::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EventHubsAuth {
-    #[default]
-    ConnectionString,
-    Entra,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -351,7 +186,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn from_problems(mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
+    pub(crate) fn from_problems(mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
         match problems.len() {
             0 => Ok(()),
             1 => Err(problems.remove(0)),
@@ -362,7 +197,7 @@ impl ConfigError {
 
 /// Collects what validation finds wrong.
 #[derive(Default)]
-pub(crate) struct Problems(Vec<ConfigError>);
+pub(crate) struct Problems(pub(crate) Vec<ConfigError>);
 
 impl Problems {
     pub(crate) fn bad(&mut self, key: &str, message: impl Into<String>) {
@@ -410,183 +245,6 @@ fn load_error(e: figment::Error) -> ConfigError {
 
 /// The defaults shipped with the connector, used when no file is given.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
-
-impl Broker {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let mut p = Problems::default();
-        self.check(&mut p);
-        ConfigError::from_problems(p.0)
-    }
-
-    pub(crate) fn check(&self, p: &mut Problems) {
-        if !self.url.starts_with("amqp://") && !self.url.starts_with("amqps://") {
-            p.bad("broker.url", format!("'{}' is not an amqp:// or amqps:// URL", self.url));
-        }
-        if self.queue.trim().is_empty() {
-            p.bad("broker.queue", "must name a queue");
-        }
-        if self.prefetch == 0 {
-            p.bad("broker.prefetch", "must be at least 1");
-        }
-        if self.dead_letter_exchange.trim().is_empty() {
-            p.bad("broker.dead_letter_exchange", "must name an exchange: nothing may be dropped silently");
-        }
-        if self.dead_letter_queue.trim().is_empty() {
-            p.bad("broker.dead_letter_queue", "must name a queue: dead letters must be kept");
-        }
-        if self.topology == Topology::Sharded {
-            if self.shard_queues == 0 {
-                p.bad("broker.shard_queues", "must be at least 1");
-            }
-            if self.instances == 0 || self.instance >= self.instances {
-                p.bad(
-                    "broker.instance",
-                    format!(
-                        "{} is not an index below broker.instances ({}): instances are numbered 0 to instances - 1",
-                        self.instance, self.instances
-                    ),
-                );
-            }
-        }
-        if !self.management_url.is_empty() && reqwest::Url::parse(&self.management_url).is_err() {
-            p.bad("broker.management_url", format!("'{}' is not a URL", self.management_url));
-        }
-    }
-}
-
-impl EventHubs {
-    /// The hub: `hub`, or the connection string's `EntityPath`.
-    pub fn hub_name(&self) -> String {
-        if !self.hub.is_empty() {
-            return self.hub.clone();
-        }
-        connection_string_part(&self.connection_string, "EntityPath").unwrap_or_default()
-    }
-
-    /// The fully qualified namespace: `namespace`, or the host of the connection string's `Endpoint`.
-    pub fn namespace_host(&self) -> String {
-        if !self.namespace.is_empty() {
-            return self.namespace.clone();
-        }
-        let endpoint = connection_string_part(&self.connection_string, "Endpoint").unwrap_or_default();
-        let host = endpoint.split_once("://").map_or(endpoint.as_str(), |(_, rest)| rest);
-        host.trim_end_matches('/').to_string()
-    }
-
-    pub(crate) fn check(&self, p: &mut Problems) {
-        match self.auth {
-            EventHubsAuth::ConnectionString => {
-                if self.connection_string.is_empty() {
-                    p.bad("eventhubs.connection_string", "is required when eventhubs.auth = \"connection-string\"");
-                } else {
-                    for part in ["Endpoint", "SharedAccessKeyName", "SharedAccessKey"] {
-                        if connection_string_part(&self.connection_string, part).is_none() {
-                            p.bad(
-                                "eventhubs.connection_string",
-                                format!(
-                                    "has no {part}=…; copy it from the hub's or namespace's Shared access policies"
-                                ),
-                            );
-                        }
-                    }
-                }
-            }
-            EventHubsAuth::Entra => {
-                for (key, v) in [
-                    ("eventhubs.namespace", &self.namespace),
-                    ("eventhubs.tenant_id", &self.tenant_id),
-                    ("eventhubs.client_id", &self.client_id),
-                    ("eventhubs.client_secret", &self.client_secret),
-                ] {
-                    if v.is_empty() {
-                        p.bad(key, "is required when eventhubs.auth = \"entra\"");
-                    }
-                }
-                if reqwest::Url::parse(&self.authority_host).is_err() {
-                    p.bad("eventhubs.authority_host", format!("'{}' is not a URL", self.authority_host));
-                }
-            }
-        }
-        if self.hub_name().is_empty() {
-            p.bad("eventhubs.hub", "must name the event hub (or give EntityPath= in eventhubs.connection_string)");
-        }
-        if self.consumer_group.is_empty() {
-            p.bad("eventhubs.consumer_group", "must name a consumer group ($Default is the hub's own)");
-        }
-        let amqp = |u: &str| u.starts_with("amqp://") || u.starts_with("amqps://");
-        if !self.custom_endpoint.is_empty() && !amqp(&self.custom_endpoint) {
-            p.bad(
-                "eventhubs.custom_endpoint",
-                format!("'{}' is not an amqp:// or amqps:// address", self.custom_endpoint),
-            );
-        }
-        if self.checkpoint_postgres_url.is_empty() {
-            p.bad(
-                "eventhubs.checkpoint_postgres_url",
-                "is required: ownership and checkpoints are kept in PostgreSQL (e.g. host=127.0.0.1 user=postgres dbname=iomt)",
-            );
-        } else if self.checkpoint_postgres_url.parse::<tokio_postgres::Config>().is_err() {
-            p.bad("eventhubs.checkpoint_postgres_url", "is not a PostgreSQL connection string");
-        }
-        if self.start_position().is_none() {
-            p.bad(
-                "eventhubs.start_position",
-                format!("'{}' is not earliest, latest or an RFC 3339 time", self.start_position),
-            );
-        }
-        if self.dead_letter_hub.is_empty() {
-            p.bad(
-                "eventhubs.dead_letter_hub",
-                "must name the event hub dead letters go to: nothing may be dropped silently",
-            );
-        } else if self.dead_letter_hub == self.hub_name() {
-            p.bad("eventhubs.dead_letter_hub", "must not be the hub the connector reads");
-        }
-        if self.ownership_expiry_secs < 2 * self.balance_interval_secs.max(1) {
-            p.bad(
-                "eventhubs.ownership_expiry_secs",
-                format!(
-                    "{} is less than twice eventhubs.balance_interval_secs ({}): owners would lose partitions between renewals",
-                    self.ownership_expiry_secs, self.balance_interval_secs
-                ),
-            );
-        }
-        if self.balance_interval_secs == 0 {
-            p.bad("eventhubs.balance_interval_secs", "must be at least 1");
-        }
-        if self.checkpoint_interval_ms == 0 {
-            p.bad("eventhubs.checkpoint_interval_ms", "must be at least 1");
-        }
-        if self.max_in_flight == 0 {
-            p.bad("eventhubs.max_in_flight", "must be at least 1");
-        }
-    }
-
-    /// `start_position`, understood.
-    pub fn start_position(&self) -> Option<StartAt> {
-        match self.start_position.as_str() {
-            "earliest" => Some(StartAt::Earliest),
-            "latest" => Some(StartAt::Latest),
-            t => chrono::DateTime::parse_from_rfc3339(t).ok().map(|t| StartAt::Enqueued(t.to_utc())),
-        }
-    }
-}
-
-/// Where a partition without a checkpoint starts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum StartAt {
-    Earliest,
-    Latest,
-    Enqueued(chrono::DateTime<chrono::Utc>),
-}
-
-/// `Key=value` from a `;`-separated connection string (keys compared without case, as Azure does).
-pub fn connection_string_part(cs: &str, key: &str) -> Option<String> {
-    cs.split(';')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case(key))
-        .map(|(_, v)| v.trim().to_string())
-}
 
 impl Settings {
     /// Defaults, then `file` (if any), then `IOMT_*` variables.

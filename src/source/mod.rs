@@ -13,6 +13,9 @@ pub mod memory;
 pub mod ordered;
 pub mod rabbitmq;
 
+pub use eventhubs::settings::{EventHubs, EventHubsAuth, StartAt, connection_string_part};
+pub use rabbitmq::settings::{Broker, QueueType, Topology};
+
 use crate::config::Settings;
 use crate::metrics;
 use crate::model::kind::ErrorKind;

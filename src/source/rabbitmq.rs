@@ -3,6 +3,7 @@
 //! acks are in `rabbitmq/consumer.rs`. No lapin type leaves these two files.
 
 mod consumer;
+pub mod settings;
 
 pub use consumer::{Running, start};
 

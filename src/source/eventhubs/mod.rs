@@ -16,6 +16,7 @@ mod coordinator;
 mod envelope;
 mod publisher;
 mod reader;
+pub mod settings;
 mod source;
 pub mod store;
 

@@ -212,9 +212,13 @@ async fn run(
     }
 }
 
-async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc<Mutex<Option<Channel>>>) -> Ended {
+/// A session's connection, its consuming channel, its confirming dead-letter channel, and the
+/// deliveries of the queues it consumes at once.
+type Opened = (Connection, Channel, Channel, SelectAll<BoxStream<'static, Tagged>>);
+
+/// Connects, declares and subscribes to the primary queues, within `SETUP_TIMEOUT`.
+async fn open(consumer: &Consumer) -> Result<Opened, String> {
     let b = &consumer.broker;
-    let (primary, standby) = (&consumer.primary, &consumer.standby);
     let setup = async {
         // Named, so an operator (or a test) can find this instance's connection in RabbitMQ.
         let name = format!("iomt-connector {} pid {}", b.queue, std::process::id());
@@ -233,7 +237,7 @@ async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc
         // Per consumer: each queue this instance is active on gets the whole window.
         channel.basic_qos(b.prefetch, BasicQosOptions::default()).await?;
         let mut deliveries = SelectAll::new();
-        for q in primary {
+        for q in &consumer.primary {
             deliveries.push(subscribe(&channel, q).await?);
         }
         Ok::<_, Setup>((conn, channel, dl_channel, deliveries))
@@ -241,31 +245,56 @@ async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc
     // A broker that accepts the TCP connection but never finishes the handshake or a declare (an
     // overloaded node, a quorum queue without a leader) must not stall the connector unready forever:
     // give up on this attempt and reconnect, saying so.
-    let (conn, channel, dl_channel, mut deliveries) = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(Setup::Amqp(e))) => return Ended::Lost(format!("{} ({})", e, redact(&b.url))),
-        Ok(Err(Setup::Topology(why))) => return Ended::Lost(why),
-        Err(_) => {
-            return Ended::Lost(format!(
-                "the broker at {} did not complete connecting, declaring and subscribing within {} s",
-                redact(&b.url),
-                SETUP_TIMEOUT.as_secs()
-            ));
-        }
+    match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(Setup::Amqp(e))) => Err(format!("{} ({})", e, redact(&b.url))),
+        Ok(Err(Setup::Topology(why))) => Err(why),
+        Err(_) => Err(format!(
+            "the broker at {} did not complete connecting, declaring and subscribing within {} s",
+            redact(&b.url),
+            SETUP_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc<Mutex<Option<Channel>>>) -> Ended {
+    let (conn, channel, dl_channel, deliveries) = match open(consumer).await {
+        Ok(s) => s,
+        Err(why) => return Ended::Lost(why),
     };
     if let Ok(mut slot) = dl.lock() {
         *slot = Some(dl_channel);
     }
     consumer.session.fetch_add(1, Ordering::SeqCst);
     consumer.shared.broker_connected.store(true, Ordering::SeqCst);
+    let (primary, standby) = (&consumer.primary, &consumer.standby);
     let names: Vec<String> = primary.iter().chain(standby).map(|q| q.name.to_string()).collect();
-    tracing::info!(queues = ?&names[..primary.len()], standby = standby.len(), prefetch = b.prefetch, "consuming");
+    let prefetch = consumer.broker.prefetch;
+    tracing::info!(queues = ?&names[..primary.len()], standby = standby.len(), prefetch, "consuming");
     let sampler = backlog_sampler(&conn, names).await;
+    let ended = match consume(consumer, &channel, deliveries, stop).await {
+        Ok(()) => Ended::Stopped(Box::new((conn, channel))),
+        Err(why) => Ended::Lost(why),
+    };
+    if let Some(s) = sampler {
+        s.abort();
+    }
+    ended
+}
+
+/// Hands deliveries over until told to stop (`Ok`) or the session fails (`Err`, why).
+async fn consume(
+    consumer: &Consumer,
+    channel: &Channel,
+    mut deliveries: SelectAll<BoxStream<'static, Tagged>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let (b, primary, standby) = (&consumer.broker, &consumer.primary, &consumer.standby);
     let standby_after = tokio::time::sleep(STANDBY_DELAY);
     tokio::pin!(standby_after);
     let mut standing_by = standby.is_empty();
     let mut delivered: std::collections::HashSet<Arc<str>> = Default::default();
-    let ended = loop {
+    loop {
         tokio::select! {
             // An instance with no queue of its own yet (a pure standby) waits for its standby turn.
             next = deliveries.next(), if !deliveries.is_empty() => match next {
@@ -284,14 +313,14 @@ async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc
                     }
                     consumer.handle(&q, d)
                 }
-                Some((_, Some(Err(e)))) => break Ended::Lost(e.to_string()),
-                Some((q, None)) => break Ended::Lost(format!("the broker cancelled the consumer of queue {}", q.name)),
-                None => break Ended::Lost("no consumer left".into()),
+                Some((_, Some(Err(e)))) => return Err(e.to_string()),
+                Some((q, None)) => return Err(format!("the broker cancelled the consumer of queue {}", q.name)),
+                None => return Err("no consumer left".into()),
             },
             _ = &mut standby_after, if !standing_by => {
                 standing_by = true;
                 for q in standby {
-                    match subscribe(&channel, q).await {
+                    match subscribe(channel, q).await {
                         Ok(s) => deliveries.push(s),
                         Err(e) => tracing::warn!(queue = %q.name, error = %e, "cannot stand by on a shard queue"),
                     }
@@ -305,14 +334,10 @@ async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc
                 while let Ok(Some((q, Some(Ok(d))))) = tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await {
                     consumer.handle(&q, d);
                 }
-                break Ended::Stopped(Box::new((conn, channel)));
+                return Ok(());
             }
         }
-    };
-    if let Some(s) = sampler {
-        s.abort();
     }
-    ended
 }
 
 /// Samples the queues' ready-message counts for the backlog gauge.

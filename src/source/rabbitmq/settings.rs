@@ -1,0 +1,133 @@
+//! The `[broker]` section: the RabbitMQ source's settings, checked by the source.
+
+use crate::config::{ConfigError, Problems, Unmatched};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Broker {
+    /// `amqp://user:password@host:port/vhost`.
+    pub url: String,
+    pub queue: String,
+    /// Unacked messages the broker may hand us at once: also the bound on messages in memory.
+    pub prefetch: u16,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    /// Declare the queue, the dead-letter exchange and queue at start (durable).
+    pub declare: bool,
+    /// Deprecated: `pipeline.unmatched` (read when that is not set, with a warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmatched: Option<Unmatched>,
+    /// Seconds between reconnection attempts when the broker is unreachable.
+    pub reconnect_delay_secs: u64,
+    /// The type of the queues the connector declares: `quorum` (replicated, with a delivery limit)
+    /// or `classic`. Queues that already exist are used as they are.
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// Quorum queues: deliveries of one message before the broker dead-letters it (a message that
+    /// keeps crashing the process must not loop forever). 0: no limit.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+    /// `queue`: every instance consumes `queue`. `sharded`: devices are spread by id over
+    /// `shard_queues` queues by a consistent-hash exchange, each consumed by one instance at a time.
+    #[serde(default)]
+    pub topology: Topology,
+    /// Sharded: how many shard queues (`{queue}.shard-0` ...); the exchange is named `queue`.
+    #[serde(default = "default_shard_queues")]
+    pub shard_queues: u16,
+    /// Sharded: this instance's index, 0-based, and how many instances share the shard queues.
+    /// Instance `i` is the first consumer of shard queues `k` with `k % instances == i`, and a
+    /// standby on the others.
+    #[serde(default)]
+    pub instance: u16,
+    #[serde(default = "default_instances")]
+    pub instances: u16,
+    /// Sharded: the exchange hashes this header's value instead of the routing key; empty: the
+    /// routing key (the device id) is hashed.
+    #[serde(default)]
+    pub hash_header: String,
+    /// RabbitMQ's management API (`http://host:15672`), to learn on which shard queues this instance
+    /// is the active consumer (`/actors`, `/metrics`); empty: not asked (activity is then unknown).
+    #[serde(default)]
+    pub management_url: String,
+    /// Sharded: when this instance takes over a shard queue (its first delivery there is a
+    /// redelivery), it waits this long before processing, so that the FHIR writes the previous
+    /// consumer still had in flight land first (keep it at least `fhir.timeout_ms`).
+    #[serde(default = "default_takeover_grace_ms")]
+    pub takeover_grace_ms: u64,
+}
+
+fn default_takeover_grace_ms() -> u64 {
+    10_000
+}
+
+fn default_shard_queues() -> u16 {
+    6
+}
+
+fn default_instances() -> u16 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    #[default]
+    Queue,
+    Sharded,
+}
+
+fn default_delivery_limit() -> u32 {
+    20
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    #[default]
+    Quorum,
+    Classic,
+}
+
+impl Broker {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.check(&mut p);
+        ConfigError::from_problems(p.0)
+    }
+
+    pub(crate) fn check(&self, p: &mut Problems) {
+        if !self.url.starts_with("amqp://") && !self.url.starts_with("amqps://") {
+            p.bad("broker.url", format!("'{}' is not an amqp:// or amqps:// URL", self.url));
+        }
+        if self.queue.trim().is_empty() {
+            p.bad("broker.queue", "must name a queue");
+        }
+        if self.prefetch == 0 {
+            p.bad("broker.prefetch", "must be at least 1");
+        }
+        if self.dead_letter_exchange.trim().is_empty() {
+            p.bad("broker.dead_letter_exchange", "must name an exchange: nothing may be dropped silently");
+        }
+        if self.dead_letter_queue.trim().is_empty() {
+            p.bad("broker.dead_letter_queue", "must name a queue: dead letters must be kept");
+        }
+        if self.topology == Topology::Sharded {
+            if self.shard_queues == 0 {
+                p.bad("broker.shard_queues", "must be at least 1");
+            }
+            if self.instances == 0 || self.instance >= self.instances {
+                p.bad(
+                    "broker.instance",
+                    format!(
+                        "{} is not an index below broker.instances ({}): instances are numbered 0 to instances - 1",
+                        self.instance, self.instances
+                    ),
+                );
+            }
+        }
+        if !self.management_url.is_empty() && reqwest::Url::parse(&self.management_url).is_err() {
+            p.bad("broker.management_url", format!("'{}' is not a URL", self.management_url));
+        }
+    }
+}
