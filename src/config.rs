@@ -254,6 +254,12 @@ impl Settings {
         Ok(s)
     }
 
+    /// Only `source.kind`, from the same sources.
+    pub fn load_source_kind(file: Option<&Path>) -> Result<crate::source::SourceKind, ConfigError> {
+        let s: SourceSettings = Settings::figment(file)?.extract_inner("source").map_err(load_error)?;
+        Ok(s.kind)
+    }
+
     /// Only the `[broker]` section, from the same sources: for the commands that publish to or
     /// inspect the queues without running the pipeline (no mapping files needed).
     pub fn load_broker(file: Option<&Path>) -> Result<Broker, ConfigError> {

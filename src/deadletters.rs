@@ -1,10 +1,9 @@
-//! `dead-letters list` and `dead-letters redrive`: what sits in the dead-letter queue, grouped by
-//! kind, and putting back what the current mappings now take.
+//! `dead-letters list` and `dead-letters redrive`: what sits in a source's dead letters, grouped by
+//! kind, and putting back what the current mappings now take (through the source's `DeadLetters`).
 
-use crate::config::Broker;
 use crate::engine;
 use crate::model::kind::Failure;
-use crate::source::rabbitmq::{DeadLetter, DeadLetterQueue};
+use crate::source::{DeadLetter, DeadLetters};
 use crate::template::device::DeviceMapping;
 use crate::template::fhir::FhirMapping;
 use std::collections::BTreeMap;
@@ -16,20 +15,6 @@ pub struct KindSummary {
     pub count: usize,
     #[serde(rename = "firstError")]
     pub first_error: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DeadLetterError {
-    #[error("broker {url} (queue {queue}): {message}")]
-    Broker { url: String, queue: String, message: String },
-}
-
-fn broker_error(b: &Broker, e: impl std::fmt::Display) -> DeadLetterError {
-    DeadLetterError::Broker {
-        url: crate::source::rabbitmq::redact(&b.url),
-        queue: b.dead_letter_queue.clone(),
-        message: e.to_string(),
-    }
 }
 
 fn summarize<'a>(letters: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<KindSummary> {
@@ -45,19 +30,19 @@ fn summarize<'a>(letters: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<KindS
     out
 }
 
-async fn take_all(q: &DeadLetterQueue, b: &Broker) -> Result<Vec<DeadLetter>, DeadLetterError> {
+/// Every dead letter, taken (not removed); on an error, the reader is closed first.
+async fn take_all(letters: &mut Box<dyn DeadLetters>) -> Result<Vec<DeadLetter>, String> {
     let mut all = Vec::new();
-    while let Some(d) = q.take().await.map_err(|e| broker_error(b, e))? {
+    while let Some(d) = letters.take().await? {
         all.push(d);
     }
     Ok(all)
 }
 
-/// The dead-letter queue by kind, most frequent first. Nothing is removed.
-pub async fn list(b: &Broker) -> Result<Vec<KindSummary>, DeadLetterError> {
-    let q = DeadLetterQueue::open(b).await.map_err(|e| broker_error(b, e))?;
-    let all = take_all(&q, b).await;
-    q.close().await;
+/// The dead letters by kind, most frequent first. Nothing is removed.
+pub async fn list(mut letters: Box<dyn DeadLetters>) -> Result<Vec<KindSummary>, String> {
+    let all = take_all(&mut letters).await;
+    letters.close().await;
     let all = all?;
     Ok(summarize(all.iter().map(|d| (d.kind.as_str(), d.error.as_str()))))
 }
@@ -65,7 +50,7 @@ pub async fn list(b: &Broker) -> Result<Vec<KindSummary>, DeadLetterError> {
 /// Why a dead letter would still fail with the current mappings (the service's own rule,
 /// `engine::would_pass`); `None` when it now passes.
 pub fn still_failing(d: &DeadLetter, device: &DeviceMapping, fhir: &FhirMapping) -> Option<Failure> {
-    engine::would_pass(device, fhir, d.envelope()).err()
+    engine::would_pass(device, fhir, d.envelope.clone()).err()
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -87,28 +72,27 @@ pub struct Redrive {
 }
 
 /// Re-normalizes each dead letter (of `kind`, if given) with the current mappings and moves those
-/// that pass back to the queue they came from (`broker.queue` when the message does not say),
-/// each confirmed by the broker before it leaves the dead-letter queue.
+/// that pass back to where they were read from, each confirmed by the broker before it leaves the
+/// dead letters.
 pub async fn redrive(
-    b: &Broker,
+    mut letters: Box<dyn DeadLetters>,
     device: &DeviceMapping,
     fhir: &FhirMapping,
     kind: Option<&str>,
     dry_run: bool,
-) -> Result<Redrive, DeadLetterError> {
-    let q = DeadLetterQueue::open(b).await.map_err(|e| broker_error(b, e))?;
-    let all = match take_all(&q, b).await {
+) -> Result<Redrive, String> {
+    let all = match take_all(&mut letters).await {
         Ok(all) => all,
         Err(e) => {
-            q.close().await;
+            letters.close().await;
             return Err(e);
         }
     };
     let mut report = Redrive { total: all.len(), ..Default::default() };
     let mut failing = Vec::new();
-    for d in all.iter().filter(|d| kind.is_none_or(|k| d.kind == k)) {
+    for d in all.into_iter().filter(|d| kind.is_none_or(|k| d.kind == k)) {
         report.selected += 1;
-        if let Some(why) = still_failing(d, device, fhir) {
+        if let Some(why) = still_failing(&d, device, fhir) {
             failing.push(why);
             continue;
         }
@@ -116,12 +100,12 @@ pub async fn redrive(
         if dry_run {
             continue;
         }
-        match q.move_back(d, &b.queue).await {
+        match letters.move_back(d).await {
             Ok(()) => report.moved += 1,
             Err(e) => report.not_moved.push(e),
         }
     }
-    q.close().await;
+    letters.close().await;
     report.still_failing = summarize(failing.iter().map(|f: &Failure| (f.kind.as_str(), f.message.as_str())));
     Ok(report)
 }

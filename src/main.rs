@@ -1,11 +1,11 @@
 //! The command line: debug mappings offline (`normalize`, `transform`, `validate`).
 
 use clap::{Args, Parser, Subcommand};
-use iomt_connector::config::{Broker, LogFormat, Settings};
+use iomt_connector::config::{LogFormat, Settings};
 use iomt_connector::deadletters;
 use iomt_connector::engine::{self, Checked};
 use iomt_connector::model::measurement::Measurement;
-use iomt_connector::source::rabbitmq::{Publisher, redact};
+use iomt_connector::source::Source;
 use iomt_connector::template::TemplateError;
 use iomt_connector::template::device::DeviceMapping;
 use iomt_connector::template::fhir::FhirMapping;
@@ -171,27 +171,9 @@ struct BrokerArgs {
 
 impl BrokerArgs {
     /// Where to send: the event hub when `--eventhub` is given, else the queue.
-    fn target(self) -> Result<iomt_connector::simulate::Target, Failure> {
-        use iomt_connector::simulate::Target;
-        match self.eventhub.clone() {
-            Some(hub) => {
-                let s =
-                    Settings::load_eventhubs(self.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
-                Ok(Target::Hub(s, hub))
-            }
-            None => Ok(Target::Queue(self.settings()?)),
-        }
-    }
-
-    fn settings(self) -> Result<Broker, Failure> {
-        let mut b = Settings::load_broker(self.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
-        if let Some(u) = self.url {
-            b.url = u;
-        }
-        if let Some(q) = self.queue {
-            b.queue = q;
-        }
-        Ok(b)
+    fn target(self) -> Result<Box<dyn Source>, Failure> {
+        iomt_connector::source::sending_to(self.config.as_deref(), self.eventhub, self.url, self.queue)
+            .map_err(|e| Failure(2, format!("error: {e}")))
     }
 }
 
@@ -466,13 +448,17 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
 }
 
 fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
-    let b = Settings::load_broker(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
-    let kinds = runtime()?.block_on(deadletters::list(&b)).map_err(|e| Failure(1, format!("error: {e}")))?;
+    let source =
+        iomt_connector::source::dead_letters_of(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+    let rt = runtime()?;
+    let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
+    let name = letters.name();
+    let kinds = rt.block_on(deadletters::list(letters)).map_err(|e| Failure(1, format!("error: {e}")))?;
     if a.json {
-        return print_json(&serde_json::json!({"queue": b.dead_letter_queue, "kinds": kinds}));
+        return print_json(&serde_json::json!({"queue": name, "kinds": kinds}));
     }
     let total: usize = kinds.iter().map(|k| k.count).sum();
-    println!("dead-letter queue {}: {total} message(s)", b.dead_letter_queue);
+    println!("dead-letter queue {name}: {total} message(s)");
     let width = kinds.iter().map(|k| k.kind.len()).max().unwrap_or(0);
     for k in &kinds {
         println!("  {:<width$}  {:>6}  first error: {}", k.kind, k.count, k.first_error);
@@ -483,15 +469,18 @@ fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
 fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
     let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
     let (device, fhir) = load_pair(&settings.mappings.device, &settings.mappings.fhir)?;
-    let b = &settings.broker;
-    let r = runtime()?
-        .block_on(deadletters::redrive(b, &device, &fhir, a.kind.as_deref(), a.dry_run))
+    let source = iomt_connector::source::configured(&settings);
+    let rt = runtime()?;
+    let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
+    let name = letters.name();
+    let r = rt
+        .block_on(deadletters::redrive(letters, &device, &fhir, a.kind.as_deref(), a.dry_run))
         .map_err(|e| Failure(1, format!("error: {e}")))?;
     if a.json {
         print_json(&r)?;
     } else {
         let which = a.kind.as_deref().map(|k| format!(" of kind {k}")).unwrap_or_default();
-        println!("dead-letter queue {}: {} message(s), {} selected{which}", b.dead_letter_queue, r.total, r.selected);
+        println!("dead-letter queue {name}: {} message(s), {} selected{which}", r.total, r.selected);
         println!("  would now pass the mappings: {}", r.pass);
         for k in &r.still_failing {
             println!("  would still fail: {} {} (first: {})", k.count, k.kind, k.first_error);
@@ -499,7 +488,7 @@ fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
         if a.dry_run {
             println!("dry run: nothing moved");
         } else {
-            println!("moved {} back to their queue (default {})", r.moved, b.queue);
+            println!("moved {} back to their queue (default {})", r.moved, source.reads());
         }
     }
     if r.not_moved.is_empty() {
@@ -510,36 +499,19 @@ fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
 }
 
 fn publish(a: PublishArgs) -> Result<(), Failure> {
-    use iomt_connector::simulate::Target;
-    let target = a.broker.target()?;
+    let source = a.broker.target()?;
     let mut bodies = Vec::new();
     for p in &a.messages {
         bodies.push(std::fs::read(p).map_err(|e| Failure(2, format!("error: cannot read {}: {e}", p.display())))?);
     }
     runtime()?.block_on(async {
-        let (confirmed, refused, to) = match &target {
-            Target::Queue(b) => {
-                let fail = |e: iomt_connector::source::rabbitmq::BrokerError| {
-                    Failure(1, format!("error: broker {}: {e}", redact(&b.url)))
-                };
-                let mut p = Publisher::connect(b, 256).await.map_err(fail)?;
-                for body in &bodies {
-                    p.send(body, a.routing_key.as_deref()).await.map_err(fail)?;
-                }
-                p.flush().await.map_err(fail)?;
-                (p.confirmed, p.refused, b.queue.clone())
-            }
-            Target::Hub(s, hub) => {
-                let fail = |e: iomt_connector::source::eventhubs::EventHubsError| Failure(1, format!("error: {e}"));
-                let mut p =
-                    iomt_connector::source::eventhubs::HubPublisher::connect(s, hub, 256).await.map_err(fail)?;
-                for body in &bodies {
-                    p.send(body, a.routing_key.as_deref()).await.map_err(fail)?;
-                }
-                p.flush().await.map_err(fail)?;
-                (p.confirmed, p.refused, format!("event hub {hub}"))
-            }
-        };
+        let fail = |e: String| Failure(1, format!("error: {e}"));
+        let mut p = source.publisher(256).await.map_err(fail)?;
+        for body in &bodies {
+            p.send(body, a.routing_key.as_deref()).await.map_err(fail)?;
+        }
+        p.flush().await.map_err(fail)?;
+        let ((confirmed, refused), to) = (p.counts(), p.target());
         println!("published {} message(s) to {to}: {confirmed} confirmed, {refused} refused", bodies.len());
         if refused > 0 { Err(Failure(1, "error: some messages were refused".into())) } else { Ok(()) }
     })
@@ -553,10 +525,6 @@ fn simulate(a: SimulateArgs) -> Result<(), Failure> {
         (None, None) => Some(std::time::Duration::from_secs(10)),
     };
     let target = a.broker.target()?;
-    let to = match &target {
-        iomt_connector::simulate::Target::Queue(b) => format!("broker {}", redact(&b.url)),
-        iomt_connector::simulate::Target::Hub(_, hub) => format!("event hub {hub}"),
-    };
     let plan = Plan {
         target,
         devices: a.devices,
@@ -568,7 +536,7 @@ fn simulate(a: SimulateArgs) -> Result<(), Failure> {
         in_flight: a.in_flight,
         progress: true,
     };
-    let s = runtime()?.block_on(run(&plan)).map_err(|e| Failure(1, format!("error: {to}: {e}")))?;
+    let s = runtime()?.block_on(run(&plan)).map_err(|e| Failure(1, format!("error: {e}")))?;
     println!(
         "sent {}, confirmed {}, refused {}, elapsed {:.2} s, rate {:.0} msg/s",
         s.sent,

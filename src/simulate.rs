@@ -1,8 +1,6 @@
 //! The device simulator: realistic messages for the sample mappings, published to RabbitMQ at a
 //! set rate with publisher confirms, each stamped with its send time (`x-iomt-sent-at`).
 
-use crate::source::eventhubs::HubPublisher;
-use crate::source::rabbitmq::Publisher;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -17,16 +15,9 @@ pub enum Profile {
     Mixed,
 }
 
-/// Where `simulate` sends.
-pub enum Target {
-    /// `url`, `queue`, and how the queues are declared.
-    Queue(crate::config::Broker),
-    /// The `[eventhubs]` credentials, and the hub.
-    Hub(crate::config::EventHubs, String),
-}
-
 pub struct Plan {
-    pub target: Target,
+    /// Where to send: the source whose publisher is used.
+    pub target: Box<dyn crate::source::Source>,
     pub devices: usize,
     /// Messages per second in total; 0 for as fast as the broker confirms.
     pub rate: f64,
@@ -97,52 +88,8 @@ pub fn message(
     m
 }
 
-/// Either publisher, behind one `send`.
-enum Sink {
-    Queue(Box<Publisher>),
-    Hub(HubPublisher, Instant),
-}
-
-impl Sink {
-    async fn send(&mut self, body: &[u8], device: Option<&str>) -> Result<(), String> {
-        match self {
-            Sink::Queue(p) => p.send(body, device).await.map_err(|e| e.to_string()),
-            Sink::Hub(p, last) => {
-                p.send(body, device).await.map_err(|e| e.to_string())?;
-                // Batches, but no reading waits more than 100 ms for its batch to fill.
-                if last.elapsed() >= Duration::from_millis(100) {
-                    *last = Instant::now();
-                    p.flush().await.map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    async fn flush(&mut self) -> Result<(), String> {
-        match self {
-            Sink::Queue(p) => p.flush().await.map_err(|e| e.to_string()),
-            Sink::Hub(p, _) => p.flush().await.map_err(|e| e.to_string()),
-        }
-    }
-
-    fn counts(&self) -> (u64, u64) {
-        match self {
-            Sink::Queue(p) => (p.confirmed, p.refused),
-            Sink::Hub(p, _) => (p.confirmed, p.refused),
-        }
-    }
-}
-
 pub async fn run(plan: &Plan) -> Result<Summary, String> {
-    let mut publisher = match &plan.target {
-        Target::Queue(b) => {
-            Sink::Queue(Box::new(Publisher::connect(b, plan.in_flight).await.map_err(|e| e.to_string())?))
-        }
-        Target::Hub(s, hub) => {
-            Sink::Hub(HubPublisher::connect(s, hub, plan.in_flight).await.map_err(|e| e.to_string())?, Instant::now())
-        }
-    };
+    let mut publisher = plan.target.publisher(plan.in_flight).await?;
     let mut rng = fastrand::Rng::with_seed(42);
     let start = Instant::now();
     let mut last_progress = Instant::now();

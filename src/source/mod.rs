@@ -31,6 +31,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 /// A source of device messages (quickwit's `Source`): what the service asks of it. A source
 /// turns each delivery into its envelope and a [`DeliveryGuard`], hands both to the intake, and
 /// acks, checkpoints or dead-letters each delivery when its guard reports back.
+#[async_trait::async_trait(?Send)]
 pub trait Source {
     /// `source.kind`.
     fn kind(&self) -> &'static str;
@@ -40,6 +41,49 @@ pub trait Source {
     fn in_flight_bound(&self) -> usize;
     /// Starts reading into `intake`; its connection state goes to `shared` (readiness, `/actors`).
     fn start(self: Box<Self>, intake: Arc<dyn Intake>, shared: Arc<Shared>) -> Box<dyn Running>;
+    /// A confirming publisher to where it reads, keeping up to `in_flight` messages unconfirmed
+    /// (`publish`, `simulate`).
+    async fn publisher(&self, in_flight: usize) -> Result<Box<dyn Publish>, String>;
+    /// Its dead letters, to list and move back (`dead-letters list|redrive`).
+    async fn dead_letters(&self) -> Result<Box<dyn DeadLetters>, String>;
+}
+
+/// Sends messages where a source reads them, each confirmed by the broker.
+#[async_trait::async_trait(?Send)]
+pub trait Publish {
+    /// Where it sends, for the user: `queue q`, `event hub h`.
+    fn target(&self) -> String;
+    /// Sends one message; `key` routes it (the device id: hash routing, partition key).
+    async fn send(&mut self, body: &[u8], key: Option<&str>) -> Result<(), String>;
+    /// Waits until everything sent is confirmed or refused.
+    async fn flush(&mut self) -> Result<(), String>;
+    /// Confirmed and refused so far.
+    fn counts(&self) -> (u64, u64);
+}
+
+/// One dead letter: why it was dead-lettered, and the envelope it would be normalized from.
+pub struct DeadLetter {
+    /// `x-iomt-error-kind` (or the broker's own reason, such as `delivery-limit`).
+    pub kind: String,
+    pub error: String,
+    pub envelope: Result<Value, String>,
+    /// The source's own record of it (to move it back).
+    pub record: Position,
+}
+
+/// A source's dead letters: taken one by one; each either moved back to where it came from or
+/// left where it is when the reader closes.
+#[async_trait::async_trait(?Send)]
+pub trait DeadLetters {
+    /// Where they are, for the user: `dead-letter queue q`.
+    fn name(&self) -> String;
+    /// The next dead letter, `None` when there are no more.
+    async fn take(&mut self) -> Result<Option<DeadLetter>, String>;
+    /// Sends `d` back to where it was read from (without its dead-letter reason); it leaves the
+    /// dead letters only once that send is confirmed.
+    async fn move_back(&mut self, d: DeadLetter) -> Result<(), String>;
+    /// Leaves what was taken and not moved back where it was.
+    async fn close(self: Box<Self>);
 }
 
 /// A source that is reading.
@@ -80,6 +124,35 @@ pub fn configured(settings: &Settings) -> Box<dyn Source> {
         SourceKind::Rabbitmq => Box::new(rabbitmq::Rabbitmq(settings.broker.clone())),
         SourceKind::Eventhubs => Box::new(eventhubs::EventHubsSource(settings.eventhubs.clone())),
     }
+}
+
+/// Where `publish` and `simulate` send: the event hub `hub` with the `[eventhubs]` credentials, or
+/// the `[broker]` queue (`url`, `queue` replacing the settings'), from the settings `file`.
+pub fn sending_to(
+    file: Option<&std::path::Path>,
+    hub: Option<String>,
+    url: Option<String>,
+    queue: Option<String>,
+) -> Result<Box<dyn Source>, crate::config::ConfigError> {
+    if let Some(hub) = hub {
+        let mut e = Settings::load_eventhubs(file)?;
+        e.hub = hub;
+        return Ok(Box::new(eventhubs::EventHubsSource(e)));
+    }
+    let mut b = Settings::load_broker(file)?;
+    b.url = url.unwrap_or(b.url);
+    b.queue = queue.unwrap_or(b.queue);
+    Ok(Box::new(rabbitmq::Rabbitmq(b)))
+}
+
+/// The configured source's dead letters, read with the settings `file` (only the source's own
+/// section is needed: no mapping files).
+pub fn dead_letters_of(file: Option<&std::path::Path>) -> Result<Box<dyn Source>, crate::config::ConfigError> {
+    let kind = Settings::load_source_kind(file)?;
+    Ok(match kind {
+        SourceKind::Rabbitmq => Box::new(rabbitmq::Rabbitmq(Settings::load_broker(file)?)),
+        SourceKind::Eventhubs => Box::new(eventhubs::EventHubsSource(Settings::load_eventhubs(file)?)),
+    })
 }
 
 /// The configured source's settings problems (only its own section is checked).

@@ -3,6 +3,7 @@
 //! acks are in `rabbitmq/consumer.rs`. No lapin type leaves these two files.
 
 mod consumer;
+mod offline;
 pub mod settings;
 
 pub use consumer::{Running, start};
@@ -10,6 +11,7 @@ pub use consumer::{Running, start};
 /// `source.kind = "rabbitmq"`: the `[broker]` section's queue (or shard queues).
 pub struct Rabbitmq(pub Broker);
 
+#[async_trait::async_trait(?Send)]
 impl crate::source::Source for Rabbitmq {
     fn kind(&self) -> &'static str {
         "rabbitmq"
@@ -29,6 +31,14 @@ impl crate::source::Source for Rabbitmq {
         shared: std::sync::Arc<crate::status::Shared>,
     ) -> Box<dyn crate::source::Running> {
         Box::new(start(self.0, intake, shared))
+    }
+
+    async fn publisher(&self, in_flight: usize) -> Result<Box<dyn crate::source::Publish>, String> {
+        offline::publisher(self.broker(), in_flight).await
+    }
+
+    async fn dead_letters(&self) -> Result<Box<dyn crate::source::DeadLetters>, String> {
+        offline::dead_letters(self.broker()).await
     }
 }
 

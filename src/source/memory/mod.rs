@@ -58,6 +58,7 @@ impl Feed {
     }
 }
 
+#[async_trait::async_trait(?Send)]
 impl Source for Memory {
     fn kind(&self) -> &'static str {
         "memory"
@@ -78,6 +79,14 @@ impl Source for Memory {
         let reader = actix_rt::spawn(read(self.messages, intake, to_settler, stopped));
         let settler = actix_rt::spawn(settle(settled, self.book));
         Box::new(Running { stop, reader: Some(reader), settler })
+    }
+
+    async fn publisher(&self, _: usize) -> Result<Box<dyn crate::source::Publish>, String> {
+        Err("the in-memory source takes messages through its Feed".into())
+    }
+
+    async fn dead_letters(&self) -> Result<Box<dyn crate::source::DeadLetters>, String> {
+        Err("the in-memory source keeps its dead letters in its Feed".into())
     }
 }
 
