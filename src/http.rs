@@ -23,7 +23,7 @@ async fn ready(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     let mut body = json!({
         "status": if broker && fhir && mappings { "ready" } else { "not ready" },
         "broker": broker,
-        "source": shared.source_kind.get().copied().unwrap_or("rabbitmq"),
+        "source": shared.source.get().map_or("starting", |s| s.kind()),
         "fhir": if shared.dry_run { json!("dry-run") } else { json!(fhir) },
         "mappings": mappings,
     });
@@ -67,16 +67,7 @@ async fn actors(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     let m = metrics::get();
     let mut list: Vec<serde_json::Value> = shared.actors.iter().map(|a| a.value().snapshot()).collect();
     list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    let mut queues: Vec<serde_json::Value> = shared.queues.iter().map(|q| q.value().snapshot()).collect();
-    queues.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    let kind = shared.source_kind.get().copied().unwrap_or("rabbitmq");
-    let source = if kind == "eventhubs" {
-        let mut partitions: Vec<serde_json::Value> = shared.partitions.iter().map(|p| p.value().snapshot()).collect();
-        partitions.sort_by(|a, b| a["partition"].as_str().cmp(&b["partition"].as_str()));
-        json!({"kind": kind, "partitions": partitions})
-    } else {
-        json!({"kind": kind, "queues": queues})
-    };
+    let source = shared.source.get().map_or(json!({"kind": "starting"}), |s| s.snapshot());
     HttpResponse::Ok().json(json!({
         "actors": list,
         "source": source,

@@ -91,7 +91,6 @@ pub async fn serve(
 
     let work = TaskTracker::new();
     let (kind, reads, bound) = (source.kind(), source.reads(), source.in_flight_bound());
-    let _ = shared.source_kind.set(kind);
     metrics::get().source_info.with_label_values(&[kind]).set(1);
     let pipeline = Pipeline::start(&settings, store.clone(), identity, current, &shared, bound, work.clone());
     let mut source = source.start(pipeline.intake.clone(), shared.clone());

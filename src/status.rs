@@ -60,6 +60,21 @@ impl ActorStats {
     }
 }
 
+/// What `/actors` and `/health/ready` show of a source (its `observable_state`): the source
+/// keeps its own state and renders it.
+pub trait SourceView: Send + Sync {
+    /// `source.kind`.
+    fn kind(&self) -> &'static str;
+    /// `/actors`' `source` member: its kind and its queues, partitions or the like.
+    fn snapshot(&self) -> serde_json::Value;
+}
+
+/// Snapshots sorted by one of their members, for stable output.
+pub fn sorted_by(mut v: Vec<serde_json::Value>, member: &str) -> Vec<serde_json::Value> {
+    v.sort_by(|a, b| a[member].as_str().cmp(&b[member].as_str()));
+    v
+}
+
 /// State the HTTP endpoints read.
 pub struct Shared {
     pub broker_connected: AtomicBool,
@@ -68,12 +83,8 @@ pub struct Shared {
     pub actors: DashMap<String, Arc<ActorStats>>,
     /// Open while the FHIR server fails transiently (never in dry-run).
     pub fhir_circuit: Arc<Circuit>,
-    /// The queues this instance consumes, by name.
-    pub queues: DashMap<String, Arc<QueueState>>,
-    /// `rabbitmq` or `eventhubs`, once the source starts.
-    pub source_kind: std::sync::OnceLock<&'static str>,
-    /// The event hub partitions this instance owns, by id.
-    pub partitions: DashMap<String, Arc<PartitionState>>,
+    /// What the running source shows of itself (set when it starts).
+    pub source: std::sync::OnceLock<Arc<dyn SourceView>>,
     /// The mappings in force, and why the last reload was refused (if it was).
     pub mappings_version: std::sync::Mutex<String>,
     pub mappings_refused: std::sync::Mutex<Option<String>>,
@@ -169,9 +180,7 @@ impl Shared {
     pub fn new(dry_run: bool, fhir_circuit: Arc<Circuit>) -> Arc<Shared> {
         Arc::new(Shared {
             fhir_circuit,
-            queues: DashMap::new(),
-            source_kind: Default::default(),
-            partitions: DashMap::new(),
+            source: Default::default(),
             mappings_version: Default::default(),
             mappings_refused: Default::default(),
             broker_connected: AtomicBool::new(false),

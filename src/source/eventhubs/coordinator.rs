@@ -61,6 +61,21 @@ pub fn start(settings: EventHubs, intake: Arc<dyn Intake>, shared: Arc<Shared>) 
 }
 
 /// Everything a partition reader needs, shared.
+/// The partitions this instance owns, by id.
+#[derive(Default)]
+pub(super) struct Partitions(pub(super) dashmap::DashMap<String, Arc<PartitionState>>);
+
+impl crate::status::SourceView for Partitions {
+    fn kind(&self) -> &'static str {
+        "eventhubs"
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        let partitions = self.0.iter().map(|p| p.value().snapshot()).collect();
+        serde_json::json!({"kind": "eventhubs", "partitions": crate::status::sorted_by(partitions, "partition")})
+    }
+}
+
 pub(super) struct Ctx {
     pub(super) s: EventHubs,
     pub(super) hub: String,
@@ -69,7 +84,8 @@ pub(super) struct Ctx {
     pub(super) dead_letters: ProducerClient,
     pub(super) store: PgStore,
     pub(super) intake: Arc<dyn Intake>,
-    pub(super) shared: Arc<Shared>,
+    /// The partitions this instance owns, as `/actors` shows them.
+    pub(super) partitions: Arc<Partitions>,
     /// Per partition, held by a reader from opening its receiver to closing it. The SDK closes
     /// a receiver by the partition's address, so a reader of a lost partition that closes late
     /// (held up settling) would otherwise detach the receiver of the reader that claimed the
@@ -95,7 +111,7 @@ struct Owned {
 async fn connect(
     s: &EventHubs,
     intake: &Arc<dyn Intake>,
-    shared: &Arc<Shared>,
+    partitions: &Arc<Partitions>,
     me: &str,
 ) -> Result<(Ctx, Vec<String>), EventHubsError> {
     let hub = s.hub_name();
@@ -113,7 +129,7 @@ async fn connect(
         dead_letters,
         store,
         intake: intake.clone(),
-        shared: shared.clone(),
+        partitions: partitions.clone(),
         links: Default::default(),
     };
     Ok((ctx, props.partition_ids))
@@ -121,12 +137,14 @@ async fn connect(
 
 async fn coordinate(s: EventHubs, intake: Arc<dyn Intake>, shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
     let me = instance_id(&s);
+    let owned_view = Arc::new(Partitions::default());
+    let _ = shared.source.set(owned_view.clone());
     let delay = Duration::from_secs(2);
     let (ctx, partitions) = loop {
         if *stop.borrow() != Phase::Running {
             return;
         }
-        match connect(&s, &intake, &shared, &me).await {
+        match connect(&s, &intake, &owned_view, &me).await {
             Ok((ctx, partitions)) => break (Arc::new(ctx), partitions),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_s = delay.as_secs(), "cannot reach the event hub or its checkpoint store; retrying");
@@ -163,7 +181,7 @@ async fn coordinate(s: EventHubs, intake: Arc<dyn Intake>, shared: Arc<Shared>, 
                     if let Err(e) = ctx.store.release(&me, &p, o.version).await {
                         tracing::warn!(partition = %p, error = %e, "could not release the partition; it is taken over when its ownership expires");
                     }
-                    shared.partitions.remove(&p);
+                    ctx.partitions.0.remove(&p);
                 }
                 metrics::get().partitions_owned.set(0);
                 return;
@@ -203,7 +221,7 @@ async fn balance_round(
         let alive = !o.reader.is_finished();
         if !alive {
             tracing::info!(partition = %p, "partition reader ended; its ownership is given up");
-            ctx.shared.partitions.remove(p);
+            ctx.partitions.0.remove(p);
         }
         alive
     });
@@ -216,7 +234,7 @@ async fn balance_round(
                 if let Some(o) = owned.remove(p) {
                     let _ = o.stop.send(Phase::StopTaking);
                 }
-                ctx.shared.partitions.remove(p);
+                ctx.partitions.0.remove(p);
             }
         }
         Err(e) => {
@@ -239,7 +257,7 @@ async fn balance_round(
             tracing::info!(partition = %claim.partition, owner_level = version, from = %from, "claimed a partition");
             let (stop, stop_rx) = watch::channel(Phase::Running);
             let state = PartitionState::new(&claim.partition, version);
-            ctx.shared.partitions.insert(claim.partition.clone(), state.clone());
+            ctx.partitions.0.insert(claim.partition.clone(), state.clone());
             let reader = actix_rt::spawn(read_partition(ctx.clone(), claim.partition.clone(), version, state, stop_rx));
             owned.insert(claim.partition, Owned { version, stop, reader });
             claim.free
@@ -258,7 +276,7 @@ async fn balance_round(
 /// Checkpoint lag per owned partition: events enqueued after the checkpoint.
 async fn lag(ctx: &Ctx, owned: &HashMap<String, Owned>) {
     for p in owned.keys() {
-        let Some(state) = ctx.shared.partitions.get(p).map(|s| s.clone()) else { continue };
+        let Some(state) = ctx.partitions.0.get(p).map(|s| s.clone()) else { continue };
         if let Ok(props) = ctx.consumer.get_partition_properties(p).await {
             state.last_enqueued.store(props.last_enqueued_sequence_number, Ordering::Relaxed);
             let lag = (props.last_enqueued_sequence_number - state.checkpoint.load(Ordering::Relaxed)).max(0);

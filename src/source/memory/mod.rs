@@ -74,6 +74,7 @@ impl Source for Memory {
 
     fn start(self: Box<Self>, intake: Arc<dyn Intake>, shared: Arc<Shared>) -> Box<dyn crate::source::Running> {
         shared.broker_connected.store(true, Ordering::SeqCst);
+        let _ = shared.source.set(Arc::new(View));
         let (to_settler, settled) = unbounded_channel();
         let (stop, stopped) = watch::channel(false);
         let reader = actix_rt::spawn(read(self.messages, intake, to_settler, stopped));
@@ -119,6 +120,18 @@ async fn settle(mut settled: UnboundedReceiver<Settled>, book: Arc<Book>) {
             v.push((n, s.status));
         }
         book.changed.notify_waiters();
+    }
+}
+
+struct View;
+
+impl crate::status::SourceView for View {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({"kind": "memory"})
     }
 }
 

@@ -51,6 +51,20 @@ struct Done {
 /// What keeps the broker session open while the last acks go out.
 type KeepAlive = (Connection, Channel);
 
+/// The queues this instance consumes, as `/actors` shows them.
+struct Queues(Vec<Arc<QueueState>>);
+
+impl crate::status::SourceView for Queues {
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        let queues = crate::status::sorted_by(self.0.iter().map(|q| q.snapshot()).collect(), "name");
+        serde_json::json!({"kind": "rabbitmq", "queues": queues})
+    }
+}
+
 /// The running RabbitMQ source.
 pub struct Running {
     stop: watch::Sender<bool>,
@@ -62,16 +76,13 @@ pub struct Running {
 /// Starts consuming `broker.queue` into `intake`.
 pub fn start(broker: Broker, intake: Arc<dyn Intake>, shared: Arc<Shared>) -> Running {
     let (primary, standby) = consumed_queues(&broker);
-    let states = |names: Vec<String>, role| {
-        let states: Vec<Arc<QueueState>> = names.iter().map(|q| QueueState::new(q, role)).collect();
-        for q in &states {
-            shared.queues.insert(q.name.to_string(), q.clone());
-        }
-        states
-    };
+    let states =
+        |names: Vec<String>, role| -> Vec<Arc<QueueState>> { names.iter().map(|q| QueueState::new(q, role)).collect() };
     let (primary, standby) = (states(primary, "primary"), states(standby, "standby"));
+    let queues = Arc::new(Queues(primary.iter().chain(&standby).cloned().collect()));
+    let _ = shared.source.set(queues.clone());
     if !broker.management_url.is_empty() {
-        actix_rt::spawn(watch_activity(broker.clone(), shared.clone()));
+        actix_rt::spawn(watch_activity(broker.clone(), queues));
     }
     let (stop, stop_rx) = watch::channel(false);
     let (to_settler, settled) = tokio::sync::mpsc::unbounded_channel();
@@ -361,7 +372,7 @@ async fn backlog_sampler(conn: &Connection, queues: Vec<String>) -> Option<tokio
 /// Asks RabbitMQ's management API, every 2 s, which of this process's consumers are active (a
 /// single-active-consumer queue has one active consumer; the others wait), for `/actors` and
 /// `iomt_queue_active`.
-async fn watch_activity(b: Broker, shared: Arc<Shared>) {
+async fn watch_activity(b: Broker, queues: Arc<Queues>) {
     let Ok(amqp) = reqwest::Url::parse(&b.url) else { return };
     let vhost = match amqp.path().trim_start_matches('/') {
         "" => "%2F".to_string(),
@@ -390,15 +401,14 @@ async fn watch_activity(b: Broker, shared: Arc<Shared>) {
             }
         };
         warned = consumers.is_none();
-        for q in shared.queues.iter() {
+        for q in &queues.0 {
             let active = consumers.as_ref().map(|list| {
-                let tag = consumer_tag(q.key());
-                list.iter().any(|c| {
-                    c["consumer_tag"] == tag.as_str() && c["queue"]["name"] == q.key().as_str() && c["active"] == true
-                })
+                let tag = consumer_tag(&q.name);
+                list.iter()
+                    .any(|c| c["consumer_tag"] == tag.as_str() && c["queue"]["name"] == *q.name && c["active"] == true)
             });
-            q.value().set_active(active);
-            let gauge = metrics::get().queue_active.with_label_values(&[q.key().as_str()]);
+            q.set_active(active);
+            let gauge = metrics::get().queue_active.with_label_values(&[&*q.name]);
             match active {
                 Some(a) => gauge.set(i64::from(a)),
                 None => gauge.set(-1),
