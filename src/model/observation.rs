@@ -390,53 +390,12 @@ fn value_of(
     end: DateTime<Utc>,
     existing: Option<(&ObservationValue, Option<DateTime<Utc>>)>,
 ) -> Result<ObservationValue, ObservationError> {
-    let not_a_number = |value: &str| ObservationError::NotANumber {
-        type_name: template.type_name.clone(),
-        value_name: v.value_name.clone(),
-        value: value.to_string(),
-        value_type: v.kind.name(),
-    };
     // The latest reading, for the single-valued types (their groups hold one time anyway).
     let last = group.values(&v.value_name).last().map(|(_, s)| s);
     let mut out = ObservationValue::default();
     match &v.kind {
         ValueKind::SampledData { default_period_ms, unit } => {
-            let mut readings: Vec<(DateTime<Utc>, String)> = Vec::new();
-            for (t, s) in group.values(&v.value_name) {
-                readings.push((t, decimal(s).ok_or_else(|| not_a_number(s))?));
-            }
-            let stored = existing.and_then(|(value, start)| Some((value.value_sampled_data.as_ref()?, start?)));
-            let too_many = |slots| ObservationError::TooManySamples {
-                type_name: template.type_name.clone(),
-                value_name: v.value_name.clone(),
-                slots,
-            };
-            let period_ms = *default_period_ms;
-            let data = match stored {
-                // The usual merge: the same window at the same period. Laying the new readings over
-                // the stored slots gives what decode-merge-rebuild gives (a new reading is never
-                // earlier than the slot start a stored value is re-timed to, so it wins its slot),
-                // without re-timing and sorting every stored slot at every flush.
-                Some((old, old_start))
-                    if old_start == start
-                        && old.period.as_f64() == Some(period_ms as f64)
-                        && old.data.as_deref().is_some_and(|d| {
-                            sampled::slots(start, end, period_ms) == Ok(d.split(' ').count() as u64)
-                        }) =>
-                {
-                    let old_data = old.data.as_deref().unwrap_or_default();
-                    sampled::overlay(old_data, readings.iter().map(|(t, s)| (*t, s.as_str())), start, period_ms)
-                }
-                Some((old, old_start)) => {
-                    if let (Some(data), Some(period)) = (old.data.as_deref(), old.period.as_f64()) {
-                        readings = sampled::merge(sampled::decode(data, old_start, period), readings);
-                    }
-                    sampled::build(readings.iter().map(|(t, s)| (*t, s.as_str())), start, end, period_ms)
-                        .map_err(too_many)?
-                }
-                None => sampled::build(readings.iter().map(|(t, s)| (*t, s.as_str())), start, end, period_ms)
-                    .map_err(too_many)?,
-            };
+            let data = sampled_data(template, v, group, start, end, *default_period_ms, existing)?;
             out.value_sampled_data = Some(SampledData {
                 origin: Quantity { value: Some(Number::from(0)), unit: non_empty(unit), system: None, code: None },
                 period: Number::from(*default_period_ms),
@@ -448,9 +407,7 @@ fn value_of(
             });
         }
         ValueKind::Quantity { unit, code, system } => {
-            let s = last.unwrap_or_default();
-            let n: Number =
-                serde_json::from_str(&decimal(s).ok_or_else(|| not_a_number(s))?).map_err(|_| not_a_number(s))?;
+            let n = quantity_value(template, v, last.unwrap_or_default())?;
             out.value_quantity = Some(Quantity {
                 value: Some(n),
                 unit: non_empty(unit),
@@ -466,6 +423,68 @@ fn value_of(
         }
     }
     Ok(out)
+}
+
+fn sampled_data(
+    template: &CodeValueTemplate,
+    v: &ValueTemplate,
+    group: &Group,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    period_ms: u64,
+    existing: Option<(&ObservationValue, Option<DateTime<Utc>>)>,
+) -> Result<String, ObservationError> {
+    let mut readings: Vec<(DateTime<Utc>, String)> = Vec::new();
+    for (t, s) in group.values(&v.value_name) {
+        readings.push((t, decimal(s).ok_or_else(|| not_a_number(template, v, s))?));
+    }
+    let stored = existing.and_then(|(value, start)| Some((value.value_sampled_data.as_ref()?, start?)));
+    let too_many = |slots| ObservationError::TooManySamples {
+        type_name: template.type_name.clone(),
+        value_name: v.value_name.clone(),
+        slots,
+    };
+    let data = match stored {
+        // The usual merge: the same window at the same period. Laying the new readings over
+        // the stored slots gives what decode-merge-rebuild gives (a new reading is never
+        // earlier than the slot start a stored value is re-timed to, so it wins its slot),
+        // without re-timing and sorting every stored slot at every flush.
+        Some((old, old_start))
+            if old_start == start
+                && old.period.as_f64() == Some(period_ms as f64)
+                && old
+                    .data
+                    .as_deref()
+                    .is_some_and(|d| sampled::slots(start, end, period_ms) == Ok(d.split(' ').count() as u64)) =>
+        {
+            let old_data = old.data.as_deref().unwrap_or_default();
+            sampled::overlay(old_data, readings.iter().map(|(t, s)| (*t, s.as_str())), start, period_ms)
+        }
+        Some((old, old_start)) => {
+            if let (Some(data), Some(period)) = (old.data.as_deref(), old.period.as_f64()) {
+                readings = sampled::merge(sampled::decode(data, old_start, period), readings);
+            }
+            sampled::build(readings.iter().map(|(t, s)| (*t, s.as_str())), start, end, period_ms).map_err(too_many)?
+        }
+        None => {
+            sampled::build(readings.iter().map(|(t, s)| (*t, s.as_str())), start, end, period_ms).map_err(too_many)?
+        }
+    };
+    Ok(data)
+}
+
+fn quantity_value(template: &CodeValueTemplate, v: &ValueTemplate, s: &str) -> Result<Number, ObservationError> {
+    serde_json::from_str(&decimal(s).ok_or_else(|| not_a_number(template, v, s))?)
+        .map_err(|_| not_a_number(template, v, s))
+}
+
+fn not_a_number(template: &CodeValueTemplate, v: &ValueTemplate, value: &str) -> ObservationError {
+    ObservationError::NotANumber {
+        type_name: template.type_name.clone(),
+        value_name: v.value_name.clone(),
+        value: value.to_string(),
+        value_type: v.kind.name(),
+    }
 }
 
 /// The reading as a FHIR decimal, if it is one.

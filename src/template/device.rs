@@ -444,39 +444,12 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> 
     let (line, column) = r.pos(obj.range.start);
     r.context = Some(kind.name().to_string());
     let m = Members::read(r, obj, &allowed, kind.name());
-    let type_name = m.string(r, "typeName", true).filter(|s| {
-        let blank = s.trim().is_empty();
-        if blank {
-            r.error(m.get("typeName").unwrap_or(item), "typeName is blank".into());
-        }
-        !blank
-    });
-    if let Some(t) = &type_name {
-        r.context = Some(format!("{} '{}'", kind.name(), t));
-    }
-    let default = match m.string(r, "defaultExpressionLanguage", false) {
-        None => Language::JsonPath,
-        Some(l) => Language::parse(&l).unwrap_or_else(|| {
-            r.error(
-                m.get("defaultExpressionLanguage").unwrap_or(item),
-                format!("unknown defaultExpressionLanguage '{l}'; use JsonPath or JmesPath"),
-            );
-            Language::JsonPath
-        }),
-    };
+    let type_name = read_type_name(r, &m, item, kind);
+    let default = read_default_language(r, &m, item);
     let calc = kind == ContentKind::Calculated;
     let expr = |r: &mut Reader<'_>, name: &str, required: bool| expression::read(r, &m, name, required, default, calc);
     let type_match = expr(r, "typeMatchExpression", true);
-    let (device_id, timestamp) = match kind {
-        ContentKind::Calculated | ContentKind::JsonPath => {
-            (expr(r, "deviceIdExpression", true), expr(r, "timestampExpression", true).map(|e| vec![e]))
-        }
-        // The IoT kinds read fixed places; the reference ignores these two members if given.
-        ContentKind::IotJsonPath => {
-            (fixed(IOT_DEVICE_ID), Some(vec![fixed(IOT_CREATION_TIME)?, fixed(IOT_ENQUEUED_TIME)?]))
-        }
-        ContentKind::IotCentralJsonPath => (fixed(IOT_CENTRAL_DEVICE_ID), Some(vec![fixed(IOT_CENTRAL_TIME)?])),
-    };
+    let (device_id, timestamp) = read_device_and_time(r, kind, expr)?;
     let patient_id = expr(r, "patientIdExpression", false);
     let encounter_id = expr(r, "encounterIdExpression", false);
     let correlation_id = expr(r, "correlationIdExpression", false);
@@ -500,6 +473,52 @@ fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> 
     };
     t.match_as_json = t.reads_match_with_jsonpath();
     Some(t)
+}
+
+fn read_type_name(r: &mut Reader<'_>, m: &Members<'_, '_>, item: &Node<'_>, kind: ContentKind) -> Option<String> {
+    let type_name = m.string(r, "typeName", true).filter(|s| {
+        let blank = s.trim().is_empty();
+        if blank {
+            r.error(m.get("typeName").unwrap_or(item), "typeName is blank".into());
+        }
+        !blank
+    });
+    if let Some(t) = &type_name {
+        r.context = Some(format!("{} '{}'", kind.name(), t));
+    }
+    type_name
+}
+
+fn read_default_language(r: &mut Reader<'_>, m: &Members<'_, '_>, item: &Node<'_>) -> Language {
+    match m.string(r, "defaultExpressionLanguage", false) {
+        None => Language::JsonPath,
+        Some(l) => Language::parse(&l).unwrap_or_else(|| {
+            r.error(
+                m.get("defaultExpressionLanguage").unwrap_or(item),
+                format!("unknown defaultExpressionLanguage '{l}'; use JsonPath or JmesPath"),
+            );
+            Language::JsonPath
+        }),
+    }
+}
+
+/// The outer `None` is a fixed expression that does not compile: the template is given up there,
+/// before its optional members are read.
+fn read_device_and_time(
+    r: &mut Reader<'_>,
+    kind: ContentKind,
+    expr: impl Fn(&mut Reader<'_>, &str, bool) -> Option<Expression>,
+) -> Option<(Option<Expression>, Option<Vec<Expression>>)> {
+    Some(match kind {
+        ContentKind::Calculated | ContentKind::JsonPath => {
+            (expr(r, "deviceIdExpression", true), expr(r, "timestampExpression", true).map(|e| vec![e]))
+        }
+        // The IoT kinds read fixed places; the reference ignores these two members if given.
+        ContentKind::IotJsonPath => {
+            (fixed(IOT_DEVICE_ID), Some(vec![fixed(IOT_CREATION_TIME)?, fixed(IOT_ENQUEUED_TIME)?]))
+        }
+        ContentKind::IotCentralJsonPath => (fixed(IOT_CENTRAL_DEVICE_ID), Some(vec![fixed(IOT_CENTRAL_TIME)?])),
+    })
 }
 
 fn fixed(text: &str) -> Option<Expression> {
