@@ -27,13 +27,6 @@ pub struct Settings {
     pub log: Log,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Unmatched {
-    Drop,
-    DeadLetter,
-}
-
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
@@ -175,35 +168,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// A setting that cannot be used, with the key to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("configuration key {key}: {message}")]
-    Invalid { key: String, message: String },
-    /// Every problem validation found, so that one edit fixes them all.
-    #[error("{} configuration problems:\n{}", .0.len(), .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
-    Several(Vec<ConfigError>),
-}
-
-impl ConfigError {
-    pub(crate) fn from_problems(mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
-        match problems.len() {
-            0 => Ok(()),
-            1 => Err(problems.remove(0)),
-            _ => Err(ConfigError::Several(problems)),
-        }
-    }
-}
-
-/// Collects what validation finds wrong.
-#[derive(Default)]
-pub(crate) struct Problems(pub(crate) Vec<ConfigError>);
-
-impl Problems {
-    pub(crate) fn bad(&mut self, key: &str, message: impl Into<String>) {
-        self.0.push(ConfigError::Invalid { key: key.to_string(), message: message.into() });
-    }
-}
+pub use crate::engine::Unmatched;
+pub use crate::problems::ConfigError;
+pub(crate) use crate::problems::Problems;
 
 const SECTIONS: [&str; 9] =
     ["source", "broker", "eventhubs", "pipeline", "fhir", "identity", "mappings", "http", "log"];
@@ -305,7 +272,7 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
-        crate::source::check(self, &mut p);
+        self.source.kind.check(&self.broker, &self.eventhubs, &mut p);
         if self.pipeline.shards == 0 || self.pipeline.shards > 1024 {
             p.bad("pipeline.shards", format!("{} is outside 1..=1024", self.pipeline.shards));
         }

@@ -18,6 +18,16 @@ use sha2::{Digest, Sha256};
 pub use crate::model::group::Grouper;
 pub use crate::model::observation::Identity;
 
+/// What to do with a message no device template matches (`pipeline.unmatched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unmatched {
+    /// Ack it, counted in `iomt_messages_dropped_total{reason="no-match"}`.
+    Drop,
+    /// Dead-letter it as `no-template-matched`.
+    DeadLetter,
+}
+
 /// Both mappings as far as they parse, and what is wrong with them.
 pub struct Checked {
     pub device: DeviceMapping,

@@ -172,7 +172,7 @@ struct BrokerArgs {
 impl BrokerArgs {
     /// Where to send: the event hub when `--eventhub` is given, else the queue.
     fn target(self) -> Result<Box<dyn Source>, Failure> {
-        iomt_connector::source::sending_to(self.config.as_deref(), self.eventhub, self.url, self.queue)
+        iomt_connector::sources::sending_to(self.config.as_deref(), self.eventhub, self.url, self.queue)
             .map_err(|e| Failure(2, format!("error: {e}")))
     }
 }
@@ -449,7 +449,7 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
 
 fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
     let source =
-        iomt_connector::source::dead_letters_of(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+        iomt_connector::sources::dead_letters_of(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
     let rt = runtime()?;
     let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
     let name = letters.name();
@@ -469,7 +469,7 @@ fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
 fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
     let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
     let (device, fhir) = load_pair(&settings.mappings.device, &settings.mappings.fhir)?;
-    let source = iomt_connector::source::configured(&settings);
+    let source = iomt_connector::sources::configured(&settings);
     let rt = runtime()?;
     let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
     let name = letters.name();

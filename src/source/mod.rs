@@ -16,7 +16,6 @@ pub mod rabbitmq;
 pub use eventhubs::settings::{EventHubs, EventHubsAuth, StartAt, connection_string_part};
 pub use rabbitmq::settings::{Broker, QueueType, Topology};
 
-use crate::config::Settings;
 use crate::metrics;
 use crate::model::kind::ErrorKind;
 use crate::status::Shared;
@@ -107,8 +106,8 @@ pub enum SourceKind {
     Eventhubs,
 }
 
-// The registry: a new source is a folder under src/source/, a variant above, and one line in
-// each of the three matches below.
+// The registry: a new source is a folder under src/source/, a variant above, one line in each
+// of the matches below and in `crate::sources`, and its settings section in `config::Settings`.
 impl SourceKind {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -118,48 +117,13 @@ impl SourceKind {
     }
 }
 
-/// The configured source, built from its settings section.
-pub fn configured(settings: &Settings) -> Box<dyn Source> {
-    match settings.source.kind {
-        SourceKind::Rabbitmq => Box::new(rabbitmq::Rabbitmq(settings.broker.clone())),
-        SourceKind::Eventhubs => Box::new(eventhubs::EventHubsSource(settings.eventhubs.clone())),
-    }
-}
-
-/// Where `publish` and `simulate` send: the event hub `hub` with the `[eventhubs]` credentials, or
-/// the `[broker]` queue (`url`, `queue` replacing the settings'), from the settings `file`.
-pub fn sending_to(
-    file: Option<&std::path::Path>,
-    hub: Option<String>,
-    url: Option<String>,
-    queue: Option<String>,
-) -> Result<Box<dyn Source>, crate::config::ConfigError> {
-    if let Some(hub) = hub {
-        let mut e = Settings::load_eventhubs(file)?;
-        e.hub = hub;
-        return Ok(Box::new(eventhubs::EventHubsSource(e)));
-    }
-    let mut b = Settings::load_broker(file)?;
-    b.url = url.unwrap_or(b.url);
-    b.queue = queue.unwrap_or(b.queue);
-    Ok(Box::new(rabbitmq::Rabbitmq(b)))
-}
-
-/// The configured source's dead letters, read with the settings `file` (only the source's own
-/// section is needed: no mapping files).
-pub fn dead_letters_of(file: Option<&std::path::Path>) -> Result<Box<dyn Source>, crate::config::ConfigError> {
-    let kind = Settings::load_source_kind(file)?;
-    Ok(match kind {
-        SourceKind::Rabbitmq => Box::new(rabbitmq::Rabbitmq(Settings::load_broker(file)?)),
-        SourceKind::Eventhubs => Box::new(eventhubs::EventHubsSource(Settings::load_eventhubs(file)?)),
-    })
-}
-
-/// The configured source's settings problems (only its own section is checked).
-pub(crate) fn check(settings: &Settings, p: &mut crate::config::Problems) {
-    match settings.source.kind {
-        SourceKind::Rabbitmq => settings.broker.check(p),
-        SourceKind::Eventhubs => settings.eventhubs.check(p),
+impl SourceKind {
+    /// Its own settings section's problems (only the configured source's section is checked).
+    pub(crate) fn check(self, broker: &Broker, eventhubs: &EventHubs, p: &mut crate::problems::Problems) {
+        match self {
+            SourceKind::Rabbitmq => broker.check(p),
+            SourceKind::Eventhubs => eventhubs.check(p),
+        }
     }
 }
 

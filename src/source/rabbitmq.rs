@@ -42,13 +42,13 @@ impl crate::source::Source for Rabbitmq {
     }
 }
 
-use crate::config::{Broker, QueueType, Topology};
 use crate::source::Failure;
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use serde_json::{Map, Value, json};
+use settings::{Broker, QueueType, Topology};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What went wrong talking to RabbitMQ (the broker's or the client's own words).

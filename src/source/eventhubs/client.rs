@@ -1,7 +1,7 @@
 //! The SDK's clients, opened with the configured credentials.
 
+use super::settings::{EventHubs, EventHubsAuth};
 use super::{EventHubsError, hub_error};
-use crate::config::{EventHubs, EventHubsAuth};
 use azure_messaging_eventhubs::{ConsumerClient, ProducerClient};
 
 /// The connection string without `EntityPath`: the hub is always named separately, so that one
@@ -46,7 +46,7 @@ pub async fn producer(s: &EventHubs, hub: &str) -> Result<ProducerClient, EventH
 mod entra {
     //! Microsoft Entra client credentials through the project's own OAuth2 client (the one the FHIR
     //! writer uses): one token cache and one retry rule for both.
-    use crate::config::EventHubs;
+    use crate::source::eventhubs::settings::EventHubs;
     use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
     use std::sync::Arc;
 

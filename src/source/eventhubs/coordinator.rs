@@ -2,14 +2,14 @@
 //! and starts and stops a reader per partition it owns.
 
 use super::client::{consumer, producer};
+use super::context::{Ctx, Partitions, Phase};
 use super::reader::read_partition;
+use super::settings::EventHubs;
 use super::store::{PgStore, Scope};
 use super::{EventHubsError, balance, hub_error};
-use crate::config::EventHubs;
 use crate::metrics;
 use crate::source::Intake;
 use crate::status::{PartitionState, Shared};
-use azure_messaging_eventhubs::{ConsumerClient, ProducerClient};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,15 +20,6 @@ use tokio::sync::watch;
 pub struct Running {
     stop: watch::Sender<Phase>,
     coordinator: Option<tokio::task::JoinHandle<()>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd)]
-pub(super) enum Phase {
-    Running,
-    /// No new events; what was handed over is still settled and checkpointed.
-    StopTaking,
-    /// Write the last checkpoints, give the partitions up, end.
-    Close,
 }
 
 impl Running {
@@ -58,46 +49,6 @@ pub fn start(settings: EventHubs, intake: Arc<dyn Intake>, shared: Arc<Shared>) 
     let (stop, stop_rx) = watch::channel(Phase::Running);
     let coordinator = actix_rt::spawn(coordinate(settings, intake, shared, stop_rx));
     Running { stop, coordinator: Some(coordinator) }
-}
-
-/// Everything a partition reader needs, shared.
-/// The partitions this instance owns, by id.
-#[derive(Default)]
-pub(super) struct Partitions(pub(super) dashmap::DashMap<String, Arc<PartitionState>>);
-
-impl crate::status::SourceView for Partitions {
-    fn kind(&self) -> &'static str {
-        "eventhubs"
-    }
-
-    fn snapshot(&self) -> serde_json::Value {
-        let partitions = self.0.iter().map(|p| p.value().snapshot()).collect();
-        serde_json::json!({"kind": "eventhubs", "partitions": crate::status::sorted_by(partitions, "partition")})
-    }
-}
-
-pub(super) struct Ctx {
-    pub(super) s: EventHubs,
-    pub(super) hub: String,
-    pub(super) me: String,
-    pub(super) consumer: ConsumerClient,
-    pub(super) dead_letters: ProducerClient,
-    pub(super) store: PgStore,
-    pub(super) intake: Arc<dyn Intake>,
-    /// The partitions this instance owns, as `/actors` shows them.
-    pub(super) partitions: Arc<Partitions>,
-    /// Per partition, held by a reader from opening its receiver to closing it. The SDK closes
-    /// a receiver by the partition's address, so a reader of a lost partition that closes late
-    /// (held up settling) would otherwise detach the receiver of the reader that claimed the
-    /// partition back.
-    links: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl Ctx {
-    pub(super) fn link_lock(&self, partition: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut links = self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        links.entry(partition.to_string()).or_default().clone()
-    }
 }
 
 /// A partition this instance reads.

@@ -12,6 +12,7 @@
 mod balance;
 mod book;
 mod client;
+mod context;
 mod coordinator;
 mod envelope;
 mod publisher;

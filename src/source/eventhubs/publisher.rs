@@ -1,8 +1,8 @@
 //! Sending events to a hub, for `publish` and `simulate`.
 
 use super::client::producer;
+use super::settings::EventHubs;
 use super::{EventHubsError, SENT_AT_PROPERTY, hub_error};
-use crate::config::EventHubs;
 use azure_messaging_eventhubs::ProducerClient;
 use azure_messaging_eventhubs::models::EventData;
 use std::time::SystemTime;

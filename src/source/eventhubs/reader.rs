@@ -2,11 +2,11 @@
 //! pipeline, settlements booked, dead letters sent, checkpoints written in order.
 
 use super::book::Book;
-use super::coordinator::{Ctx, Phase};
+use super::context::{Ctx, Phase};
 use super::envelope::{annotation_key, envelope, sent_at};
+use super::settings::StartAt;
 use super::store::Checkpoint;
 use super::{ERROR_KIND_PROPERTY, ERROR_PROPERTY, EventHubsError, hub_error};
-use crate::config::StartAt;
 use crate::metrics;
 use crate::source::{DeliveryGuard, Failure, Position, Settled, Status, book_dead_lettered, book_settled};
 use crate::status::PartitionState;

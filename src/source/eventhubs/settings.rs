@@ -1,6 +1,6 @@
 //! The `[eventhubs]` section: the Event Hubs source's settings, checked by the source.
 
-use crate::config::Problems;
+use crate::problems::Problems;
 use serde::{Deserialize, Serialize};
 
 /// `source.kind = "eventhubs"`.

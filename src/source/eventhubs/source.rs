@@ -1,6 +1,6 @@
 //! `source.kind = "eventhubs"`: what the service asks of the Event Hubs source.
 
-use crate::config::EventHubs;
+use super::settings::EventHubs;
 use crate::source::{DeadLetters, Intake, Publish, Source};
 use crate::status::Shared;
 use std::sync::Arc;

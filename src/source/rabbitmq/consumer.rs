@@ -2,8 +2,8 @@
 //! broker goes away, handing each delivery to the pipeline's intake; and the settler, which acks or
 //! dead-letters each delivery once the pipeline has settled it.
 
+use super::settings::{Broker, Topology};
 use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope, redact, sent_at};
-use crate::config::{Broker, Topology};
 use crate::metrics;
 use crate::source::ordered::InOrder;
 use crate::source::{

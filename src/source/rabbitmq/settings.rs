@@ -1,6 +1,7 @@
 //! The `[broker]` section: the RabbitMQ source's settings, checked by the source.
 
-use crate::config::{ConfigError, Problems, Unmatched};
+use crate::engine::Unmatched;
+use crate::problems::{ConfigError, Problems};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
