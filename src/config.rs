@@ -367,6 +367,22 @@ mod tests {
     }
 
     #[test]
+    fn the_old_broker_unmatched_key_still_works_with_a_deprecation() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("IOMT_BROKER__UNMATCHED", "dead-letter");
+            let s = Settings::load(None).expect("loads");
+            assert_eq!(s.unmatched(), Unmatched::DeadLetter);
+            let d = s.deprecations();
+            assert!(d.len() == 1 && d[0].contains("pipeline.unmatched"), "{d:?}");
+            jail.set_env("IOMT_PIPELINE__UNMATCHED", "drop");
+            let s = Settings::load(None).expect("loads");
+            assert_eq!(s.unmatched(), Unmatched::Drop, "the new key wins");
+            assert!(s.deprecations()[0].contains("ignored"));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn a_bad_environment_value_names_the_key() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("IOMT_BROKER__PREFETCH", "lots");
