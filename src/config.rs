@@ -369,6 +369,9 @@ mod tests {
     #[test]
     fn the_old_broker_unmatched_key_still_works_with_a_deprecation() {
         figment::Jail::expect_with(|jail| {
+            jail.create_file("m.json", "{}")?;
+            jail.set_env("IOMT_MAPPINGS__DEVICE", "m.json");
+            jail.set_env("IOMT_MAPPINGS__FHIR", "m.json");
             jail.set_env("IOMT_BROKER__UNMATCHED", "dead-letter");
             let s = Settings::load(None).expect("loads");
             assert_eq!(s.unmatched(), Unmatched::DeadLetter);
