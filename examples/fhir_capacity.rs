@@ -55,45 +55,8 @@ fn main() {
     let prefix = args.get(9).cloned().unwrap_or_else(|| format!("cap-{}", std::process::id()));
     let system = format!("urn:{prefix}");
 
-    // The Observations, exactly as the engine builds them.
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p}: {e}"));
-    let device = DeviceMapping::parse(&read("mappings/devicecontent.json")).unwrap_or_else(|e| panic!("{e:?}"));
-    let fhir = FhirMapping::parse(&read("mappings/fhirmapping.json")).unwrap_or_else(|e| panic!("{e:?}"));
-    let mut rng = fastrand::Rng::with_seed(7);
-    let mut measurements = Vec::new();
-    for k in 0..messages {
-        let d = (k % devices as u64) as usize;
-        let body = message(profile, &prefix, d, k / devices as u64, &mut rng, chrono::Utc::now());
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        measurements.extend(device.normalize_body(&bytes).unwrap_or_else(|e| panic!("{e}")));
-    }
-    let identity = CreateIdentity { device_system: Some(system.clone()) };
-    let built = transform(&fhir, measurements, &identity, chrono::Utc::now());
-    assert!(built.errors.is_empty(), "{:?}", built.errors);
-    let observations: Vec<(String, Value)> = built
-        .observations
-        .iter()
-        .map(|o| (o.id.clone().unwrap_or_default(), serde_json::to_value(o.for_write()).unwrap_or_default()))
-        .collect();
-
-    // Create identity's Patient and Device for every simulated device.
-    let mut identities = Vec::new();
-    for d in 0..devices {
-        let (p, dev) = (format!("{prefix}-pat-{d}"), format!("{prefix}-dev-{d}"));
-        let (pid, did) = (ids::resource_id(None, &p), ids::resource_id(Some(&system), &dev));
-        identities.push((
-            "Patient".to_string(),
-            pid.clone(),
-            json!({"resourceType": "Patient", "id": pid, "identifier": [{"value": p}]}),
-        ));
-        identities.push((
-            "Device".to_string(),
-            did.clone(),
-            json!({"resourceType": "Device", "id": did, "identifier": [{"system": system, "value": dev}],
-                   "patient": {"reference": format!("Patient/{pid}")}}),
-        ));
-    }
-
+    let observations = observations(profile, &prefix, &system, messages, devices);
+    let identities = identities(&prefix, &system, devices);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -111,54 +74,112 @@ fn main() {
         let versions = Arc::new(Versions::default());
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
-        // Each worker writes its own share of the Observations, as each of the connector's writers
-        // owns its devices: one Observation is never written by two requests at once.
-        let workers = (0..concurrency).map(|w| {
-            let (http, base, next, versions) = (http.clone(), base.clone(), next.clone(), versions.clone());
-            let mine: Vec<(String, Value)> = observations.iter().skip(w).step_by(concurrency).cloned().collect();
-            async move {
-                let step = if single { 1 } else { batch };
-                let mut cursor = 0usize;
-                loop {
-                    let take = step.min(mine.len()).max(1);
-                    let from = next.fetch_add(take, Ordering::Relaxed);
-                    if from >= writes || mine.is_empty() {
-                        break;
-                    }
-                    let n = take.min(writes - from);
-                    let entries = (cursor..cursor + n).map(|i| {
-                        let (id, r) = &mine[i % mine.len()];
-                        ("Observation", id.as_str(), r)
-                    });
-                    if single {
-                        for (t, id, r) in entries {
-                            let mut req = http
-                                .put(format!("{base}/{t}/{id}"))
-                                .header("Content-Type", "application/fhir+json")
-                                .header("Prefer", PREFER);
-                            if let Some(v) = versions.version(id) {
-                                req = req.header("If-Match", format!("W/\"{v}\""));
-                            }
-                            let resp = req
-                                .body(serde_json::to_vec(r).unwrap_or_default())
-                                .send()
-                                .await
-                                .unwrap_or_else(|e| panic!("PUT: {e}"));
-                            assert!(resp.status().is_success(), "PUT {t}: HTTP {}", resp.status());
-                            let etag = resp.headers().get("etag").and_then(|v| v.to_str().ok());
-                            versions.record(id, etag);
-                        }
-                    } else {
-                        post_batch(&http, &base, entries, Some(&versions)).await;
-                    }
-                    cursor += n;
-                }
-            }
-        });
-        join_all(workers).await;
+        let plan = Plan { single, batch, concurrency, writes };
+        join_all((0..concurrency).map(|w| write_share(w, &plan, &http, &base, &observations, &next, &versions))).await;
         let secs = started.elapsed().as_secs_f64();
         println!("{writes} {secs:.3} {:.0} {} {messages}", writes as f64 / secs, observations.len());
     });
+}
+
+/// How the writes are sent.
+struct Plan {
+    single: bool,
+    batch: usize,
+    concurrency: usize,
+    writes: usize,
+}
+
+/// The Observations, exactly as the engine builds them, by id.
+fn observations(profile: Profile, prefix: &str, system: &str, messages: u64, devices: usize) -> Vec<(String, Value)> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let device = DeviceMapping::parse(&read("mappings/devicecontent.json")).unwrap_or_else(|e| panic!("{e:?}"));
+    let fhir = FhirMapping::parse(&read("mappings/fhirmapping.json")).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut measurements = Vec::new();
+    for k in 0..messages {
+        let d = (k % devices as u64) as usize;
+        let body = message(profile, prefix, d, k / devices as u64, &mut rng, chrono::Utc::now());
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        measurements.extend(device.normalize_body(&bytes).unwrap_or_else(|e| panic!("{e}")));
+    }
+    let identity = CreateIdentity { device_system: Some(system.to_string()) };
+    let built = transform(&fhir, measurements, &identity, chrono::Utc::now());
+    assert!(built.errors.is_empty(), "{:?}", built.errors);
+    built
+        .observations
+        .iter()
+        .map(|o| (o.id.clone().unwrap_or_default(), serde_json::to_value(o.for_write()).unwrap_or_default()))
+        .collect()
+}
+
+/// Create identity's Patient and Device for every simulated device.
+fn identities(prefix: &str, system: &str, devices: usize) -> Vec<(String, String, Value)> {
+    let mut identities = Vec::new();
+    for d in 0..devices {
+        let (p, dev) = (format!("{prefix}-pat-{d}"), format!("{prefix}-dev-{d}"));
+        let (pid, did) = (ids::resource_id(None, &p), ids::resource_id(Some(system), &dev));
+        identities.push((
+            "Patient".to_string(),
+            pid.clone(),
+            json!({"resourceType": "Patient", "id": pid, "identifier": [{"value": p}]}),
+        ));
+        identities.push((
+            "Device".to_string(),
+            did.clone(),
+            json!({"resourceType": "Device", "id": did, "identifier": [{"system": system, "value": dev}],
+                   "patient": {"reference": format!("Patient/{pid}")}}),
+        ));
+    }
+    identities
+}
+
+/// Worker `w`'s share of the writes. Each worker writes its own share of the Observations, as each
+/// of the connector's writers owns its devices: one Observation is never written by two requests
+/// at once.
+async fn write_share(
+    w: usize,
+    plan: &Plan,
+    http: &reqwest::Client,
+    base: &str,
+    observations: &[(String, Value)],
+    next: &AtomicUsize,
+    versions: &Versions,
+) {
+    let mine: Vec<&(String, Value)> = observations.iter().skip(w).step_by(plan.concurrency).collect();
+    let step = if plan.single { 1 } else { plan.batch };
+    let mut cursor = 0usize;
+    loop {
+        let take = step.min(mine.len()).max(1);
+        let from = next.fetch_add(take, Ordering::Relaxed);
+        if from >= plan.writes || mine.is_empty() {
+            break;
+        }
+        let n = take.min(plan.writes - from);
+        let entries = (cursor..cursor + n).map(|i| {
+            let (id, r) = mine[i % mine.len()];
+            ("Observation", id.as_str(), r)
+        });
+        if plan.single {
+            for (t, id, r) in entries {
+                put_one(http, base, t, id, r, versions).await;
+            }
+        } else {
+            post_batch(http, base, entries, Some(versions)).await;
+        }
+        cursor += n;
+    }
+}
+
+async fn put_one(http: &reqwest::Client, base: &str, t: &str, id: &str, r: &Value, versions: &Versions) {
+    let mut req =
+        http.put(format!("{base}/{t}/{id}")).header("Content-Type", "application/fhir+json").header("Prefer", PREFER);
+    if let Some(v) = versions.version(id) {
+        req = req.header("If-Match", format!("W/\"{v}\""));
+    }
+    let resp = req.body(serde_json::to_vec(r).unwrap_or_default()).send().await.unwrap_or_else(|e| panic!("PUT: {e}"));
+    assert!(resp.status().is_success(), "PUT {t}: HTTP {}", resp.status());
+    let etag = resp.headers().get("etag").and_then(|v| v.to_str().ok());
+    versions.record(id, etag);
 }
 
 /// What the connector asks of the server on a write: only the status and the new version back.

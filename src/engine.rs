@@ -99,7 +99,37 @@ pub fn admit(device: &DeviceMapping, event: Result<Value, String>) -> Result<Vec
             "no device template's typeMatchExpression matched the message",
         ));
     }
+    for m in &measurements {
+        check_identifiers(m)?;
+    }
     Ok(measurements)
+}
+
+/// The longest device, patient, encounter or correlation id taken, in bytes. Identifiers go into
+/// search URLs and Observation identifiers; a longer one (a poison message) could never be looked
+/// up or written, and retrying it would hold its writer's other devices.
+pub const MAX_IDENTIFIER_BYTES: usize = 1024;
+
+fn check_identifiers(m: &Measurement) -> Result<(), Failure> {
+    let ids = [
+        ("deviceIdExpression", Some(&m.device_id)),
+        ("patientIdExpression", m.patient_id.as_ref()),
+        ("encounterIdExpression", m.encounter_id.as_ref()),
+        ("correlationIdExpression", m.correlation_id.as_ref()),
+    ];
+    for (field, id) in ids {
+        if let Some(id) = id.filter(|id| id.len() > MAX_IDENTIFIER_BYTES) {
+            return Err(Failure::new(
+                ErrorKind::IdentifierTooLong,
+                format!(
+                    "template '{}': the value of {field} is {} bytes long; identifiers may be at most {MAX_IDENTIFIER_BYTES} bytes",
+                    m.type_name,
+                    id.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What the service would do with a message now, short of writing it: admitted and grouped with
@@ -147,6 +177,12 @@ mod tests {
         assert_eq!(kind(admit(&device, Ok(envelope(no_time)))), Some(ErrorKind::MissingValue));
         let ok = json!({"deviceId": "d", "patientId": "p", "measurementTime": "2026-01-01T00:00:00Z", "heartRate": 70});
         assert_eq!(admit(&device, Ok(envelope(ok))).map(|m| m.len()), Ok(1));
+        let poison = "d".repeat(70_000);
+        let long =
+            json!({"deviceId": poison, "patientId": "p", "measurementTime": "2026-01-01T00:00:00Z", "heartRate": 70});
+        let f = admit(&device, Ok(envelope(long))).unwrap_err();
+        assert_eq!(f.kind, ErrorKind::IdentifierTooLong);
+        assert!(f.message.contains("deviceIdExpression") && f.message.contains("1024"), "{}", f.message);
     }
 
     #[test]

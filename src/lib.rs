@@ -12,7 +12,6 @@ pub mod problems;
 pub mod service;
 pub mod simulate;
 pub mod source;
-pub mod sources;
 pub mod status;
 pub mod studio;
 pub mod template;

@@ -76,6 +76,10 @@ struct StudioArgs {
     /// A folder of sample messages (*.json) the page offers.
     #[arg(long, value_name = "DIR", default_value = "mappings/messages")]
     messages: PathBuf,
+    /// The token the page's requests must carry (Authorization: Bearer); required to listen on
+    /// anything but a loopback address.
+    #[arg(long, env = "IOMT_STUDIO_TOKEN", default_value = "", hide_env_values = true)]
+    token: String,
 }
 
 #[derive(Subcommand)]
@@ -172,7 +176,7 @@ struct BrokerArgs {
 impl BrokerArgs {
     /// Where to send: the event hub when `--eventhub` is given, else the queue.
     fn target(self) -> Result<Box<dyn Source>, Failure> {
-        iomt_connector::sources::sending_to(self.config.as_deref(), self.eventhub, self.url, self.queue)
+        iomt_connector::source::registry::sending_to(self.config.as_deref(), self.eventhub, self.url, self.queue)
             .map_err(|e| Failure(2, format!("error: {e}")))
     }
 }
@@ -437,19 +441,32 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 fn studio(a: StudioArgs) -> Result<(), Failure> {
+    let loopback = match a.listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback(),
+        Err(_) => a.listen.starts_with("localhost:"),
+    };
+    if !loopback && a.token.is_empty() {
+        return Err(Failure(
+            2,
+            format!(
+                "error: refusing to serve the mapping debugger on {} without --token (or IOMT_STUDIO_TOKEN): anyone who can reach it could read the mappings and samples; set a token, or listen on 127.0.0.1",
+                a.listen
+            ),
+        ));
+    }
     let studio = iomt_connector::studio::Studio {
         device: a.device_mapping,
         fhir: a.fhir_mapping,
         messages: a.messages,
-        token: String::new(),
+        token: a.token,
     };
     iomt_connector::studio::serve(&a.listen, studio)
         .map_err(|e| Failure(1, format!("error: cannot serve on {} (--listen): {e}", a.listen)))
 }
 
 fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
-    let source =
-        iomt_connector::sources::dead_letters_of(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+    let source = iomt_connector::source::registry::dead_letters_of(a.config.as_deref())
+        .map_err(|e| Failure(2, format!("error: {e}")))?;
     let rt = runtime()?;
     let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
     let name = letters.name();
@@ -469,7 +486,7 @@ fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
 fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
     let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
     let (device, fhir) = load_pair(&settings.mappings.device, &settings.mappings.fhir)?;
-    let source = iomt_connector::sources::configured(&settings);
+    let source = iomt_connector::source::registry::configured(&settings);
     let rt = runtime()?;
     let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
     let name = letters.name();

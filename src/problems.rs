@@ -30,3 +30,39 @@ impl Problems {
         self.0.push(ConfigError::Invalid { key: key.to_string(), message: message.into() });
     }
 }
+
+/// `text` with the user information of an address hidden (`amqp://user:password@host` →
+/// `amqp://***@host`, also without a scheme), and the key of a connection string
+/// (`SharedAccessKey=…`): fit for errors, logs and endpoints.
+pub fn redact(text: &str) -> String {
+    let mut out = match text.rfind('@') {
+        Some(at) => {
+            let start = text.find("://").map_or(0, |s| s + 3);
+            if at > start { format!("{}***{}", &text[..start], &text[at..]) } else { text.to_string() }
+        }
+        None => text.to_string(),
+    };
+    for key in ["SharedAccessKey=", "SharedAccessSignature="] {
+        let lower = out.to_ascii_lowercase();
+        if let Some(i) = lower.find(&key.to_ascii_lowercase()) {
+            let from = i + key.len();
+            let to = out[from..].find(';').map_or(out.len(), |e| from + e);
+            out.replace_range(from..to, "***");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn secrets_are_hidden_with_or_without_a_scheme() {
+        assert_eq!(redact("amqp://guest:s3cret@host:5672/%2f"), "amqp://***@host:5672/%2f");
+        assert_eq!(redact("guest:s3cret@host:5672"), "***@host:5672");
+        assert_eq!(redact("amqp://host"), "amqp://host");
+        let cs = "Endpoint=sb://x/;SharedAccessKeyName=a;SharedAccessKey=s3cret=;EntityPath=h";
+        assert_eq!(redact(cs), "Endpoint=sb://x/;SharedAccessKeyName=a;SharedAccessKey=***;EntityPath=h");
+    }
+}

@@ -42,7 +42,7 @@ pub fn run(settings: Settings, dry_run: bool) -> Result<(), RunError> {
         probe: client,
         // A dry run has no server to look up in: its ids are the ones Create makes.
         identity: if dry_run { IdentityMode::Create } else { settings.identity.mode },
-        source: crate::sources::configured(&settings),
+        source: crate::source::registry::configured(&settings),
         dry_run,
     };
     let system = actix_rt::System::new();

@@ -244,3 +244,36 @@ fn help_documents_each_command_with_an_example() {
         );
     }
 }
+
+#[test]
+fn a_settings_error_never_prints_a_password() {
+    for (var, value) in [
+        ("IOMT_BROKER__URL", "guest:s3cret-pw@127.0.0.1:5672"),
+        ("IOMT_BROKER__URL", "http://guest:s3cret-pw@127.0.0.1:5672"),
+    ] {
+        let out = bin().args(["run"]).env(var, value).current_dir(env!("CARGO_MANIFEST_DIR")).output();
+        let out = out.unwrap_or_else(|e| panic!("cannot run iomt-connector: {e}"));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("broker.url") && err.contains("***@127.0.0.1"), "{err}");
+        assert!(!err.contains("s3cret"), "the password is printed: {err}");
+    }
+    let endpoint = ("IOMT_EVENTHUBS__CUSTOM_ENDPOINT", "sb://user:s3cret-pw@127.0.0.1:5671");
+    let out = bin()
+        .args(["run"])
+        .env("IOMT_SOURCE__KIND", "eventhubs")
+        .env(endpoint.0, endpoint.1)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run iomt-connector: {e}"));
+    let err = stderr(&out);
+    assert!(err.contains("eventhubs.custom_endpoint") && !err.contains("s3cret"), "{err}");
+}
+
+#[test]
+fn the_mapping_debugger_refuses_an_open_address_without_a_token() {
+    let out = run(&["studio", "--listen", "0.0.0.0:0"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("without --token") && err.contains("0.0.0.0:0"), "{err}");
+}

@@ -497,3 +497,39 @@ async fn a_message_returned_past_the_delivery_limit_is_dead_lettered_by_the_brok
         services::delete_queue(&ch, &q).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_identifier_is_dead_lettered_at_once_and_every_other_device_is_written() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let o = outage("poison", 3).await;
+    let mut c = o.connector(services::fhir_url(), &[]).await;
+    let Outage { run, system, queue, msgs, conn } = &o;
+    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
+    // A 70,000-character device id: no search URL can carry it, no server would take it.
+    let mut poison: Value = serde_json::from_slice(&msgs[0]).unwrap_or_else(|e| panic!("{e}"));
+    poison["deviceId"] = Value::String("x".repeat(70_000));
+    let poison = serde_json::to_vec(&poison).unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    services::publish(&ch, queue, &[poison]).await;
+    services::publish(&ch, queue, msgs).await;
+    c.wait_acked((msgs.len() + 1) as f64, Duration::from_secs(120)).await;
+    let took = started.elapsed().as_secs_f64();
+    let dead = c.metric("iomt_dead_lettered_total{kind=\"identifier-too-long\"}").await;
+    println!(
+        "a 70,000-character device id among 20 devices: dead-lettered, and all {} messages acked, in {took:.1} s",
+        msgs.len() + 1
+    );
+    assert_eq!(dead, 1.0, "the poison message is dead-lettered as identifier-too-long");
+    assert_eq!(services::ready_count(&ch, &format!("{queue}.dlq")).await, 1);
+    assert_converged(&Fhir::new(), run, 20, &uninterrupted(msgs, system)).await;
+    let stopping = Instant::now();
+    c.signal("TERM");
+    assert_eq!(
+        c.wait(Duration::from_secs(15)).await,
+        Some(0),
+        "SIGTERM ends at once: {}",
+        services::tail(&c.log(), 10)
+    );
+    println!("SIGTERM → exit 0 in {:.1} s", stopping.elapsed().as_secs_f64());
+}

@@ -145,7 +145,12 @@ impl FhirClient {
             metrics::get().fhir_requests.with_label_values(&[m, "error"]).inc();
             // Without the URL: it can hold device or patient identifiers, and this text is logged
             // and shown by readiness.
-            FhirError::Network { method: m, path: path.into(), message: error_chain(&e.without_url()) }
+            let unsendable = e.is_builder();
+            let message = error_chain(&e.without_url());
+            if unsendable {
+                return FhirError::Unsendable { method: m, path: path.into(), message };
+            }
+            FhirError::Network { method: m, path: path.into(), message }
         })?;
         let status = resp.status();
         metrics::get().fhir_requests.with_label_values(&[m, status.as_str()]).inc();

@@ -32,6 +32,9 @@ pub enum FhirError {
     Invalid { method: &'static str, path: String, message: String },
     #[error("FHIR authentication failed: {0}")]
     Auth(String),
+    /// A request that cannot even be sent (a URL that cannot be built): it never will be.
+    #[error("FHIR {method} {path}: the request cannot be sent: {message}")]
+    Unsendable { method: &'static str, path: String, message: String },
 }
 
 impl FhirError {
@@ -41,7 +44,7 @@ impl FhirError {
         match self {
             FhirError::Network { .. } | FhirError::Invalid { .. } => true,
             FhirError::Status { status, .. } => transient_status(*status),
-            FhirError::Decode { .. } | FhirError::Auth(_) => false,
+            FhirError::Decode { .. } | FhirError::Auth(_) | FhirError::Unsendable { .. } => false,
         }
     }
 
@@ -55,6 +58,7 @@ impl FhirError {
             // The message names the status and content type, never an identifier.
             FhirError::Invalid { method, message, .. } => format!("{method}: {message}"),
             FhirError::Auth(m) => format!("authentication: {m}"),
+            FhirError::Unsendable { method, .. } => format!("{method}: the request cannot be sent"),
         }
     }
 

@@ -21,6 +21,8 @@ pub enum ErrorKind {
     InvalidValue,
     /// More SampledData slots than a window may hold.
     WindowTooLarge,
+    /// A device, patient, encounter or correlation id longer than `engine::MAX_IDENTIFIER_BYTES`.
+    IdentifierTooLong,
     IdentityNotFound,
     IdentityAmbiguous,
     /// The identity mode needs an id the message does not carry.
@@ -50,6 +52,7 @@ impl ErrorKind {
             ErrorKind::MissingCorrelationId => "missing-correlation-id",
             ErrorKind::InvalidValue => "invalid-value",
             ErrorKind::WindowTooLarge => "window-too-large",
+            ErrorKind::IdentifierTooLong => "identifier-too-long",
             ErrorKind::IdentityNotFound => "identity-not-found",
             ErrorKind::IdentityAmbiguous => "identity-ambiguous",
             ErrorKind::IdentityNotDefined => "identity-not-defined",

@@ -67,6 +67,7 @@ pub fn fhir_kind(e: &FhirError) -> ErrorKind {
         FhirError::Decode { .. } | FhirError::Invalid { .. } => ErrorKind::FhirInvalidResponse,
         FhirError::Auth(_) => ErrorKind::FhirAuth,
         FhirError::Network { .. } => ErrorKind::FhirUnavailable,
+        FhirError::Unsendable { .. } => ErrorKind::FhirRejected,
     }
 }
 

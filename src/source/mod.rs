@@ -12,6 +12,7 @@ pub mod eventhubs;
 pub mod memory;
 pub mod ordered;
 pub mod rabbitmq;
+pub mod registry;
 
 pub use eventhubs::settings::{EventHubs, EventHubsAuth, StartAt, connection_string_part};
 pub use rabbitmq::settings::{Broker, QueueType, Topology};
@@ -107,7 +108,7 @@ pub enum SourceKind {
 }
 
 // The registry: a new source is a folder under src/source/, a variant above, one line in each
-// of the matches below and in `crate::sources`, and its settings section in `config::Settings`.
+// of the matches below and in `registry.rs`, and its settings section in `config::Settings`.
 impl SourceKind {
     pub fn as_str(self) -> &'static str {
         match self {

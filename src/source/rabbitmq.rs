@@ -134,10 +134,7 @@ fn amqp_json(v: &AMQPValue) -> Value {
 
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
-    }
+    crate::problems::redact(url)
 }
 
 /// When the device sent the message: the `x-iomt-sent-at` header (epoch ms), else the AMQP

@@ -114,7 +114,7 @@ impl EventHubs {
         if !self.custom_endpoint.is_empty() && !amqp(&self.custom_endpoint) {
             p.bad(
                 "eventhubs.custom_endpoint",
-                format!("'{}' is not an amqp:// or amqps:// address", self.custom_endpoint),
+                format!("'{}' is not an amqp:// or amqps:// address", crate::problems::redact(&self.custom_endpoint)),
             );
         }
         if self.checkpoint_postgres_url.is_empty() {

@@ -99,7 +99,8 @@ impl Broker {
 
     pub(crate) fn check(&self, p: &mut Problems) {
         if !self.url.starts_with("amqp://") && !self.url.starts_with("amqps://") {
-            p.bad("broker.url", format!("'{}' is not an amqp:// or amqps:// URL", self.url));
+            let url = crate::problems::redact(&self.url);
+            p.bad("broker.url", format!("'{url}' is not an amqp:// or amqps:// URL"));
         }
         if self.queue.trim().is_empty() {
             p.bad("broker.queue", "must name a queue");

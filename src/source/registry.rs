@@ -1,8 +1,8 @@
 //! The registry of sources: the configured one built from its settings section, and the ones the
 //! command line sends to or reads dead letters from. A new source adds its line to each match.
 
+use super::{Source, SourceKind, eventhubs::EventHubsSource, rabbitmq::Rabbitmq};
 use crate::config::{ConfigError, Settings};
-use crate::source::{Source, SourceKind, eventhubs::EventHubsSource, rabbitmq::Rabbitmq};
 use std::path::Path;
 
 /// The configured source (`source.kind`), built from its settings section.
