@@ -144,6 +144,10 @@ pub struct Http {
     /// When set, the debugger asks for it (`Authorization: Bearer …` or `?token=…`).
     #[serde(default)]
     pub debugger_token: String,
+    /// Host names (without port) the debugger answers besides the loopback ones: a page on another
+    /// site that resolves its own name to this address (DNS rebinding) gets a 403.
+    #[serde(default)]
+    pub debugger_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

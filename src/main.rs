@@ -80,6 +80,10 @@ struct StudioArgs {
     /// anything but a loopback address.
     #[arg(long, env = "IOMT_STUDIO_TOKEN", default_value = "", hide_env_values = true)]
     token: String,
+    /// A host name the page may be opened under besides localhost, 127.0.0.1 and [::1]
+    /// (repeatable); any other Host header gets a 403 (DNS rebinding).
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_host: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -459,6 +463,7 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
         fhir: a.fhir_mapping,
         messages: a.messages,
         token: a.token,
+        hosts: a.allow_host,
     };
     iomt_connector::studio::serve(&a.listen, studio)
         .map_err(|e| Failure(1, format!("error: cannot serve on {} (--listen): {e}", a.listen)))

@@ -79,6 +79,7 @@ pub async fn serve(
         fhir: settings.mappings.fhir.clone(),
         messages: settings.mappings.device.parent().map(|d| d.join("messages")).unwrap_or_default(),
         token: settings.http.debugger_token.clone(),
+        hosts: settings.http.debugger_hosts.clone(),
     });
     let server = crate::http::server(&settings.http.listen, shared.clone(), debugger)
         .map_err(|e| RunError::Http { addr: settings.http.listen.clone(), message: e.to_string() })?;

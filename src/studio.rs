@@ -26,6 +26,8 @@ pub struct Studio {
     /// A folder of `*.json` messages offered as samples.
     pub messages: PathBuf,
     pub token: String,
+    /// Host names answered besides the loopback ones.
+    pub hosts: Vec<String>,
 }
 
 fn problems(errors: &[TemplateError]) -> Vec<Value> {
@@ -101,7 +103,24 @@ fn run(r: &Run) -> Value {
     })
 }
 
+/// The request's `Host` is a loopback name or one of `hosts`; anything else may be a page of
+/// another site that made its own name resolve here (DNS rebinding).
+fn host_allowed(req: &HttpRequest, s: &Studio) -> bool {
+    let Some(host) = req.headers().get("host").and_then(|v| v.to_str().ok()) else { return false };
+    let name = match host.rsplit_once(':') {
+        // `[::1]:8181`, `localhost:8181`; a bare `::1` has colons but no port.
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) && !name.ends_with(':') => name,
+        _ => host,
+    };
+    let name = name.to_ascii_lowercase();
+    ["localhost", "127.0.0.1", "[::1]"].contains(&name.as_str())
+        || s.hosts.iter().any(|h| h.eq_ignore_ascii_case(&name))
+}
+
 fn allowed(req: &HttpRequest, s: &Studio) -> bool {
+    if !host_allowed(req, s) {
+        return false;
+    }
     if s.token.is_empty() {
         return true;
     }
@@ -113,28 +132,34 @@ fn allowed(req: &HttpRequest, s: &Studio) -> bool {
     bearer == Some(s.token.as_str()) || query.as_deref() == Some(s.token.as_str())
 }
 
-fn refused() -> HttpResponse {
+fn refused(req: &HttpRequest, s: &Studio) -> HttpResponse {
+    if !host_allowed(req, s) {
+        let host = req.headers().get("host").and_then(|v| v.to_str().ok()).unwrap_or("none");
+        return HttpResponse::Forbidden().json(json!({"error": format!(
+            "Host '{host}' is not one the debugger answers: add the name to http.debugger_hosts (run) or --allow-host (studio)"
+        )}));
+    }
     HttpResponse::Unauthorized()
         .json(json!({"error": "the debugger needs http.debugger_token (Authorization: Bearer, or ?token=)"}))
 }
 
 async fn page(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
     if !allowed(&req, &s) {
-        return refused();
+        return refused(&req, &s);
     }
     HttpResponse::Ok().content_type("text/html; charset=utf-8").body(PAGE)
 }
 
 async fn check_endpoint(req: HttpRequest, s: web::Data<Studio>, body: web::Json<Pair>) -> HttpResponse {
     if !allowed(&req, &s) {
-        return refused();
+        return refused(&req, &s);
     }
     HttpResponse::Ok().json(check(&body).0)
 }
 
 async fn run_endpoint(req: HttpRequest, s: web::Data<Studio>, body: web::Json<Run>) -> HttpResponse {
     if !allowed(&req, &s) {
-        return refused();
+        return refused(&req, &s);
     }
     HttpResponse::Ok().json(run(&body))
 }
@@ -142,7 +167,7 @@ async fn run_endpoint(req: HttpRequest, s: web::Data<Studio>, body: web::Json<Ru
 /// The sample mappings and messages (`mappings/`), for the page's "load samples".
 async fn samples(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
     if !allowed(&req, &s) {
-        return refused();
+        return refused(&req, &s);
     }
     let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
     let mut messages = Vec::new();

@@ -131,3 +131,27 @@ async fn run_serves_the_debugger_only_when_asked_and_behind_its_token() {
     assert!(checked["device"].as_array().is_some_and(|d| !d.is_empty()), "{checked}");
     services::delete_queue(&ch, &queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_host_is_refused_and_the_loopback_names_are_answered() {
+    let (_child, url) = studio().await;
+    let port = url.trim_end_matches('/').rsplit(':').next().unwrap_or_default().to_string();
+    for (host, want) in [
+        (format!("localhost:{port}"), 200),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("evil.example:{port}"), 403),
+        ("evil.example".to_string(), 403),
+    ] {
+        let r = services::http()
+            .get(format!("{url}api/samples"))
+            .header("Host", host.as_str())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(r.status().as_u16(), want, "Host: {host}");
+        if want == 403 {
+            let body = r.text().await.unwrap_or_default();
+            assert!(body.contains("--allow-host"), "{body}");
+        }
+    }
+}
