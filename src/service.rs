@@ -108,21 +108,34 @@ pub async fn serve(
 
     shutdown.await;
     tracing::info!("stopping: no new messages; flushing shards and waiting for writes and acks");
-    source.stop_taking().await;
-    pipeline.flush().await;
-    work.close();
+    // The whole stop fits in pipeline.shutdown_timeout_secs: taking no more and waiting for the
+    // work in hand get all of it but the last few seconds, which are closing's (the final acks or
+    // checkpoints, the partitions released).
     let limit = Duration::from_secs(settings.pipeline.shutdown_timeout_secs);
-    let done = tokio::select! {
-        _ = work.wait() => true,
-        _ = give_up(store.circuit().clone(), limit) => false,
+    let closing = CLOSING.min(limit / 2);
+    let draining = limit - closing;
+    let drain = async {
+        source.stop_taking().await;
+        pipeline.flush().await;
+        work.close();
+        tokio::select! {
+            _ = work.wait() => true,
+            _ = give_up(store.circuit().clone(), draining) => false,
+        }
     };
+    let done = tokio::time::timeout(draining, drain).await.unwrap_or(false);
     let m = metrics::get();
     let left = m.unacked.get().max(0);
     if !done {
         tracing::warn!(held = left, "stopping with messages not written: they go back to the broker");
     }
-    source.close().await;
-    server_handle.stop(true).await;
+    if tokio::time::timeout(closing, source.close()).await.is_err() {
+        tracing::warn!(
+            after_s = closing.as_secs(),
+            "the source did not close in time; the broker redelivers what it did not hear about"
+        );
+    }
+    server_handle.stop(false).await;
     pipeline.stop();
     let (received, acked, dead) = (m.messages_received.get(), m.messages_acked.get(), metrics::dead_lettered_total());
     tracing::info!(received, acked, dead_lettered = dead, unsettled = left, "stopped");
@@ -133,6 +146,9 @@ pub async fn serve(
         Ok(())
     }
 }
+
+/// The part of a stop kept for closing the source.
+const CLOSING: Duration = Duration::from_secs(5);
 
 /// When a stop stops waiting for the messages in hand: `limit` after it began, or once the FHIR
 /// server has been unavailable for 10 s in a row (they cannot be written before an orchestrator's

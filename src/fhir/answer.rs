@@ -76,34 +76,38 @@ pub enum Before {
     NotShown,
 }
 
-/// The entry just before `version` in a history, ordered by version (numerically when the ids are
-/// numbers) and then `meta.lastUpdated`, never by position: servers list history newest-first,
-/// oldest-first, or either.
+/// The entry just before `version` in a history, never by position: servers list history
+/// newest-first, oldest-first, or either. When every version id is a number they are ordered as
+/// numbers, and a first version other than "1" means the history is not all there (`NotShown`);
+/// otherwise by `meta.lastUpdated`, and a version without a time, or one that shares its time
+/// with another, cannot be placed (`NotShown`). Only a history that shows nothing before ours
+/// says nothing was overwritten.
 pub(crate) fn before(resources: Vec<Value>, version: &str) -> Before {
-    let mut listed: Vec<(Option<String>, Value)> = resources.into_iter().map(|r| (version_of(&r), r)).collect();
-    listed.sort_by(|a, b| order(&a.1, &b.1));
-    let Some(ours) = listed.iter().position(|(v, _)| v.as_deref() == Some(version)) else {
-        return Before::NotShown;
-    };
-    let earlier =
-        listed[..ours].iter().rev().find(|(v, r)| v.as_deref() != Some(version) && order(r, &listed[ours].1).is_lt());
-    match earlier {
-        Some((v, r)) => Before::Version(Versioned { version: v.clone(), resource: r.clone() }),
-        None => Before::Nothing,
+    let listed: Vec<(String, Value)> = resources.into_iter().filter_map(|r| Some((version_of(&r)?, r))).collect();
+    let Some(ours) = listed.iter().find(|(v, _)| v == version) else { return Before::NotShown };
+    let found = |(v, r): &(String, Value)| Before::Version(Versioned { version: Some(v.clone()), resource: r.clone() });
+    let numbers: Option<Vec<u64>> = listed.iter().map(|(v, _)| v.parse::<u64>().ok()).collect();
+    if let (Some(numbers), Ok(mine)) = (numbers, version.parse::<u64>()) {
+        let earlier = listed.iter().zip(&numbers).filter(|(_, n)| **n < mine).max_by_key(|(_, n)| **n);
+        return match earlier {
+            Some((entry, _)) => found(entry),
+            None if mine == 1 => Before::Nothing,
+            None => Before::NotShown,
+        };
     }
-}
-
-/// History order: version ids compared as numbers where both are, then `meta.lastUpdated` as a time.
-fn order(a: &Value, b: &Value) -> std::cmp::Ordering {
-    let num = |r: &Value| version_of(r).and_then(|v| v.parse::<u64>().ok());
     let when = |r: &Value| {
         r.pointer("/meta/lastUpdated")
             .and_then(Value::as_str)
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
     };
-    match (num(a), num(b)) {
-        (Some(x), Some(y)) if x != y => x.cmp(&y),
-        _ => when(a).cmp(&when(b)),
+    let Some(at) = when(&ours.1) else { return Before::NotShown };
+    let others: Vec<_> = listed.iter().filter(|(v, _)| v != version).map(|e| (when(&e.1), e)).collect();
+    if others.iter().any(|(t, _)| t.is_none() || *t == Some(at)) {
+        return Before::NotShown;
+    }
+    match others.into_iter().filter(|(t, _)| *t < Some(at)).max_by_key(|(t, _)| *t) {
+        Some((_, entry)) => found(entry),
+        None => Before::Nothing,
     }
 }
 
@@ -161,6 +165,21 @@ mod tests {
         let (a, b) = (version("b7f", "2026-01-01T00:00:01Z"), version("a01", "2026-01-01T00:00:02+00:00"));
         let Before::Version(got) = before(vec![b.clone(), a.clone()], "a01") else { panic!() };
         assert_eq!(got.version.as_deref(), Some("b7f"));
-        assert_eq!(before(vec![a, b], "b7f"), Before::Nothing);
+        assert_eq!(before(vec![a.clone(), b], "b7f"), Before::Nothing);
+    }
+
+    #[test]
+    fn a_history_that_cannot_show_what_came_before_is_not_taken_for_a_plain_create() {
+        // Trimmed or turned-off history: our version 3 with nothing before it listed.
+        assert_eq!(before(vec![version("3", "2026-01-01T00:00:03Z")], "3"), Before::NotShown);
+        // Two writes of one second, version ids that are not numbers: their order is unknown.
+        let (a, b) = (version("x1", "2026-01-01T00:00:01Z"), version("y2", "2026-01-01T00:00:01Z"));
+        assert_eq!(before(vec![a.clone(), b], "y2"), Before::NotShown);
+        let no_time = json!({"resourceType": "Observation", "meta": {"versionId": "z"}});
+        assert_eq!(before(vec![a, no_time.clone()], "z"), Before::NotShown);
+        // Numbers and words mixed: ordered by time, never a panic.
+        let mixed = vec![version("2", "2026-01-01T00:00:02Z"), version("w", "2026-01-01T00:00:01Z")];
+        let Before::Version(got) = before(mixed, "2") else { panic!() };
+        assert_eq!(got.version.as_deref(), Some("w"));
     }
 }

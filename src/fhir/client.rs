@@ -214,9 +214,16 @@ impl FhirClient {
             .iter()
             .map(|id| json!({"request": {"method": "GET", "url": format!("{resource_type}/{id}")}}))
             .collect();
-        let answers = self.post_batch(Op::Read, entries).await?;
+        let answers = self.post_batch(Op::Read, entries).await;
         let mut out = Vec::with_capacity(ids.len());
-        for (id, mut a) in ids.iter().zip(answers) {
+        for (id, a) in ids.iter().zip(answers) {
+            let mut a = match a {
+                Ok(a) => a,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
             let status = entry_status(&a);
             let etag = a.pointer("/response/etag").and_then(Value::as_str).map(parse_etag);
             let is_resource = a.pointer("/resource/resourceType").and_then(Value::as_str) == Some(resource_type);
@@ -304,7 +311,8 @@ impl FhirClient {
 
     /// Several PUTs in one `batch` Bundle; one result per entry, in order. Entries the server
     /// answered with 429 or 5xx are retried (with backoff) on their own.
-    pub async fn batch(&self, puts: &[Put]) -> Result<Vec<PutResult>, FhirError> {
+    /// A failed Bundle fails only its own entries: what the others answered still counts.
+    pub async fn batch(&self, puts: &[Put]) -> Vec<Result<PutResult, FhirError>> {
         let entries: Vec<Value> = puts
             .iter()
             .map(|p| {
@@ -320,13 +328,20 @@ impl FhirClient {
                 ]))
             })
             .collect();
-        let answers = self.post_batch(Op::Write, entries).await?;
+        let answers = self.post_batch(Op::Write, entries).await;
         let mut results = Vec::with_capacity(puts.len());
         for (put, a) in puts.iter().zip(answers) {
+            let a = match a {
+                Ok(a) => a,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
             let status = entry_status(&a);
             let result = if transient_status(status) || status == 0 {
                 // Retry this entry alone; it goes through the retrying single-request path.
-                self.update(put.resource_type, &put.id, &put.resource, put.if_match.as_deref()).await?
+                self.update(put.resource_type, &put.id, &put.resource, put.if_match.as_deref()).await
             } else {
                 let resp = a.get("response").cloned().unwrap_or(Value::Null);
                 let echoed = a
@@ -341,16 +356,17 @@ impl FhirClient {
                     .or(echoed)
                     .or_else(|| resp.get("location").and_then(Value::as_str).and_then(history_version));
                 let outcome = resp.get("outcome").map(outcome_text).filter(|_| status >= 400);
-                PutResult { status, version, outcome }
+                Ok(PutResult { status, version, outcome })
             };
             results.push(result);
         }
-        Ok(results)
+        results
     }
 
     /// POSTs `batch` Bundles of at most `fhir.max_batch_entries`, one after another; their
-    /// response entries, one per entry sent, in order.
-    async fn post_batch(&self, op: Op, entries: Vec<Value>) -> Result<Vec<Value>, FhirError> {
+    /// response entries, one per entry sent, in order (a Bundle that failed: its error for each of
+    /// its entries).
+    async fn post_batch(&self, op: Op, entries: Vec<Value>) -> Vec<Result<Value, FhirError>> {
         let mut answers = Vec::with_capacity(entries.len());
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
@@ -364,13 +380,17 @@ impl FhirClient {
                 ("entry".into(), Value::Array(chunk)),
             ]));
             let expect = Expect::Batch { entries: sent, minimal: op == Op::Write };
-            let mut r = self.request(Method::POST, "", Some(&bundle), None, expect).await?;
-            // `Expect::Batch` has checked that the entries are there, one per entry sent.
-            if let Some(Value::Array(a)) = r.body.get_mut("entry").map(Value::take) {
-                answers.extend(a);
+            match self.request(Method::POST, "", Some(&bundle), None, expect).await {
+                // `Expect::Batch` has checked that the entries are there, one per entry sent.
+                Ok(mut r) => {
+                    if let Some(Value::Array(a)) = r.body.get_mut("entry").map(Value::take) {
+                        answers.extend(a.into_iter().map(Ok));
+                    }
+                }
+                Err(e) => answers.extend((0..sent).map(|_| Err(e.clone()))),
             }
         }
-        Ok(answers)
+        answers
     }
 
     /// `GET metadata`: is an R4 server there and answering? Any answer that is a CapabilityStatement

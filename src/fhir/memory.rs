@@ -303,13 +303,15 @@ impl FhirStore for MemoryStore {
         Ok(self.put(resource_type, id, resource, if_match))
     }
 
-    async fn batch(&self, puts: &[Put]) -> Result<Vec<PutResult>, FhirError> {
+    async fn batch(&self, puts: &[Put]) -> Vec<Result<PutResult, FhirError>> {
         let resource_type = puts.first().map_or("", |p| p.resource_type);
-        if let Some(r) = self.write_fault(resource_type, format!("POST batch of {} PUT", puts.len()), puts.len())? {
-            return Ok(r);
+        match self.write_fault(resource_type, format!("POST batch of {} PUT", puts.len()), puts.len()) {
+            Ok(Some(r)) => return r.into_iter().map(Ok).collect(),
+            Err(e) => return puts.iter().map(|_| Err(e.clone())).collect(),
+            Ok(None) => {}
         }
         self.circuit.close();
-        Ok(puts.iter().map(|p| self.put(p.resource_type, &p.id, &p.resource, p.if_match.as_deref())).collect())
+        puts.iter().map(|p| Ok(self.put(p.resource_type, &p.id, &p.resource, p.if_match.as_deref()))).collect()
     }
 
     fn circuit(&self) -> &Arc<Circuit> {

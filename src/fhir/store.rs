@@ -39,8 +39,9 @@ pub trait FhirStore: Send + Sync {
         if_match: Option<&str>,
     ) -> Result<PutResult, FhirError>;
 
-    /// Several PUTs; one result per entry, in order.
-    async fn batch(&self, puts: &[Put]) -> Result<Vec<PutResult>, FhirError>;
+    /// Several PUTs; one result per entry, in order (an entry that could not be sent has its own
+    /// error: the others' answers still count).
+    async fn batch(&self, puts: &[Put]) -> Vec<Result<PutResult, FhirError>>;
 
     /// Open while the server fails transiently; held writers wait on it.
     fn circuit(&self) -> &Arc<Circuit>;
@@ -81,7 +82,7 @@ impl FhirStore for FhirClient {
         FhirClient::update(self, resource_type, id, resource, if_match).await
     }
 
-    async fn batch(&self, puts: &[Put]) -> Result<Vec<PutResult>, FhirError> {
+    async fn batch(&self, puts: &[Put]) -> Vec<Result<PutResult, FhirError>> {
         FhirClient::batch(self, puts).await
     }
 
@@ -131,8 +132,8 @@ impl FhirStore for DryRun {
         Ok(taken())
     }
 
-    async fn batch(&self, puts: &[Put]) -> Result<Vec<PutResult>, FhirError> {
-        Ok(puts.iter().map(|_| taken()).collect())
+    async fn batch(&self, puts: &[Put]) -> Vec<Result<PutResult, FhirError>> {
+        puts.iter().map(|_| Ok(taken())).collect()
     }
 
     fn circuit(&self) -> &Arc<Circuit> {

@@ -503,10 +503,7 @@ impl Work {
         }
         let writes = ready;
         let results: Vec<Result<PutResult, FhirError>> = if self.batch && puts.len() > 1 {
-            match self.store.batch(&puts).await {
-                Ok(r) => r.into_iter().map(Ok).collect(),
-                Err(e) => puts.iter().map(|_| Err(e.clone())).collect(),
-            }
+            self.store.batch(&puts).await
         } else {
             join_all(puts.iter().map(|p| self.store.update(p.resource_type, &p.id, &p.resource, p.if_match.as_deref())))
                 .await
@@ -516,22 +513,13 @@ impl Work {
         for (w, r) in writes.into_iter().zip(results) {
             match r {
                 // A success with no version in it is no evidence of a write: read it back.
-                Ok(PutResult { status: 200..=299, version: None, .. }) => {
+                Ok(PutResult { status: s @ 200..=299, version: None, .. }) => {
                     stored.map.remove(&w.id);
-                    unconfirmed.push(w);
+                    let created_as_update = s == 200 && w.if_match.is_none();
+                    unconfirmed.push((w, created_as_update));
                 }
-                // A create that the server answers as an update: another writer may have created
-                // this window between our read and our write, and we replaced its version. Merge
-                // that version back in before anything is acked.
                 Ok(PutResult { status: 200, version: Some(v), .. }) if w.if_match.is_none() => {
-                    let mut w = w;
-                    match self.recover_overwritten(stored, &mut w, &v).await {
-                        Ok(true) => conflicts.push(w),
-                        // Nothing was there before: a plain create, answered 200 (some servers do).
-                        Ok(false) => written(stored, w, Some(v)),
-                        Err(e) if e.retryable() => w.items.into_iter().for_each(|i| held.settle(i.pending, &e)),
-                        Err(e) => w.fail(ErrorKind::FhirConflict, &e.to_string()),
-                    }
+                    self.created_as_update(stored, w, v, held, &mut conflicts).await
                 }
                 Ok(PutResult { status: 200..=299, version, .. }) => written(stored, w, version),
                 Ok(PutResult { status: 409 | 412, .. }) => {
@@ -550,7 +538,7 @@ impl Work {
                 }
             }
         }
-        self.confirm(stored, unconfirmed, held).await;
+        conflicts.extend(self.confirm(stored, unconfirmed, held).await);
         conflicts
     }
 

@@ -5,52 +5,100 @@
 use super::{Held, Item, PendingGroup, Stored, Work, Write, count_written, template, written};
 use crate::fhir::{Before, FhirError};
 use crate::metrics;
+use crate::model::kind::ErrorKind;
 use crate::model::observation::{self, Observation, Outcome};
 
 impl Work {
     /// Writes the server answered 2xx without a version (no etag, no `_history` location, no
     /// echoed resource): read back, and done only where the server holds every group. Where it
     /// does not (an HTML page from a proxy, a body dropped on the way), the groups are held like a
-    /// 503's and written again: never counted as written, never dead-lettered for it.
-    pub(super) async fn confirm(&self, stored: &mut Stored, writes: Vec<Write>, held: &mut Held) {
+    /// 503's and written again: never counted as written, never dead-lettered for it. A create
+    /// answered 200 (`true` beside it) then looks at the history with the version read back; the
+    /// writes that must merge an overwritten version again are returned.
+    pub(super) async fn confirm(&self, stored: &mut Stored, writes: Vec<(Write, bool)>, held: &mut Held) -> Vec<Write> {
+        let mut conflicts = Vec::new();
         if writes.is_empty() {
-            return;
+            return conflicts;
         }
-        let ids: Vec<String> = writes.iter().map(|w| w.id.clone()).collect();
+        let ids: Vec<String> = writes.iter().map(|(w, _)| w.id.clone()).collect();
         let reads = self.read_all(&ids).await;
         let m = metrics::get();
-        for (w, r) in writes.into_iter().zip(reads) {
+        for ((w, created_as_update), r) in writes.into_iter().zip(reads) {
             let read = match r {
-                Ok(read) => read,
+                Ok(Some(read)) => read,
+                Ok(None) => {
+                    m.unconfirmed_writes.with_label_values(&["missing"]).inc();
+                    self.hold_unwritten(w, held);
+                    continue;
+                }
                 Err(e) => {
                     w.items.into_iter().for_each(|i| held.settle(i.pending, &e));
                     continue;
                 }
             };
-            let back = read.and_then(|v| Some((v.version, serde_json::from_value::<Observation>(v.resource).ok()?)));
-            match back {
-                Some((version, obs)) if holds(&w, &obs) => {
-                    m.unconfirmed_writes.with_label_values(&["confirmed"]).inc();
-                    // Without a version the next write could not be conditional: read it again then.
-                    match version {
-                        Some(v) => written(stored, Write { obs, ..w }, Some(v)),
-                        None => {
-                            count_written(&w);
-                            stored.map.remove(&w.id);
-                        }
-                    }
+            let obs = match serde_json::from_value::<Observation>(read.resource) {
+                Ok(obs) => obs,
+                // Retrying cannot change what the server holds: as when it is read before a merge.
+                Err(e) => {
+                    let text = format!(
+                        "Observation/{} on the server is not an Observation this connector can merge into: {e}",
+                        w.id
+                    );
+                    w.fail(ErrorKind::FhirInvalidResponse, &text);
+                    continue;
                 }
-                _ => {
-                    m.unconfirmed_writes.with_label_values(&["missing"]).inc();
-                    let e = FhirError::Invalid {
-                        method: "PUT",
-                        path: format!("Observation/{}", w.id),
-                        message: "a 2xx answer to a write with no version (no etag, no _history location, no echoed resource), and reading the Observation back does not show the write".into(),
-                    };
-                    self.store.circuit().trip(e.summary());
-                    w.items.into_iter().for_each(|i| held.settle(i.pending, &e));
+            };
+            if !holds(&w, &obs) {
+                m.unconfirmed_writes.with_label_values(&["missing"]).inc();
+                self.hold_unwritten(w, held);
+                continue;
+            }
+            m.unconfirmed_writes.with_label_values(&["confirmed"]).inc();
+            match read.version {
+                Some(v) if created_as_update => {
+                    self.created_as_update(stored, Write { obs, ..w }, v, held, &mut conflicts).await
+                }
+                Some(v) => written(stored, Write { obs, ..w }, Some(v)),
+                // Without a version the next write cannot be conditional (read it again then), and
+                // no history can be asked about: a server that keeps no versions is taken at its word.
+                None => {
+                    count_written(&w);
+                    stored.map.remove(&w.id);
                 }
             }
+        }
+        conflicts
+    }
+
+    /// The server answered the write but does not hold it: held and written again, and readiness
+    /// says why.
+    fn hold_unwritten(&self, w: Write, held: &mut Held) {
+        let e = FhirError::Invalid {
+            method: "PUT",
+            path: format!("Observation/{}", w.id),
+            message: "a 2xx answer to a write with no version (no etag, no _history location, no echoed resource), and reading the Observation back does not show the write".into(),
+        };
+        self.store.circuit().trip(e.summary());
+        w.items.into_iter().for_each(|i| held.settle(i.pending, &e));
+    }
+
+    /// A create that the server answered as an update (200, at version `v`): another writer may
+    /// have created this window between our read and our write, and we replaced its version. That
+    /// version is merged back in before anything is acked.
+    pub(super) async fn created_as_update(
+        &self,
+        stored: &mut Stored,
+        mut w: Write,
+        v: String,
+        held: &mut Held,
+        conflicts: &mut Vec<Write>,
+    ) {
+        match self.recover_overwritten(stored, &mut w, &v).await {
+            Ok(true) => conflicts.push(w),
+            // Nothing was there before: a plain create, answered 200 (some servers do).
+            Ok(false) => written(stored, w, Some(v)),
+            Err(e) if e.retryable() => w.items.into_iter().for_each(|i| held.settle(i.pending, &e)),
+            Err(e) => w.fail(ErrorKind::FhirConflict, &e.to_string()),
         }
     }
 

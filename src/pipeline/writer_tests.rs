@@ -250,3 +250,31 @@ async fn the_dry_run_takes_every_write_and_keeps_merging() {
     let second = kit.write(&[heart_rate("d1", 1, 73)]);
     persisted(&kit.settled(&second).await);
 }
+
+#[actix_rt::test]
+async fn a_create_answered_200_without_a_version_still_merges_what_it_overwrote() {
+    let store = MemoryStore::new();
+    store.set_quirks(Quirks { create_status: 200, no_versions: true, ..Quirks::default() });
+    let racer = written_elsewhere(&[heart_rate("d1", 3, 90)]).await;
+    store.sneak_in_before_next_write(racer);
+    let mut kit = Kit::new(store.clone());
+    let sent = kit.write(&[heart_rate("d1", 0, 72)]);
+    persisted(&kit.settled(&sent).await);
+    assert_eq!(readings(&the_one(&store)), ["72", "90"], "the overwritten reading is merged back");
+    assert!(store.requests().iter().any(|r| r.ends_with("/_history")), "{:?}", store.requests());
+}
+
+#[actix_rt::test]
+async fn one_failed_bundle_does_not_void_what_the_others_answered() {
+    let store = MemoryStore::new();
+    let mut kit = Kit::new(store.clone());
+    let first = kit.write(&[heart_rate("d1", 0, 72), heart_rate("d2", 0, 60)]);
+    persisted(&kit.settled(&first).await);
+    store.fail_next_for(Call::Write, "Observation", Fault::Refused, 1);
+    let second = kit.write(&[heart_rate("d1", 1, 73), heart_rate("d2", 1, 61)]);
+    persisted(&kit.settled(&second).await);
+    let all = store.all("Observation");
+    let mut got: Vec<Vec<String>> = all.iter().map(readings).collect();
+    got.sort();
+    assert_eq!(got, [vec!["60", "61"], vec!["72", "73"]]);
+}

@@ -160,8 +160,9 @@ pub struct Settled {
     /// When the device sent it (for the latency metric), if the message says.
     pub sent_at: Option<SystemTime>,
     pub received: Instant,
-    /// The service's count of work in hand: held until the source has acked, checkpointed or
-    /// returned the delivery, so that shutdown knows when the last one is done.
+    /// The service's count of work in hand: held until the source has acked or returned the
+    /// delivery (RabbitMQ), or booked it toward its next checkpoint (Event Hubs, whose close
+    /// writes the last one), so that shutdown knows when the last one is done.
     pub work: Option<TaskTrackerToken>,
 }
 

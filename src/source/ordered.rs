@@ -67,6 +67,11 @@ impl<P: Ord + Copy, T> InOrder<P, T> {
         }
         if !self.is_waiting() {
             self.by_age.clear();
+        } else if self.by_age.len() > 2 * self.settled + 64 {
+            // Entries of released deliveries linger until the oldest waiter leaves; a source that
+            // never asks for stragglers (Event Hubs) would keep them for good.
+            let open = &self.open;
+            self.by_age.retain(|(_, p)| matches!(open.get(p), Some(Some(_))));
         }
         run
     }

@@ -6,7 +6,7 @@ use crate::source::{DeadLetter, DeadLetters, Position, Publish};
 
 pub(super) async fn publisher(b: &Broker, in_flight: usize) -> Result<Box<dyn Publish>, String> {
     let p = Publisher::connect(b, in_flight).await.map_err(|e| format!("broker {}: {e}", redact(&b.url)))?;
-    Ok(Box::new(Sending(p, b.queue.clone())))
+    Ok(Box::new(Sending(p, b.queue.clone(), redact(&b.url))))
 }
 
 pub(super) async fn dead_letters(b: &Broker) -> Result<Box<dyn DeadLetters>, String> {
@@ -18,7 +18,8 @@ fn broker_error(b: &Broker, e: impl std::fmt::Display) -> String {
     format!("broker {} (queue {}): {e}", redact(&b.url), b.dead_letter_queue)
 }
 
-struct Sending(Publisher, String);
+/// The publisher, its queue, and the broker's address without its password (for errors).
+struct Sending(Publisher, String, String);
 
 #[async_trait::async_trait(?Send)]
 impl Publish for Sending {
@@ -27,11 +28,11 @@ impl Publish for Sending {
     }
 
     async fn send(&mut self, body: &[u8], key: Option<&str>) -> Result<(), String> {
-        self.0.send(body, key).await.map_err(|e| e.to_string())
+        self.0.send(body, key).await.map_err(|e| format!("broker {}: {e}", self.2))
     }
 
     async fn flush(&mut self) -> Result<(), String> {
-        self.0.flush().await.map_err(|e| e.to_string())
+        self.0.flush().await.map_err(|e| format!("broker {}: {e}", self.2))
     }
 
     fn counts(&self) -> (u64, u64) {
