@@ -74,18 +74,6 @@ pub fn writer_for(device_id: &str, writers: usize) -> usize {
     ((device_hash(device_id) >> 32) % writers as u64) as usize
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("{path}: the {what} mapping is invalid:\n{problems}")]
-    Mapping { path: String, what: &'static str, problems: String },
-    #[error("{0}")]
-    Fhir(#[from] crate::fhir::FhirError),
-    #[error("cannot listen on {addr} (http.listen): {message}")]
-    Http { addr: String, message: String },
-    #[error("{0}")]
-    Io(String),
-}
-
 /// The measurements a shard holds before it flushes. Messages are acked only after their flush, so
 /// if the shards together could hold the source's whole in-flight window the source would stop
 /// delivering until the interval timer fired: each shard flushes at a quarter of its share of the
