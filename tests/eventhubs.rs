@@ -493,3 +493,166 @@ async fn entra_client_credentials_sign_in_through_the_tenants_token_endpoint() {
     }
     assert_converged(&Fhir::new(), &run, 2, &uninterrupted(&msgs, &system)).await;
 }
+
+/// An application property of an event, as text.
+fn property(m: &AmqpMessage, key: &str) -> Option<String> {
+    match m.application_properties.as_ref()?.0.get(key)? {
+        AmqpSimpleValue::String(s) => Some(s.clone()),
+        AmqpSimpleValue::Long(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The count on `kind`'s line of `dead-letters list` (0 when it has none).
+fn listed(out: &str, kind: &str) -> usize {
+    out.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(kind)).then(|| words.next()?.parse().ok()).flatten()
+        })
+        .next()
+        .unwrap_or(0)
+}
+
+/// The bodies of `events` as text, sorted.
+fn event_bodies(events: &[AmqpMessage]) -> Vec<String> {
+    let mut out: Vec<String> = events
+        .iter()
+        .map(|m| match &m.body {
+            AmqpMessageBody::Binary(parts) => String::from_utf8_lossy(&parts.concat()).into_owned(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// How many dead letters `dead-letters redrive` recorded as sent back, for a dead-letter hub.
+async fn redriven_rows(namespace: &str, dead_letter_hub: &str) -> i64 {
+    let (client, conn) =
+        tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await.unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM iomt_eventhubs_redriven WHERE namespace = $1 AND hub = $2",
+            &[&namespace, &dead_letter_hub],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    row.get(0)
+}
+
+/// `dead-letters list|redrive` on the dead-letter hub. A broken device mapping dead-letters every
+/// heart-rate reading (missing-value) and two events are not JSON (invalid-json). Once the mapping
+/// is fixed, a redrive sends the readings back to the hub, each to the partition it came from, with
+/// its body and application properties and without the dead-letter ones; a connector writes them.
+/// A hub keeps its events, so what was redriven is recorded: a second list shows only what still
+/// fails and a second redrive sends nothing.
+#[tokio::test]
+async fn the_dead_letter_hub_is_listed_and_what_now_passes_is_redriven_once() {
+    let (_one, peer, run, system) = begin("ehdlq").await;
+    let hub = run.clone();
+    let dead_hub = format!("{hub}-dead-letters");
+    let namespace = format!("127.0.0.1:{}", peer.port);
+    let msgs = bodies(&run, 3, 10, &[Vital::HeartRate]);
+    let total = msgs.len() + 2;
+
+    let from = dead_letter_all(&peer, &hub, &run, &system, &msgs).await;
+
+    let fixed = Setup::new("unused", "Create", &system);
+    let mut env = Connector::env_for(&fixed);
+    env.extend(peer.env(&hub, "fixed").into_iter().map(|(k, v)| (k.to_string(), v)));
+    let mut unnamed = env.clone();
+    unnamed.push(("IOMT_EVENTHUBS__DEAD_LETTER_HUB".into(), String::new()));
+    let (code, out) = services::dead_letters(&unnamed, &["list"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("eventhubs.dead_letter_hub is not set"), "the error names the setting: {out}");
+
+    let started = Instant::now();
+    let (code, out) = services::dead_letters(&env, &["list"]);
+    println!("{out}list: {:.2} s", started.elapsed().as_secs_f64());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("{dead_hub}: {total} message(s)")), "{out}");
+    assert_eq!((listed(&out, "missing-value"), listed(&out, "invalid-json")), (msgs.len(), 2), "{out}");
+    assert!(out.contains("timestampExpression"), "the first error says what failed: {out}");
+
+    let (code, out) = services::dead_letters(&env, &["redrive", "--dry-run"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("would now pass the mappings: {}", msgs.len())), "{out}");
+    assert!(out.contains("would still fail: 2 invalid-json"), "{out}");
+    assert!(out.contains("dry run: nothing moved"), "{out}");
+
+    let enqueued = peer.enqueued(&hub).await;
+    let mut c2 = connector(&peer, &hub, "fixed", &fixed).await;
+    let started = Instant::now();
+    let (code, out) = services::dead_letters(&env, &["redrive"]);
+    let took = started.elapsed();
+    println!("{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("moved {} back", msgs.len())), "{out}");
+    c2.wait_acked(msgs.len() as f64, Duration::from_secs(60)).await;
+    let now = peer.enqueued(&hub).await;
+    let sent: Vec<i64> = now.iter().zip(&enqueued).map(|(n, e)| n - e).collect();
+    println!("redrive: {} events sent back in {:.2} s, by partition {sent:?}", msgs.len(), took.as_secs_f64());
+    assert_eq!(sent, from, "each reading went back to the partition it was read from");
+    assert_eq!(c2.metric("iomt_dead_lettered_total").await, 0.0);
+    assert_eq!(redriven_rows(&namespace, &dead_hub).await, msgs.len() as i64);
+    assert_converged(&Fhir::new(), &run, 3, &uninterrupted(&msgs, &system)).await;
+
+    let (code, out) = services::dead_letters(&env, &["list"]);
+    println!("{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("{dead_hub}: 2 message(s)")), "{out}");
+    assert_eq!((listed(&out, "missing-value"), listed(&out, "invalid-json")), (0, 2), "{out}");
+    let (code, out) = services::dead_letters(&env, &["redrive"]);
+    println!("{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 message(s), 2 selected") && out.contains("moved 0 back"), "{out}");
+    assert_eq!(peer.enqueued(&hub).await, now, "a second redrive sends nothing");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(c2.metric("iomt_messages_acked_total").await, msgs.len() as f64);
+    c2.signal("TERM");
+    assert_eq!(c2.wait(Duration::from_secs(60)).await, Some(0), "{}", c2.log());
+    assert_sent_back_as_they_came(&peer, &hub, &msgs).await;
+}
+
+/// Runs a connector with a broken device mapping over `msgs` and two events that are not JSON,
+/// until all are dead-lettered; how many readings were read from each partition.
+async fn dead_letter_all(peer: &Peer, hub: &str, run: &str, system: &str, msgs: &[Vec<u8>]) -> Vec<i64> {
+    let mut broken = Setup::new("unused", "Create", system);
+    broken.device_mapping = services::broken_device_mapping(run);
+    let mut c = connector(peer, hub, "broken", &broken).await;
+    send(peer, hub, msgs).await;
+    let producer = eventhubs::producer(&peer.settings(), hub).await.unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..2 {
+        let not_json = AmqpMessage { body: AmqpMessageBody::Binary(vec![b"{not json".to_vec()]), ..Default::default() };
+        producer.send_message(not_json, None).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    until_checkpointed(peer, hub, Duration::from_secs(60)).await;
+    c.signal("TERM");
+    assert_eq!(c.wait(Duration::from_secs(60)).await, Some(0), "{}", c.log());
+    let dead = peer.read_all(&format!("{hub}-dead-letters"), msgs.len() + 2).await;
+    assert_eq!(dead.len(), msgs.len() + 2, "every event dead-lettered");
+    let mut from = vec![0i64; PARTITIONS];
+    for m in dead.iter().filter(|m| property(m, "x-iomt-error-kind").as_deref() == Some("missing-value")) {
+        let p: usize = property(m, "x-iomt-source-partition").and_then(|p| p.parse().ok()).unwrap_or(PARTITIONS);
+        assert!(p < PARTITIONS, "x-iomt-source-partition of {m:?}");
+        from[p] += 1;
+    }
+    from
+}
+
+/// In the hub (read once no connector holds its partitions): every reading twice, as sent and as
+/// redriven, and none with a dead-letter property.
+async fn assert_sent_back_as_they_came(peer: &Peer, hub: &str, msgs: &[Vec<u8>]) {
+    let events = peer.read_all(hub, 2 * msgs.len() + 2).await;
+    let readings: Vec<AmqpMessage> = events.into_iter().filter(|m| property(m, "x-iomt-sent-at").is_some()).collect();
+    let mut twice: Vec<String> = msgs.iter().chain(msgs).map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+    twice.sort();
+    assert_eq!(event_bodies(&readings), twice, "the original bodies");
+    for m in &readings {
+        for k in ["x-iomt-error-kind", "x-iomt-error", "x-iomt-source-hub", "x-iomt-source-partition"] {
+            assert_eq!(property(m, k), None, "{k} on a redriven event");
+        }
+    }
+}

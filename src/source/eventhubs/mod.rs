@@ -14,6 +14,7 @@ mod book;
 mod client;
 mod context;
 mod coordinator;
+mod deadletters;
 mod envelope;
 mod publisher;
 mod reader;
@@ -29,6 +30,10 @@ pub use source::EventHubsSource;
 
 pub const ERROR_KIND_PROPERTY: &str = "x-iomt-error-kind";
 pub const ERROR_PROPERTY: &str = "x-iomt-error";
+/// Where a dead letter was read: the hub, its partition and the event's sequence number there.
+pub const SOURCE_HUB_PROPERTY: &str = "x-iomt-source-hub";
+pub const SOURCE_PARTITION_PROPERTY: &str = "x-iomt-source-partition";
+pub const SOURCE_SEQUENCE_PROPERTY: &str = "x-iomt-source-sequence-number";
 /// The send time a sender may stamp (epoch milliseconds), as on RabbitMQ.
 pub const SENT_AT_PROPERTY: &str = "x-iomt-sent-at";
 

@@ -6,7 +6,10 @@ use super::context::{Ctx, Phase};
 use super::envelope::{annotation_key, envelope, sent_at};
 use super::settings::StartAt;
 use super::store::Checkpoint;
-use super::{ERROR_KIND_PROPERTY, ERROR_PROPERTY, EventHubsError, hub_error};
+use super::{
+    ERROR_KIND_PROPERTY, ERROR_PROPERTY, EventHubsError, SOURCE_HUB_PROPERTY, SOURCE_PARTITION_PROPERTY,
+    SOURCE_SEQUENCE_PROPERTY, hub_error,
+};
 use crate::metrics;
 use crate::source::{DeliveryGuard, Failure, Position, Settled, Status, book_dead_lettered, book_settled};
 use crate::status::PartitionState;
@@ -305,18 +308,36 @@ async fn settle(ctx: &Ctx, s: Settled, book: &mut Book) {
     book_settled(s.sent_at, s.received, true);
 }
 
-/// The original event to the dead-letter hub: body, properties and application properties as
-/// they were, the reason in `x-iomt-error-kind` / `x-iomt-error`, and where it came from.
+/// The original event to the dead-letter hub (retried by the caller until it takes it).
 async fn dead_letter(ctx: &Ctx, r: &Record, f: &Failure) -> Result<(), EventHubsError> {
-    let mut m = r.message.clone();
+    let m = dead_letter_message(&r.message, f, &ctx.hub, &r.partition, r.at.sequence_number);
+    ctx.dead_letters.send_message(m, None).await.map_err(|e| hub_error(&ctx.s.dead_letter_hub, e))
+}
+
+/// A dead letter: the original event's body, properties and application properties as they were,
+/// the reason in `x-iomt-error-kind` / `x-iomt-error`, and where it came from.
+/// `deadletters::restored` undoes this for a redrive.
+pub(super) fn dead_letter_message(
+    original: &AmqpMessage,
+    f: &Failure,
+    hub: &str,
+    partition: &str,
+    sequence_number: i64,
+) -> AmqpMessage {
+    let mut m = original.clone();
     let app = m.application_properties.get_or_insert_with(Default::default);
     app.0.insert(ERROR_KIND_PROPERTY.into(), AmqpSimpleValue::String(f.kind.as_str().into()));
     app.0.insert(ERROR_PROPERTY.into(), AmqpSimpleValue::String(f.message.clone()));
-    app.0.insert("x-iomt-source-hub".into(), AmqpSimpleValue::String(ctx.hub.clone()));
-    app.0.insert("x-iomt-source-partition".into(), AmqpSimpleValue::String(r.partition.to_string()));
-    app.0.insert("x-iomt-source-sequence-number".into(), AmqpSimpleValue::Long(r.at.sequence_number));
-    // The service stamps its own x-opt-* annotations on the dead-letter hub; the originals would
-    // be stale there.
+    app.0.insert(SOURCE_HUB_PROPERTY.into(), AmqpSimpleValue::String(hub.to_string()));
+    app.0.insert(SOURCE_PARTITION_PROPERTY.into(), AmqpSimpleValue::String(partition.to_string()));
+    app.0.insert(SOURCE_SEQUENCE_PROPERTY.into(), AmqpSimpleValue::Long(sequence_number));
+    drop_service_stamps(&mut m);
+    m
+}
+
+/// The service stamps its own x-opt-* annotations on the hub an event is sent to; the ones it
+/// carries from where it was read would be stale there.
+pub(super) fn drop_service_stamps(m: &mut AmqpMessage) {
     if let Some(a) = m.message_annotations.as_mut() {
         let stale: Vec<AmqpAnnotationKey> =
             a.0.iter().map(|(k, _)| k.clone()).filter(|k| annotation_key(k).starts_with("x-opt-")).collect();
@@ -324,7 +345,6 @@ async fn dead_letter(ctx: &Ctx, r: &Record, f: &Failure) -> Result<(), EventHubs
             a.0.remove(&k);
         }
     }
-    ctx.dead_letters.send_message(m, None).await.map_err(|e| hub_error(&ctx.s.dead_letter_hub, e))
 }
 
 /// Writes the checkpoint if it moved. `false` when this instance no longer owns the partition.

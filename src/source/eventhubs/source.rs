@@ -34,12 +34,10 @@ impl Source for EventHubsSource {
         Ok(Box::new(Sending { p, hub, last: Instant::now() }))
     }
 
-    /// Not yet: events cannot be taken out of a hub, so a redrive needs a record of what it moved.
+    /// The dead-letter hub up to its last event, less what was already redriven (recorded in the
+    /// checkpoint store: events cannot be taken out of a hub).
     async fn dead_letters(&self) -> Result<Box<dyn DeadLetters>, String> {
-        Err(format!(
-            "listing and redriving the dead-letter hub {} is not supported yet: read it with any Event Hubs consumer (each event carries x-iomt-error-kind and x-iomt-error)",
-            self.0.dead_letter_hub
-        ))
+        super::deadletters::open(&self.0).await
     }
 }
 

@@ -3,7 +3,8 @@
 //! one all expiry decisions use, and a conditional `UPDATE` is the compare-and-swap a claim needs.
 //!
 //! Rows are keyed like the Azure SDKs' blob layout (namespace, hub, consumer group, partition), so
-//! one database can serve many hubs and groups.
+//! one database can serve many hubs and groups. The dead letters `dead-letters redrive` has sent
+//! back are recorded here too (`Redriven`).
 
 use super::balance::{Claim, Ownership};
 use std::sync::Arc;
@@ -234,5 +235,67 @@ impl PgStore {
             )
             .await?;
         Ok(n == 1)
+    }
+}
+
+/// The dead letters `dead-letters redrive` has sent back, by where they sit in the dead-letter
+/// hub. Events cannot be taken out of a hub, so this record is what keeps `list` from showing a
+/// redriven one and a second redrive from sending it again.
+const REDRIVEN_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS iomt_eventhubs_redriven (
+    namespace text NOT NULL, hub text NOT NULL, partition_id text NOT NULL, sequence_number bigint NOT NULL,
+    sent_to text NOT NULL, redriven timestamptz NOT NULL,
+    PRIMARY KEY (namespace, hub, partition_id, sequence_number));
+";
+
+/// The redriven dead letters of one dead-letter hub (`iomt_eventhubs_redriven`).
+pub struct Redriven {
+    client: Client,
+    namespace: String,
+    hub: String,
+}
+
+impl Redriven {
+    /// Connects and creates the table if it is missing.
+    pub async fn open(url: &str, namespace: &str, dead_letter_hub: &str) -> Result<Redriven, StoreError> {
+        let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+        // The command line runs on a plain tokio runtime, not on an actix arbiter.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "checkpoint store connection ended");
+            }
+        });
+        client.batch_execute(REDRIVEN_SCHEMA).await?;
+        Ok(Redriven { client, namespace: namespace.to_string(), hub: dead_letter_hub.to_string() })
+    }
+
+    /// The sequence numbers from `from` to `to` (inclusive) of a partition's redriven dead letters.
+    pub async fn of_partition(
+        &self,
+        partition: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT sequence_number FROM iomt_eventhubs_redriven
+                 WHERE namespace = $1 AND hub = $2 AND partition_id = $3 AND sequence_number BETWEEN $4 AND $5",
+                &[&self.namespace, &self.hub, &partition, &from, &to],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Records a dead letter as sent back to `sent_to` (again: already recorded is no error).
+    pub async fn record(&self, partition: &str, sequence_number: i64, sent_to: &str) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "INSERT INTO iomt_eventhubs_redriven (namespace, hub, partition_id, sequence_number, sent_to, redriven)
+                 VALUES ($1, $2, $3, $4, $5, now()) ON CONFLICT DO NOTHING",
+                &[&self.namespace, &self.hub, &partition, &sequence_number, &sent_to],
+            )
+            .await?;
+        Ok(())
     }
 }
