@@ -97,10 +97,11 @@ enum DeadLettersCommand {
 }
 
 const DEAD_LETTERS_LIST_HELP: &str = "\
-Reads broker.dead_letter_queue (settings as for `run`: --config FILE, then IOMT_BROKER__* variables)
-and prints one line per kind (x-iomt-error-kind; delivery-limit for messages the broker dead-lettered
-after broker.delivery_limit deliveries): the count and the first message's x-iomt-error. The messages
-stay in the queue.
+Reads the configured source's dead letters (settings as for `run`: --config FILE, then IOMT_*
+variables): broker.dead_letter_queue, or with source.kind = \"eventhubs\" the events of
+eventhubs.dead_letter_hub not yet redriven. Prints one line per kind (x-iomt-error-kind;
+delivery-limit for messages the broker dead-lettered after broker.delivery_limit deliveries): the
+count and the first message's x-iomt-error. Nothing is removed.
 
 Example:
   iomt-connector dead-letters list --config config/default.toml";
@@ -111,7 +112,9 @@ current mappings (mappings.device and mappings.fhir), and reports how many would
 --dry-run, each one that passes is published back to the queue it came from (x-iomt-original-queue,
 else broker.queue) without the dead-letter headers, and removed from the dead-letter queue only once
 the broker has confirmed it. Those that would still fail stay, and are listed by the kind they would
-fail with now. Exit status 1 when a message that passes could not be moved.
+fail with now. With source.kind = \"eventhubs\", passing events are sent back to eventhubs.hub and
+recorded as redriven (events cannot be removed from a hub). Exit status 1 when a message that
+passes could not be moved.
 
 Example:
   iomt-connector dead-letters redrive --kind missing-value --dry-run
@@ -474,13 +477,13 @@ fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
         .map_err(|e| Failure(2, format!("error: {e}")))?;
     let rt = runtime()?;
     let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
-    let name = letters.name();
+    let (name, what) = (letters.name(), letters.what());
     let kinds = rt.block_on(deadletters::list(letters)).map_err(|e| Failure(1, format!("error: {e}")))?;
     if a.json {
         return print_json(&serde_json::json!({"queue": name, "kinds": kinds}));
     }
     let total: usize = kinds.iter().map(|k| k.count).sum();
-    println!("dead-letter queue {name}: {total} message(s)");
+    println!("{what} {name}: {total} message(s)");
     let width = kinds.iter().map(|k| k.kind.len()).max().unwrap_or(0);
     for k in &kinds {
         println!("  {:<width$}  {:>6}  first error: {}", k.kind, k.count, k.first_error);
@@ -494,7 +497,7 @@ fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
     let source = iomt_connector::source::registry::configured(&settings);
     let rt = runtime()?;
     let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
-    let name = letters.name();
+    let (name, what, back_to) = (letters.name(), letters.what(), letters.back_to());
     let r = rt
         .block_on(deadletters::redrive(letters, &device, &fhir, a.kind.as_deref(), a.dry_run))
         .map_err(|e| Failure(1, format!("error: {e}")))?;
@@ -502,7 +505,7 @@ fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
         print_json(&r)?;
     } else {
         let which = a.kind.as_deref().map(|k| format!(" of kind {k}")).unwrap_or_default();
-        println!("dead-letter queue {name}: {} message(s), {} selected{which}", r.total, r.selected);
+        println!("{what} {name}: {} message(s), {} selected{which}", r.total, r.selected);
         println!("  would now pass the mappings: {}", r.pass);
         for k in &r.still_failing {
             println!("  would still fail: {} {} (first: {})", k.count, k.kind, k.first_error);
@@ -510,7 +513,7 @@ fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
         if a.dry_run {
             println!("dry run: nothing moved");
         } else {
-            println!("moved {} back to their queue (default {})", r.moved, source.reads());
+            println!("moved {} back to {back_to}", r.moved);
         }
     }
     if r.not_moved.is_empty() {

@@ -75,8 +75,14 @@ pub struct DeadLetter {
 /// left where it is when the reader closes.
 #[async_trait::async_trait(?Send)]
 pub trait DeadLetters {
-    /// Where they are, for the user: `dead-letter queue q`.
+    /// Where they are: the queue's or hub's name.
     fn name(&self) -> String;
+    /// What that is, for the user: `dead-letter queue`, `dead-letter hub`.
+    fn what(&self) -> &'static str {
+        "dead-letter queue"
+    }
+    /// Where `move_back` sends them, for the user.
+    fn back_to(&self) -> String;
     /// The next dead letter, `None` when there are no more.
     async fn take(&mut self) -> Result<Option<DeadLetter>, String>;
     /// Sends `d` back to where it was read from (without its dead-letter reason); it leaves the

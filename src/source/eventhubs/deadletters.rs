@@ -236,6 +236,14 @@ impl DeadLetters for HubLetters {
         self.dead_letter_hub.clone()
     }
 
+    fn what(&self) -> &'static str {
+        "dead-letter hub"
+    }
+
+    fn back_to(&self) -> String {
+        format!("event hub {}", self.s.hub_name())
+    }
+
     async fn take(&mut self) -> Result<Option<DeadLetter>, String> {
         loop {
             if let Some(d) = self.ready.pop_front() {

@@ -51,6 +51,10 @@ impl DeadLetters for Letters {
         self.q.queue.clone()
     }
 
+    fn back_to(&self) -> String {
+        format!("their queue (default {})", self.broker.queue)
+    }
+
     async fn take(&mut self) -> Result<Option<DeadLetter>, String> {
         let Some(d) = self.q.take().await.map_err(|e| broker_error(&self.broker, e))? else { return Ok(None) };
         let (kind, error, envelope) = (d.kind.clone(), d.error.clone(), d.envelope());
