@@ -94,7 +94,7 @@ pub async fn serve(
     let (kind, reads, bound) = (source.kind(), source.reads(), source.in_flight_bound());
     metrics::get().source_info.with_label_values(&[kind]).set(1);
     let pipeline = Pipeline::start(&settings, store.clone(), identity, current, &shared, bound, work.clone());
-    let mut source = source.start(pipeline.intake.clone(), shared.clone());
+    let source = source.start(pipeline.intake.clone(), shared.clone());
     tracing::info!(
         source = kind,
         reads = %reads,
@@ -107,11 +107,33 @@ pub async fn serve(
     );
 
     shutdown.await;
-    tracing::info!("stopping: no new messages; flushing shards and waiting for writes and acks");
-    // The whole stop fits in pipeline.shutdown_timeout_secs: taking no more and waiting for the
-    // work in hand get all of it but the last few seconds, which are closing's (the final acks or
-    // checkpoints, the partitions released).
     let limit = Duration::from_secs(settings.pipeline.shutdown_timeout_secs);
+    let left = stop(source, &pipeline, &work, store.circuit().clone(), limit).await;
+    server_handle.stop(false).await;
+    pipeline.stop();
+    let m = metrics::get();
+    let (received, acked, dead) = (m.messages_received.get(), m.messages_acked.get(), metrics::dead_lettered_total());
+    tracing::info!(received, acked, dead_lettered = dead, unsettled = left, "stopped");
+    eprintln!("iomt-connector stopped: received {received}, acked {acked}, dead-lettered {dead}, unacked {left}");
+    if left > 0 {
+        Err(RunError::Io(format!("{left} messages were not written before the stop; the broker will redeliver them")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Stops taking messages, writes what is in hand and closes the source, all within `limit`;
+/// returns how many messages are left unacked (the broker delivers them again).
+async fn stop(
+    mut source: Box<dyn crate::source::Running>,
+    pipeline: &Pipeline,
+    work: &TaskTracker,
+    circuit: Arc<crate::fhir::circuit::Circuit>,
+    limit: Duration,
+) -> i64 {
+    tracing::info!("stopping: no new messages; flushing shards and waiting for writes and acks");
+    // Taking no more and waiting for the work in hand get all of `limit` but the last few
+    // seconds, which are closing's (the final acks or checkpoints, the partitions released).
     let closing = CLOSING.min(limit / 2);
     let draining = limit - closing;
     let drain = async {
@@ -120,12 +142,11 @@ pub async fn serve(
         work.close();
         tokio::select! {
             _ = work.wait() => true,
-            _ = give_up(store.circuit().clone(), draining) => false,
+            _ = give_up(circuit, draining) => false,
         }
     };
     let done = tokio::time::timeout(draining, drain).await.unwrap_or(false);
-    let m = metrics::get();
-    let left = m.unacked.get().max(0);
+    let left = metrics::get().unacked.get().max(0);
     if !done {
         tracing::warn!(held = left, "stopping with messages not written: they go back to the broker");
     }
@@ -135,16 +156,7 @@ pub async fn serve(
             "the source did not close in time; the broker redelivers what it did not hear about"
         );
     }
-    server_handle.stop(false).await;
-    pipeline.stop();
-    let (received, acked, dead) = (m.messages_received.get(), m.messages_acked.get(), metrics::dead_lettered_total());
-    tracing::info!(received, acked, dead_lettered = dead, unsettled = left, "stopped");
-    eprintln!("iomt-connector stopped: received {received}, acked {acked}, dead-lettered {dead}, unacked {left}");
-    if left > 0 {
-        Err(RunError::Io(format!("{left} messages were not written before the stop; the broker will redeliver them")))
-    } else {
-        Ok(())
-    }
+    left
 }
 
 /// The part of a stop kept for closing the source.
