@@ -1,4 +1,4 @@
-//! The reference vectors in `../shared/conformance`, read from there. Each folder has a test below;
+//! The reference vectors in `tests/conformance` (carried in the repository). Each folder has a test below;
 //! `every_folder_has_a_test` fails when a folder appears that nothing checks. Where this project
 //! deliberately differs from the reference (DESIGN.md, "Deliberate differences"), the test asserts
 //! our behaviour and says which difference.
