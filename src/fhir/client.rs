@@ -4,7 +4,9 @@
 
 use super::answer::{Before, Expect, before};
 use super::auth::TokenSource;
-use super::{FhirError, Put, PutResult, Versioned, circuit, entry_status, history_version, outcome_text, version_of};
+use super::{
+    FhirError, FhirStore, Put, PutResult, Versioned, circuit, entry_status, history_version, outcome_text, version_of,
+};
 use super::{encode, parse_etag, transient_status};
 use crate::config;
 use crate::metrics;
@@ -46,16 +48,6 @@ impl FhirClient {
             max_batch: s.max_batch_entries.max(1),
             circuit: Arc::default(),
         })
-    }
-
-    /// Open while the server fails transiently (see `circuit`).
-    pub fn circuit(&self) -> &Arc<circuit::Circuit> {
-        &self.circuit
-    }
-
-    /// The longest pause between retries (`fhir.max_backoff_ms`); a `Retry-After` is capped by it.
-    pub fn max_backoff(&self) -> Duration {
-        self.max_backoff
     }
 
     pub fn base_url(&self) -> &str {
@@ -186,183 +178,6 @@ impl FhirClient {
         Err(FhirError::Status { method: m, path: path.into(), status: status.as_u16(), outcome, retry_after })
     }
 
-    /// `GET {type}/{id}`; `None` when the server has no such resource (404/410).
-    pub async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Versioned>, FhirError> {
-        let path = format!("{resource_type}/{id}");
-        let r = self.request(Method::GET, &path, None, None, Expect::Resource(resource_type)).await?;
-        if r.status == 404 || r.status == 410 {
-            return Ok(None);
-        }
-        let version = r.version.or_else(|| version_of(&r.body));
-        Ok(Some(Versioned { version, resource: r.body }))
-    }
-
-    /// Several reads in one `batch` Bundle of GETs; one answer per id, in order (`None`: no such
-    /// resource). Entries the server answered with 429 or 5xx, or with something other than the
-    /// resource, are read again on their own.
-    pub async fn read_many(
-        &self,
-        resource_type: &str,
-        ids: &[String],
-    ) -> Result<Vec<Result<Option<Versioned>, FhirError>>, FhirError> {
-        match ids.len() {
-            0 => return Ok(Vec::new()),
-            1 => return Ok(vec![self.read(resource_type, &ids[0]).await]),
-            _ => {}
-        }
-        let entries: Vec<Value> = ids
-            .iter()
-            .map(|id| json!({"request": {"method": "GET", "url": format!("{resource_type}/{id}")}}))
-            .collect();
-        let answers = self.post_batch(Op::Read, entries).await;
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, a) in ids.iter().zip(answers) {
-            let mut a = match a {
-                Ok(a) => a,
-                Err(e) => {
-                    out.push(Err(e));
-                    continue;
-                }
-            };
-            let status = entry_status(&a);
-            let etag = a.pointer("/response/etag").and_then(Value::as_str).map(parse_etag);
-            let is_resource = a.pointer("/resource/resourceType").and_then(Value::as_str) == Some(resource_type);
-            out.push(match status {
-                200 if is_resource => {
-                    let resource = a.get_mut("resource").map(Value::take).unwrap_or(Value::Null);
-                    Ok(Some(Versioned { version: etag.or_else(|| version_of(&resource)), resource }))
-                }
-                404 | 410 => Ok(None),
-                s if transient_status(s) || (200..300).contains(&s) || s == 0 => self.read(resource_type, id).await,
-                s => Err(FhirError::Status {
-                    method: "GET",
-                    path: format!("{resource_type}/{id}"),
-                    status: s,
-                    outcome: a.pointer("/response/outcome").map(outcome_text).unwrap_or_default(),
-                    retry_after: None,
-                }),
-            });
-        }
-        Ok(out)
-    }
-
-    /// What the history of `{type}/{id}` holds before `version` (from `GET {type}/{id}/_history`),
-    /// whatever form the server's version ids take and in whichever order it lists them.
-    pub async fn history_before(&self, resource_type: &str, id: &str, version: &str) -> Result<Before, FhirError> {
-        let path = format!("{resource_type}/{id}/_history?_count=50");
-        let r = self.request(Method::GET, &path, None, None, Expect::Resource("Bundle")).await?;
-        let entries = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
-        let resources: Vec<Value> = entries
-            .into_iter()
-            .filter_map(|mut e| e.get_mut("resource").map(Value::take))
-            .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(resource_type))
-            .collect();
-        Ok(before(resources, version))
-    }
-
-    /// `GET {type}?{query}`: the resources of the first page.
-    pub async fn search(&self, resource_type: &str, query: &[(&str, &str)]) -> Result<Vec<Value>, FhirError> {
-        let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
-        let path = format!("{resource_type}?{}", qs.join("&"));
-        let r = self.request(Method::GET, &path, None, None, Expect::Resource("Bundle")).await?;
-        if r.status == 404 {
-            return Err(FhirError::Status {
-                method: "GET",
-                path,
-                status: 404,
-                outcome: "search not supported".into(),
-                retry_after: None,
-            });
-        }
-        let entries = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
-        Ok(entries
-            .into_iter()
-            .filter(|e| e.pointer("/search/mode").and_then(Value::as_str).is_none_or(|m| m == "match"))
-            .filter_map(|mut e| e.get_mut("resource").map(Value::take))
-            .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(resource_type))
-            .collect())
-    }
-
-    /// `PUT {type}/{id}`, with `If-Match` when `if_match` is given. Not retried on 409/412: the
-    /// caller re-reads and merges. A success carries the version the server gave (etag,
-    /// `Location`, or the echoed resource); `version: None` means the answer gave none, and the
-    /// caller must read back before it takes the write as done.
-    pub async fn update(
-        &self,
-        resource_type: &str,
-        id: &str,
-        resource: &Value,
-        if_match: Option<&str>,
-    ) -> Result<PutResult, FhirError> {
-        let path = format!("{resource_type}/{id}");
-        match self.request(Method::PUT, &path, Some(resource), if_match, Expect::Written(resource_type)).await {
-            Ok(r) => {
-                let echoed = (r.body.get("resourceType").and_then(Value::as_str) == Some(resource_type))
-                    .then(|| version_of(&r.body))
-                    .flatten();
-                Ok(PutResult { status: r.status, version: r.version.or(echoed), outcome: None })
-            }
-            Err(FhirError::Status { status, outcome, .. }) if !transient_status(status) => {
-                Ok(PutResult { status, version: None, outcome: Some(outcome) })
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Several PUTs in one `batch` Bundle; one result per entry, in order. Entries the server
-    /// answered with 429 or 5xx are retried (with backoff) on their own.
-    /// A failed Bundle fails only its own entries: what the others answered still counts.
-    pub async fn batch(&self, puts: &[Put]) -> Vec<Result<PutResult, FhirError>> {
-        let entries: Vec<Value> = puts
-            .iter()
-            .map(|p| {
-                let mut request = json!({"method": "PUT", "url": format!("{}/{}", p.resource_type, p.id)});
-                if let Some(v) = &p.if_match {
-                    request["ifMatch"] = json!(format!("W/\"{v}\""));
-                }
-                // A clone, not `json!`: the macro would serialize the Observation into its copy.
-                Value::Object(serde_json::Map::from_iter([
-                    ("fullUrl".into(), format!("{}/{}/{}", self.base, p.resource_type, p.id).into()),
-                    ("resource".into(), p.resource.clone()),
-                    ("request".into(), request),
-                ]))
-            })
-            .collect();
-        let answers = self.post_batch(Op::Write, entries).await;
-        let mut results = Vec::with_capacity(puts.len());
-        for (put, a) in puts.iter().zip(answers) {
-            let a = match a {
-                Ok(a) => a,
-                Err(e) => {
-                    results.push(Err(e));
-                    continue;
-                }
-            };
-            let status = entry_status(&a);
-            let result = if transient_status(status) || status == 0 {
-                // Retry this entry alone; it goes through the retrying single-request path.
-                self.update(put.resource_type, &put.id, &put.resource, put.if_match.as_deref()).await
-            } else {
-                let resp = a.get("response").cloned().unwrap_or(Value::Null);
-                let echoed = a
-                    .get("resource")
-                    .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(put.resource_type))
-                    .and_then(version_of);
-                let version = resp
-                    .get("etag")
-                    .and_then(Value::as_str)
-                    .map(parse_etag)
-                    .filter(|v| !v.is_empty())
-                    .or(echoed)
-                    .or_else(|| resp.get("location").and_then(Value::as_str).and_then(history_version));
-                let outcome = resp.get("outcome").map(outcome_text).filter(|_| status >= 400);
-                Ok(PutResult { status, version, outcome })
-            };
-            results.push(result);
-        }
-        results
-    }
-
     /// POSTs `batch` Bundles of at most `fhir.max_batch_entries`, one after another; their
     /// response entries, one per entry sent, in order (a Bundle that failed: its error for each of
     /// its entries).
@@ -419,6 +234,195 @@ impl FhirClient {
         }
         self.circuit.close();
         Ok(())
+    }
+}
+
+/// The real server behind the store seam.
+#[async_trait::async_trait]
+impl FhirStore for FhirClient {
+    /// `GET {type}/{id}`; `None` when the server has no such resource (404/410).
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Versioned>, FhirError> {
+        let path = format!("{resource_type}/{id}");
+        let r = self.request(Method::GET, &path, None, None, Expect::Resource(resource_type)).await?;
+        if r.status == 404 || r.status == 410 {
+            return Ok(None);
+        }
+        let version = r.version.or_else(|| version_of(&r.body));
+        Ok(Some(Versioned { version, resource: r.body }))
+    }
+
+    /// Several reads in one `batch` Bundle of GETs; one answer per id, in order (`None`: no such
+    /// resource). Entries the server answered with 429 or 5xx, or with something other than the
+    /// resource, are read again on their own.
+    async fn read_many(
+        &self,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<Result<Option<Versioned>, FhirError>>, FhirError> {
+        match ids.len() {
+            0 => return Ok(Vec::new()),
+            1 => return Ok(vec![self.read(resource_type, &ids[0]).await]),
+            _ => {}
+        }
+        let entries: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({"request": {"method": "GET", "url": format!("{resource_type}/{id}")}}))
+            .collect();
+        let answers = self.post_batch(Op::Read, entries).await;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, a) in ids.iter().zip(answers) {
+            let mut a = match a {
+                Ok(a) => a,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            let status = entry_status(&a);
+            let etag = a.pointer("/response/etag").and_then(Value::as_str).map(parse_etag);
+            let is_resource = a.pointer("/resource/resourceType").and_then(Value::as_str) == Some(resource_type);
+            out.push(match status {
+                200 if is_resource => {
+                    let resource = a.get_mut("resource").map(Value::take).unwrap_or(Value::Null);
+                    Ok(Some(Versioned { version: etag.or_else(|| version_of(&resource)), resource }))
+                }
+                404 | 410 => Ok(None),
+                s if transient_status(s) || (200..300).contains(&s) || s == 0 => self.read(resource_type, id).await,
+                s => Err(FhirError::Status {
+                    method: "GET",
+                    path: format!("{resource_type}/{id}"),
+                    status: s,
+                    outcome: a.pointer("/response/outcome").map(outcome_text).unwrap_or_default(),
+                    retry_after: None,
+                }),
+            });
+        }
+        Ok(out)
+    }
+
+    /// What the history of `{type}/{id}` holds before `version` (from `GET {type}/{id}/_history`),
+    /// whatever form the server's version ids take and in whichever order it lists them.
+    async fn history_before(&self, resource_type: &str, id: &str, version: &str) -> Result<Before, FhirError> {
+        let path = format!("{resource_type}/{id}/_history?_count=50");
+        let r = self.request(Method::GET, &path, None, None, Expect::Resource("Bundle")).await?;
+        let entries = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
+        let resources: Vec<Value> = entries
+            .into_iter()
+            .filter_map(|mut e| e.get_mut("resource").map(Value::take))
+            .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(resource_type))
+            .collect();
+        Ok(before(resources, version))
+    }
+
+    /// `GET {type}?{query}`: the resources of the first page.
+    async fn search(&self, resource_type: &str, query: &[(&str, &str)]) -> Result<Vec<Value>, FhirError> {
+        let qs: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+        let path = format!("{resource_type}?{}", qs.join("&"));
+        let r = self.request(Method::GET, &path, None, None, Expect::Resource("Bundle")).await?;
+        if r.status == 404 {
+            return Err(FhirError::Status {
+                method: "GET",
+                path,
+                status: 404,
+                outcome: "search not supported".into(),
+                retry_after: None,
+            });
+        }
+        let entries = r.body.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.pointer("/search/mode").and_then(Value::as_str).is_none_or(|m| m == "match"))
+            .filter_map(|mut e| e.get_mut("resource").map(Value::take))
+            .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(resource_type))
+            .collect())
+    }
+
+    /// `PUT {type}/{id}`, with `If-Match` when `if_match` is given. Not retried on 409/412: the
+    /// caller re-reads and merges. A success carries the version the server gave (etag,
+    /// `Location`, or the echoed resource); `version: None` means the answer gave none, and the
+    /// caller must read back before it takes the write as done.
+    async fn update(
+        &self,
+        resource_type: &str,
+        id: &str,
+        resource: &Value,
+        if_match: Option<&str>,
+    ) -> Result<PutResult, FhirError> {
+        let path = format!("{resource_type}/{id}");
+        match self.request(Method::PUT, &path, Some(resource), if_match, Expect::Written(resource_type)).await {
+            Ok(r) => {
+                let echoed = (r.body.get("resourceType").and_then(Value::as_str) == Some(resource_type))
+                    .then(|| version_of(&r.body))
+                    .flatten();
+                Ok(PutResult { status: r.status, version: r.version.or(echoed), outcome: None })
+            }
+            Err(FhirError::Status { status, outcome, .. }) if !transient_status(status) => {
+                Ok(PutResult { status, version: None, outcome: Some(outcome) })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Several PUTs in one `batch` Bundle; one result per entry, in order. Entries the server
+    /// answered with 429 or 5xx are retried (with backoff) on their own.
+    /// A failed Bundle fails only its own entries: what the others answered still counts.
+    async fn batch(&self, puts: &[Put]) -> Vec<Result<PutResult, FhirError>> {
+        let entries: Vec<Value> = puts
+            .iter()
+            .map(|p| {
+                let mut request = json!({"method": "PUT", "url": format!("{}/{}", p.resource_type, p.id)});
+                if let Some(v) = &p.if_match {
+                    request["ifMatch"] = json!(format!("W/\"{v}\""));
+                }
+                // A clone, not `json!`: the macro would serialize the Observation into its copy.
+                Value::Object(serde_json::Map::from_iter([
+                    ("fullUrl".into(), format!("{}/{}/{}", self.base, p.resource_type, p.id).into()),
+                    ("resource".into(), p.resource.clone()),
+                    ("request".into(), request),
+                ]))
+            })
+            .collect();
+        let answers = self.post_batch(Op::Write, entries).await;
+        let mut results = Vec::with_capacity(puts.len());
+        for (put, a) in puts.iter().zip(answers) {
+            let a = match a {
+                Ok(a) => a,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let status = entry_status(&a);
+            let result = if transient_status(status) || status == 0 {
+                // Retry this entry alone; it goes through the retrying single-request path.
+                self.update(put.resource_type, &put.id, &put.resource, put.if_match.as_deref()).await
+            } else {
+                let resp = a.get("response").cloned().unwrap_or(Value::Null);
+                let echoed = a
+                    .get("resource")
+                    .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(put.resource_type))
+                    .and_then(version_of);
+                let version = resp
+                    .get("etag")
+                    .and_then(Value::as_str)
+                    .map(parse_etag)
+                    .filter(|v| !v.is_empty())
+                    .or(echoed)
+                    .or_else(|| resp.get("location").and_then(Value::as_str).and_then(history_version));
+                let outcome = resp.get("outcome").map(outcome_text).filter(|_| status >= 400);
+                Ok(PutResult { status, version, outcome })
+            };
+            results.push(result);
+        }
+        results
+    }
+
+    fn circuit(&self) -> &Arc<circuit::Circuit> {
+        &self.circuit
+    }
+
+    fn max_backoff(&self) -> Duration {
+        self.max_backoff
     }
 }
 

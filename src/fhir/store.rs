@@ -1,9 +1,9 @@
 //! The FHIR store seam: what the writers and the identity cache ask of a FHIR server. Three stores
-//! answer it: the real client ([`FhirClient`]), the dry run ([`DryRun`]: everything is taken,
+//! answer it: the real client (`FhirClient`, in `client.rs`), the dry run ([`DryRun`]: everything is taken,
 //! nothing is kept), and an in-memory server with injected faults for the tests
 //! ([`super::memory::MemoryStore`]).
 
-use super::{Before, FhirClient, FhirError, Put, PutResult, Versioned, circuit::Circuit};
+use super::{Before, FhirError, Put, PutResult, Versioned, circuit::Circuit};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,51 +48,6 @@ pub trait FhirStore: Send + Sync {
 
     /// The longest pause between retries.
     fn max_backoff(&self) -> Duration;
-}
-
-#[async_trait::async_trait]
-impl FhirStore for FhirClient {
-    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Versioned>, FhirError> {
-        FhirClient::read(self, resource_type, id).await
-    }
-
-    async fn read_many(
-        &self,
-        resource_type: &str,
-        ids: &[String],
-    ) -> Result<Vec<Result<Option<Versioned>, FhirError>>, FhirError> {
-        FhirClient::read_many(self, resource_type, ids).await
-    }
-
-    async fn history_before(&self, resource_type: &str, id: &str, version: &str) -> Result<Before, FhirError> {
-        FhirClient::history_before(self, resource_type, id, version).await
-    }
-
-    async fn search(&self, resource_type: &str, query: &[(&str, &str)]) -> Result<Vec<Value>, FhirError> {
-        FhirClient::search(self, resource_type, query).await
-    }
-
-    async fn update(
-        &self,
-        resource_type: &str,
-        id: &str,
-        resource: &Value,
-        if_match: Option<&str>,
-    ) -> Result<PutResult, FhirError> {
-        FhirClient::update(self, resource_type, id, resource, if_match).await
-    }
-
-    async fn batch(&self, puts: &[Put]) -> Vec<Result<PutResult, FhirError>> {
-        FhirClient::batch(self, puts).await
-    }
-
-    fn circuit(&self) -> &Arc<Circuit> {
-        FhirClient::circuit(self)
-    }
-
-    fn max_backoff(&self) -> Duration {
-        FhirClient::max_backoff(self)
-    }
 }
 
 /// The dry run (`run --dry-run`): nothing is on the server, every write is taken and forgotten.

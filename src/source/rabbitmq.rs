@@ -132,11 +132,6 @@ fn amqp_json(v: &AMQPValue) -> Value {
     }
 }
 
-/// The URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    crate::problems::redact(url)
-}
-
 /// When the device sent the message: the `x-iomt-sent-at` header (epoch ms), else the AMQP
 /// timestamp (seconds).
 pub fn sent_at(props: &BasicProperties) -> Option<SystemTime> {

@@ -22,13 +22,14 @@ pub struct Running {
     coordinator: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Running {
-    pub async fn stop_taking(&mut self) {
+#[async_trait::async_trait(?Send)]
+impl crate::source::Running for Running {
+    async fn stop_taking(&mut self) {
         let _ = self.stop.send(Phase::StopTaking);
     }
 
     /// Writes the final checkpoints and releases the partitions (for at most 10 s).
-    pub async fn close(mut self) {
+    async fn close(mut self: Box<Self>) {
         let _ = self.stop.send(Phase::Close);
         if let Some(c) = self.coordinator.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), c).await;

@@ -1,6 +1,7 @@
 //! The `[eventhubs]` section: the Event Hubs source's settings, checked by the source.
 
 use crate::problems::Problems;
+use crate::problems::redact;
 use serde::{Deserialize, Serialize};
 
 /// `source.kind = "eventhubs"`.
@@ -114,7 +115,7 @@ impl EventHubs {
         if !self.custom_endpoint.is_empty() && !amqp(&self.custom_endpoint) {
             p.bad(
                 "eventhubs.custom_endpoint",
-                format!("'{}' is not an amqp:// or amqps:// address", crate::problems::redact(&self.custom_endpoint)),
+                format!("'{}' is not an amqp:// or amqps:// address", redact(&self.custom_endpoint)),
             );
         }
         if self.checkpoint_postgres_url.is_empty() {

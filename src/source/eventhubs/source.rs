@@ -72,14 +72,3 @@ impl Publish for Sending {
         (self.p.confirmed, self.p.refused)
     }
 }
-
-#[async_trait::async_trait(?Send)]
-impl crate::source::Running for super::Running {
-    async fn stop_taking(&mut self) {
-        super::Running::stop_taking(self).await
-    }
-
-    async fn close(self: Box<Self>) {
-        super::Running::close(*self).await
-    }
-}

@@ -3,8 +3,9 @@
 //! dead-letters each delivery once the pipeline has settled it.
 
 use super::settings::{Broker, Topology};
-use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope, redact, sent_at};
+use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope, sent_at};
 use crate::metrics;
+use crate::problems::redact;
 use crate::source::ordered::InOrder;
 use crate::source::{
     DeliveryGuard, Failure, Intake, Position, Settled, Status, book_dead_lettered, book_received, book_settled,

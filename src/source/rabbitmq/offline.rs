@@ -1,7 +1,8 @@
 //! The RabbitMQ source behind the seam's offline parts: its confirming publisher (`publish`,
 //! `simulate`) and its dead-letter queue (`dead-letters list|redrive`).
 
-use super::{Broker, DeadLetterQueue, Publisher, Rabbitmq, redact};
+use super::{Broker, DeadLetterQueue, Publisher, Rabbitmq};
+use crate::problems::redact;
 use crate::source::{DeadLetter, DeadLetters, Position, Publish};
 
 pub(super) async fn publisher(b: &Broker, in_flight: usize) -> Result<Box<dyn Publish>, String> {

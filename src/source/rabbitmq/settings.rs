@@ -1,6 +1,7 @@
 //! The `[broker]` section: the RabbitMQ source's settings, checked by the source.
 
 use crate::engine::Unmatched;
+use crate::problems::redact;
 use crate::problems::{ConfigError, Problems};
 use serde::{Deserialize, Serialize};
 
@@ -99,7 +100,7 @@ impl Broker {
 
     pub(crate) fn check(&self, p: &mut Problems) {
         if !self.url.starts_with("amqp://") && !self.url.starts_with("amqps://") {
-            let url = crate::problems::redact(&self.url);
+            let url = redact(&self.url);
             p.bad("broker.url", format!("'{url}' is not an amqp:// or amqps:// URL"));
         }
         if self.queue.trim().is_empty() {
