@@ -65,6 +65,8 @@ struct State {
     requests: Vec<String>,
     history_reads: usize,
     clock: u64,
+    /// Searches for an identifier holding this text fail, every one, until it is cleared.
+    unsearchable: Option<String>,
 }
 
 #[derive(Default)]
@@ -104,6 +106,12 @@ impl MemoryStore {
         for _ in 0..count {
             s.faults.push_back((call, Some(resource_type.to_string()), fault.clone()));
         }
+    }
+
+    /// Every search for an identifier holding `needle` fails as unreachable (one device's lookup,
+    /// say), until `None` clears it; the other searches go through.
+    pub fn unsearchable(&self, needle: Option<&str>) {
+        self.state().unsearchable = needle.map(str::to_string);
     }
 
     pub fn set_quirks(&self, quirks: Quirks) {
@@ -285,6 +293,11 @@ impl FhirStore for MemoryStore {
     async fn search(&self, resource_type: &str, query: &[(&str, &str)]) -> Result<Vec<Value>, FhirError> {
         let q = query.iter().find(|(k, _)| *k == "identifier").map(|(_, v)| *v).unwrap_or_default();
         self.fault(Call::Search, resource_type, format!("GET {resource_type}?identifier"))?;
+        if self.state().unsearchable.as_deref().is_some_and(|n| q.contains(n)) {
+            let e = FhirError::Network { method: "GET", path: "(memory)".into(), message: "timed out".into() };
+            self.circuit.trip(e.summary());
+            return Err(e);
+        }
         self.circuit.close();
         Ok(self.all(resource_type).into_iter().filter(|r| matches(r, q)).collect())
     }

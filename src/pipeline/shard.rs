@@ -97,11 +97,8 @@ impl DeviceShard {
         metrics::get().groups.inc_by(groups.len() as u64);
         let mut per_writer: Vec<Vec<PendingGroup>> = (0..self.writers.len()).map(|_| Vec::new()).collect();
         for (group, Carried { guards, mappings }) in groups {
-            per_writer[writer_for(&group.key.device_id, self.writers.len())].push(PendingGroup {
-                group,
-                guards,
-                mappings,
-            });
+            per_writer[writer_for(&group.key.device_id, self.writers.len())]
+                .push(PendingGroup::new(group, guards, mappings));
         }
         for (w, batch) in self.writers.iter().zip(per_writer) {
             if !batch.is_empty() {

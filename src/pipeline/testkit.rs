@@ -84,7 +84,7 @@ impl Kit {
                     Some(i) => i,
                     None => {
                         let mappings = self.mappings.clone();
-                        groups.push(PendingGroup { group: Group::new(key), guards: Vec::new(), mappings });
+                        groups.push(PendingGroup::new(Group::new(key), Vec::new(), mappings));
                         groups.len() - 1
                     }
                 };

@@ -26,7 +26,7 @@ use crate::template::fhir::CodeValueTemplate;
 use actix::prelude::*;
 use futures_util::FutureExt;
 use futures_util::future::join_all;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,9 +36,15 @@ pub struct PendingGroup {
     pub guards: Vec<Arc<DeliveryGuard>>,
     /// The mappings in force when the group's first message arrived: it is written with them.
     pub mappings: Arc<Mappings>,
+    /// When the server first could not take it: what `fhir.give_up_after_secs` counts from.
+    held_since: Option<Instant>,
 }
 
 impl PendingGroup {
+    pub fn new(group: Group, guards: Vec<Arc<DeliveryGuard>>, mappings: Arc<Mappings>) -> PendingGroup {
+        PendingGroup { group, guards, mappings, held_since: None }
+    }
+
     fn fail(&self, kind: ErrorKind, message: &str) {
         for g in &self.guards {
             g.fail(kind, message);
@@ -67,6 +73,35 @@ impl Held {
         }
         self.reason = Some(e.summary());
         self.groups.push(pending);
+    }
+}
+
+/// What a writer holds between rounds, by device: a held device's later groups wait behind its
+/// held ones (its writes stay in order) while every other device's groups are written as they
+/// come. All of it is tried again together once the wait is over.
+#[derive(Default)]
+struct Holding {
+    /// Held groups, and the later groups of their devices, in the order they came.
+    groups: Vec<PendingGroup>,
+    devices: HashSet<String>,
+    retry_after: Option<Duration>,
+    reason: String,
+    /// Rounds tried in a row without the writer's hold emptying: the backoff doubles with each.
+    round: u32,
+    /// A retry is scheduled.
+    waiting: bool,
+    /// What this writer added to `iomt_held_groups`.
+    counted: usize,
+}
+
+impl Holding {
+    fn holds(&self, p: &PendingGroup) -> bool {
+        self.devices.contains(&p.group.key.device_id)
+    }
+
+    fn push(&mut self, p: PendingGroup) {
+        self.devices.insert(p.group.key.device_id.clone());
+        self.groups.push(p);
     }
 }
 
@@ -128,6 +163,7 @@ pub struct FhirWriter {
     stats: Arc<ActorStats>,
     /// Hold groups at most this long through an outage (`fhir.give_up_after_secs`); `None`: forever.
     give_up: Option<Duration>,
+    holding: Holding,
 }
 
 /// How long a writer gathers the shards' flushes before writing them as one batch.
@@ -151,7 +187,12 @@ impl FhirWriter {
             round_ended: None,
             stats,
             give_up,
+            holding: Holding::default(),
         }
+    }
+
+    fn work(&self) -> Work {
+        Work { store: self.store.clone(), identity: self.identity.clone(), batch: self.batch }
     }
 
     /// An idle writer gathers for `GATHER` first; groups that queued up while a round was being
@@ -165,75 +206,111 @@ impl FhirWriter {
         }
     }
 
-    /// Writes what has gathered; the actor takes no other message until it is written (`wait`),
-    /// so a device's writes stay in order.
+    /// Writes what has gathered, but for the groups of held devices (they wait behind their held
+    /// groups). The actor takes no other message until the round is written (`wait`): rounds go
+    /// one at a time, so a device's writes stay in order. A round never waits for the server to
+    /// come back: what it could not write is held apart, and the next round goes ahead without it.
     fn write_pending(&mut self, ctx: &mut Context<Self>) {
         self.scheduled = false;
-        let groups = std::mem::take(&mut self.pending);
-        let Some(mut stored) = self.stored.take() else { return };
-        let work = Work { store: self.store.clone(), identity: self.identity.clone(), batch: self.batch };
-        let give_up = self.give_up;
-        let fut = async move {
-            let mut groups = groups;
-            let mut held_since: Option<Instant> = None;
-            let mut round = 0u32;
-            while !groups.is_empty() {
-                // Should anything in the batch panic, its messages are dead-lettered, never acked.
-                // Taken afresh each round: what was written in a round is acked without waiting
-                // for what is held.
-                let guards: Vec<Arc<DeliveryGuard>> = groups.iter().flat_map(|g| g.guards.iter().cloned()).collect();
-                let outcome = std::panic::AssertUnwindSafe(work.run(&mut stored, groups)).catch_unwind().await;
-                let held = match outcome {
-                    Ok(held) => held,
-                    Err(_) => {
-                        tracing::error!(
-                            groups = guards.len(),
-                            "a write batch failed with an internal error; its messages are dead-lettered"
-                        );
-                        for g in &guards {
-                            g.fail(
-                                ErrorKind::Internal,
-                                "the FHIR writer failed with an internal error while writing this message's data",
-                            );
-                        }
-                        stored = Stored::default();
-                        Held::default()
-                    }
-                };
-                drop(guards);
-                groups = held.groups;
-                if groups.is_empty() {
-                    break;
-                }
-                let since = *held_since.get_or_insert_with(Instant::now);
-                let reason = held.reason.unwrap_or_default();
-                if let Some(bound) = give_up
-                    && since.elapsed() >= bound
-                {
-                    let text = format!(
-                        "the FHIR server was unavailable for longer than fhir.give_up_after_secs ({} s): {reason}",
-                        bound.as_secs()
-                    );
-                    for p in &groups {
-                        p.fail(ErrorKind::FhirUnavailable, &text);
-                    }
-                    break;
-                }
-                metrics::get().held_groups.add(groups.len() as i64);
-                work.wait(round, held.retry_after).await;
-                metrics::get().held_groups.sub(groups.len() as i64);
-                round = round.saturating_add(1);
-            }
-            stored
+        let mut groups = std::mem::take(&mut self.pending);
+        if !self.holding.devices.is_empty() {
+            let (behind, free): (Vec<_>, Vec<_>) = groups.into_iter().partition(|p| self.holding.holds(p));
+            behind.into_iter().for_each(|p| self.holding.push(p));
+            groups = free;
+        }
+        if groups.is_empty() {
+            return;
+        }
+        let Some(mut stored) = self.stored.take() else {
+            // Not reached (rounds run one at a time); should it be, the groups wait for the next.
+            self.pending = groups;
+            return;
         };
-        ctx.wait(fut.into_actor(self).map(|mut stored, act, ctx| {
+        let work = self.work();
+        let fut = async move {
+            // Should anything in the round panic, its messages are dead-lettered, never acked.
+            let guards: Vec<Arc<DeliveryGuard>> = groups.iter().flat_map(|g| g.guards.iter().cloned()).collect();
+            let held = match std::panic::AssertUnwindSafe(work.run(&mut stored, groups)).catch_unwind().await {
+                Ok(held) => held,
+                Err(_) => {
+                    tracing::error!(
+                        groups = guards.len(),
+                        "a write batch failed with an internal error; its messages are dead-lettered"
+                    );
+                    for g in &guards {
+                        g.fail(
+                            ErrorKind::Internal,
+                            "the FHIR writer failed with an internal error while writing this message's data",
+                        );
+                    }
+                    stored = Stored::default();
+                    Held::default()
+                }
+            };
+            (stored, held)
+        };
+        ctx.wait(fut.into_actor(self).map(|(mut stored, held), act, ctx| {
             stored.trim();
             act.stats.set_devices(stored.map.len());
             act.stats.flushed();
             act.stored = Some(stored);
             act.round_ended = Some(Instant::now());
+            act.hold(held, ctx);
             act.schedule(ctx);
         }));
+    }
+
+    /// Keeps what a round could not write until the server's `Retry-After` or the backoff is over.
+    fn hold(&mut self, held: Held, ctx: &mut Context<Self>) {
+        if held.groups.is_empty() {
+            if self.holding.groups.is_empty() {
+                self.holding.round = 0;
+            }
+            return;
+        }
+        metrics::get().held_groups.add(held.groups.len() as i64);
+        self.holding.counted += held.groups.len();
+        let now = Instant::now();
+        for mut p in held.groups {
+            p.held_since.get_or_insert(now);
+            self.holding.push(p);
+        }
+        if let Some(r) = held.retry_after {
+            self.holding.retry_after = Some(self.holding.retry_after.map_or(r, |h| h.max(r)));
+        }
+        self.holding.reason = held.reason.unwrap_or_default();
+        if !self.holding.waiting {
+            self.holding.waiting = true;
+            let (work, round, retry_after) = (self.work(), self.holding.round, self.holding.retry_after.take());
+            let wait = async move { work.wait(round, retry_after).await };
+            ctx.spawn(wait.into_actor(self).map(|(), act, ctx| act.retry(ctx)));
+        }
+    }
+
+    /// The wait is over: the held groups go first into the next round, but those held longer than
+    /// `fhir.give_up_after_secs`, which are dead-lettered.
+    fn retry(&mut self, ctx: &mut Context<Self>) {
+        let holding = std::mem::take(&mut self.holding);
+        self.holding.round = holding.round.saturating_add(1);
+        let mut groups = holding.groups;
+        metrics::get().held_groups.sub(holding.counted as i64);
+        if let Some(bound) = self.give_up {
+            let text = format!(
+                "the FHIR server was unavailable for longer than fhir.give_up_after_secs ({} s): {}",
+                bound.as_secs(),
+                holding.reason
+            );
+            groups.retain(|p| {
+                let expired = p.held_since.is_some_and(|t| t.elapsed() >= bound);
+                if expired {
+                    p.fail(ErrorKind::FhirUnavailable, &text);
+                }
+                !expired
+            });
+        }
+        groups.append(&mut self.pending);
+        self.pending = groups;
+        self.schedule(ctx);
     }
 }
 

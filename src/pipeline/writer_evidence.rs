@@ -134,7 +134,7 @@ impl Work {
         let group = observation::as_group(&obs, template, first.pending.group.key.clone());
         let identity = first.identity.clone();
         let mappings = first.pending.mappings.clone();
-        w.items.push(Item::new(PendingGroup { group, guards: Vec::new(), mappings }, identity));
+        w.items.push(Item::new(PendingGroup::new(group, Vec::new(), mappings), identity));
         Ok(true)
     }
 }

@@ -278,3 +278,30 @@ async fn one_failed_bundle_does_not_void_what_the_others_answered() {
     got.sort();
     assert_eq!(got, [vec!["60", "61"], vec!["72", "73"]]);
 }
+
+#[actix_rt::test]
+async fn a_device_that_cannot_be_resolved_waits_without_stopping_the_others() {
+    let store = MemoryStore::new();
+    store.unsearchable(Some("stuck"));
+    let mut kit = Kit::new(store.clone());
+    let sent = kit.write(&[heart_rate("stuck", 0, 72), heart_rate("d1", 0, 60), heart_rate("d2", 0, 61)]);
+    let got = kit.settled(&sent[1..]).await;
+    assert!(!got.contains_key(&sent[0]), "the stuck device's message is held, not settled: {got:?}");
+    persisted(&got);
+    // Later rounds go ahead while the stuck device is held; its own later message waits behind it.
+    let stuck_later = kit.write(&[heart_rate("stuck", 1, 73)]);
+    let others_later = kit.write(&[heart_rate("d1", 1, 62)]);
+    let got = kit.settled(&others_later).await;
+    assert!(!got.contains_key(&sent[0]) && !got.contains_key(&stuck_later[0]), "{got:?}");
+    persisted(&got);
+    kit.nothing_settled_for(Duration::from_millis(800)).await;
+    store.unsearchable(None);
+    persisted(&kit.settled(&[sent[0], stuck_later[0]]).await);
+    let stuck = store
+        .all("Observation")
+        .into_iter()
+        .find(|o| o["subject"]["reference"] == format!("Patient/{}", crate::model::ids::resource_id(None, "p-stuck")))
+        .unwrap_or_else(|| panic!("the stuck device's Observation: {:?}", store.all("Observation")));
+    assert_eq!(readings(&stuck), ["72", "73"]);
+    assert_eq!(store.all("Observation").len(), 3);
+}
