@@ -52,6 +52,20 @@ pub struct Pipeline {
     /// The most a SIGTERM waits for the messages in hand to be written.
     #[serde(default = "default_shutdown_timeout_secs")]
     pub shutdown_timeout_secs: u64,
+    /// The bytes of messages held at once (taken, not yet settled); the source pauses above it.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
+    /// A larger message is dead-lettered `message-too-large` without being parsed.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+fn default_max_in_flight_bytes() -> usize {
+    256 << 20
+}
+
+fn default_max_message_bytes() -> usize {
+    16 << 20
 }
 
 fn default_shutdown_timeout_secs() -> u64 {
@@ -288,6 +302,17 @@ impl Settings {
         }
         if self.pipeline.flush_interval_ms == 0 {
             p.bad("pipeline.flush_interval_ms", "must be at least 1");
+        }
+        if self.pipeline.max_message_bytes == 0 {
+            p.bad("pipeline.max_message_bytes", "must be at least 1");
+        } else if self.pipeline.max_in_flight_bytes < self.pipeline.max_message_bytes {
+            p.bad(
+                "pipeline.max_in_flight_bytes",
+                format!(
+                    "must be at least pipeline.max_message_bytes ({}), or the largest message could never be taken",
+                    self.pipeline.max_message_bytes
+                ),
+            );
         }
         if self.pipeline.flush_max_measurements == 0 {
             p.bad("pipeline.flush_max_measurements", "must be at least 1");

@@ -117,11 +117,15 @@ struct Outage {
 }
 
 async fn outage(name: &str, readings: usize) -> Outage {
+    outage_of(name, 20, readings).await
+}
+
+async fn outage_of(name: &str, devices: usize, readings: usize) -> Outage {
     let run = services::unique(name);
     let system = format!("urn:iomt-test:{run}");
     let queue = format!("{run}.q");
-    // 20 devices: hourly heart-rate and SpO2 windows and an instant blood pressure per reading.
-    let msgs = bodies(&run, 20, readings, &[Vital::HeartRate, Vital::Spo2, Vital::BloodPressure]);
+    // Hourly heart-rate and SpO2 windows and an instant blood pressure per reading and device.
+    let msgs = bodies(&run, devices, readings, &[Vital::HeartRate, Vital::Spo2, Vital::BloodPressure]);
     let conn = services::broker().await;
     services::declare(&conn, &queue).await;
     Outage { run, system, queue, msgs, conn }
@@ -502,7 +506,7 @@ async fn a_message_returned_past_the_delivery_limit_is_dead_lettered_by_the_brok
 async fn a_poison_identifier_is_dead_lettered_at_once_and_every_other_device_is_written() {
     let _one = ONE_AT_A_TIME.lock().await;
     services::require_fhir().await;
-    let o = outage("poison", 3).await;
+    let o = outage_of("poison", 40, 3).await;
     let mut c = o.connector(services::fhir_url(), &[]).await;
     let Outage { run, system, queue, msgs, conn } = &o;
     let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
@@ -515,14 +519,26 @@ async fn a_poison_identifier_is_dead_lettered_at_once_and_every_other_device_is_
     services::publish(&ch, queue, msgs).await;
     c.wait_acked((msgs.len() + 1) as f64, Duration::from_secs(120)).await;
     let took = started.elapsed().as_secs_f64();
-    let dead = c.metric("iomt_dead_lettered_total{kind=\"identifier-too-long\"}").await;
+    // The dead letter is booked just after its ack.
+    let poisoned = || async { c.metric("iomt_dead_lettered_total{kind=\"identifier-too-long\"}").await == 1.0 };
+    if tokio::time::timeout(Duration::from_secs(10), async {
+        while !poisoned().await {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .is_err()
+    {
+        let m = c.metrics().await;
+        let dead: Vec<_> = m.iter().filter(|(k, _)| k.contains("dead_lettered") || k.contains("acked")).collect();
+        panic!("the poison message is not booked as identifier-too-long: {dead:?}");
+    }
     println!(
-        "a 70,000-character device id among 20 devices: dead-lettered, and all {} messages acked, in {took:.1} s",
+        "a 70,000-character device id among 40 devices: dead-lettered, and all {} messages acked, in {took:.1} s",
         msgs.len() + 1
     );
-    assert_eq!(dead, 1.0, "the poison message is dead-lettered as identifier-too-long");
     assert_eq!(services::ready_count(&ch, &format!("{queue}.dlq")).await, 1);
-    assert_converged(&Fhir::new(), run, 20, &uninterrupted(msgs, system)).await;
+    assert_converged(&Fhir::new(), run, 40, &uninterrupted(msgs, system)).await;
     let stopping = Instant::now();
     c.signal("TERM");
     assert_eq!(
@@ -532,4 +548,77 @@ async fn a_poison_identifier_is_dead_lettered_at_once_and_every_other_device_is_
         services::tail(&c.log(), 10)
     );
     println!("SIGTERM → exit 0 in {:.1} s", stopping.elapsed().as_secs_f64());
+}
+
+/// The connector's resident memory, in MiB.
+fn rss_mib(c: &Connector) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", c.pid())).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_messages_during_an_outage_stay_within_the_byte_budget_and_are_all_written_after() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let proxy = FaultProxy::start(&services::fhir_url()).await;
+    let o = outage("budget", 1).await;
+    let Outage { run, system, queue, conn, .. } = &o;
+    // 40 devices, one heart rate each, padded to 5 MiB.
+    let msgs: Vec<Vec<u8>> = bodies(run, 40, 1, &[Vital::HeartRate])
+        .into_iter()
+        .map(|b| {
+            let mut v: Value = serde_json::from_slice(&b).unwrap_or_else(|e| panic!("{e}"));
+            v["padding"] = Value::String("x".repeat(5 << 20));
+            serde_json::to_vec(&v).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let budget: usize = 32 << 20;
+    let c = o
+        .connector(
+            proxy.url(&services::fhir_url()),
+            &[
+                ("IOMT_PIPELINE__MAX_IN_FLIGHT_BYTES", &budget.to_string()),
+                ("IOMT_PIPELINE__MAX_MESSAGE_BYTES", "8388608"),
+            ],
+        )
+        .await;
+    let idle = rss_mib(&c);
+    proxy.mode("garbage").await;
+    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
+    services::publish(&ch, queue, &msgs).await;
+    // 20 s of outage: what the connector holds never passes the budget; the broker keeps the rest.
+    let (mut peak_bytes, mut peak_rss) = (0.0f64, 0.0f64);
+    let outage_ends = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < outage_ends {
+        peak_bytes = peak_bytes.max(c.metric("iomt_in_flight_bytes").await);
+        peak_rss = peak_rss.max(rss_mib(&c));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waiting = services::ready_count(&ch, queue).await;
+    println!(
+        "40 messages of 5 MiB during an outage, budget 32 MiB: at most {:.1} MiB in flight, {waiting} left on the broker; RSS {idle:.0} MiB idle, at most {peak_rss:.0} MiB",
+        peak_bytes / f64::from(1 << 20)
+    );
+    assert!(peak_bytes > 0.0, "messages were taken");
+    assert!(peak_bytes <= budget as f64, "in flight {peak_bytes} bytes, over the budget of {budget}");
+    assert!(waiting > 0, "the broker keeps what the budget does not hold");
+    assert_eq!(c.metric("iomt_messages_acked_total").await, 0.0, "nothing acked during the outage");
+    proxy.mode("pass").await;
+    c.wait_acked(msgs.len() as f64, Duration::from_secs(180)).await;
+    assert_nothing_dead_lettered(&c, queue).await;
+    assert_converged(&Fhir::new(), run, 40, &uninterrupted(&msgs, system)).await;
+    // Larger than pipeline.max_message_bytes: dead-lettered as it came, never parsed.
+    let mut huge = msgs[0].clone();
+    huge.extend(std::iter::repeat_n(b' ', 4 << 20));
+    services::publish(&ch, queue, &[huge]).await;
+    c.wait_acked((msgs.len() + 1) as f64, Duration::from_secs(60)).await;
+    let too_large = || async { c.metric("iomt_dead_lettered_total{kind=\"message-too-large\"}").await == 1.0 };
+    until("the message over pipeline.max_message_bytes dead-lettered", Duration::from_secs(10), too_large).await;
+    assert_eq!(services::ready_count(&ch, &format!("{queue}.dlq")).await, 1);
+    proxy.stop().await;
 }

@@ -5,6 +5,8 @@ use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
+    /// The message body is larger than `pipeline.max_message_bytes`.
+    MessageTooLarge,
     /// The message body is not JSON.
     InvalidJson,
     /// An expression failed on the message.
@@ -44,6 +46,7 @@ pub enum ErrorKind {
 impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            ErrorKind::MessageTooLarge => "message-too-large",
             ErrorKind::InvalidJson => "invalid-json",
             ErrorKind::ExpressionError => "expression-error",
             ErrorKind::MissingValue => "missing-value",

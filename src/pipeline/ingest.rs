@@ -10,6 +10,7 @@ use crate::engine;
 use crate::metrics;
 use crate::model::kind::ErrorKind;
 use crate::model::measurement::Measurement;
+use crate::source::budget::Budget;
 use crate::source::{DeliveryGuard, Intake};
 use serde_json::Value;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ pub struct Ingest {
     work: TaskTracker,
     mappings: Arc<Current>,
     shards: Arc<Vec<Counted<DeviceShard>>>,
+    budget: Arc<Budget>,
 }
 
 impl Ingest {
@@ -29,8 +31,9 @@ impl Ingest {
         mappings: Arc<Current>,
         shards: Arc<Vec<Counted<DeviceShard>>>,
         work: TaskTracker,
+        budget: Arc<Budget>,
     ) -> Self {
-        Ingest { unmatched, work, mappings, shards }
+        Ingest { unmatched, work, mappings, shards, budget }
     }
 
     fn route(&self, mut measurements: Vec<Measurement>, guard: &Arc<DeliveryGuard>, mappings: &Arc<Mappings>) {
@@ -70,5 +73,9 @@ impl Intake for Ingest {
         };
         metrics::get().measurements.inc_by(measurements.len() as u64);
         self.route(measurements, &guard, &mappings);
+    }
+
+    fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 }

@@ -141,7 +141,11 @@ impl Pipeline {
             shards.push(Counted { addr, stats });
         }
         let shards = Arc::new(shards);
-        let intake = Arc::new(ingest::Ingest::new(settings.unmatched(), current, shards.clone(), work));
+        let budget = crate::source::budget::Budget::new(
+            settings.pipeline.max_in_flight_bytes,
+            settings.pipeline.max_message_bytes,
+        );
+        let intake = Arc::new(ingest::Ingest::new(settings.unmatched(), current, shards.clone(), work, budget));
         Pipeline { intake, shards, arbiters }
     }
 

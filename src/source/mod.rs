@@ -8,6 +8,7 @@
 //! checkpoint or dead-letter on its broker. The pipeline never sees a broker type; a source never
 //! sees an actor.
 
+pub mod budget;
 pub mod eventhubs;
 pub mod memory;
 pub mod ordered;
@@ -249,6 +250,9 @@ pub trait Intake: Send + Sync {
     /// One delivery: its evaluation envelope (`Err` with the reason when the body is not JSON)
     /// and its guard.
     fn accept(&self, envelope: Result<Value, String>, guard: std::sync::Arc<DeliveryGuard>);
+    /// The bytes in flight a source may hold (`pipeline.max_in_flight_bytes`), and the largest
+    /// message it may take (`pipeline.max_message_bytes`).
+    fn budget(&self) -> &Arc<budget::Budget>;
 }
 
 /// The bookkeeping every source does when it has settled a delivery: acked (or not, when its

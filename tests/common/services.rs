@@ -483,7 +483,7 @@ impl Connector {
         }
     }
 
-    fn pid(&self) -> i32 {
+    pub fn pid(&self) -> i32 {
         self.child.as_ref().and_then(|c| c.id()).map(|p| p as i32).unwrap_or_else(|| panic!("not running"))
     }
 

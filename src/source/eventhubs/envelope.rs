@@ -48,6 +48,16 @@ pub fn envelope(m: &AmqpMessage) -> Result<Value, String> {
     Ok(crate::source::envelope(body, properties, system))
 }
 
+/// The body's size, without copying it.
+pub fn body_len(m: &AmqpMessage) -> usize {
+    match &m.body {
+        AmqpMessageBody::Binary(sections) => sections.iter().map(Vec::len).sum(),
+        AmqpMessageBody::Value(AmqpValue::String(s)) => s.len(),
+        AmqpMessageBody::Value(AmqpValue::Binary(b)) => b.len(),
+        _ => 0,
+    }
+}
+
 fn body_bytes(m: &AmqpMessage) -> Vec<u8> {
     match &m.body {
         AmqpMessageBody::Binary(sections) => sections.concat(),

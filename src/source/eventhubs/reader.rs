@@ -3,7 +3,7 @@
 
 use super::book::Book;
 use super::context::{Ctx, Phase};
-use super::envelope::{annotation_key, envelope, sent_at};
+use super::envelope::{annotation_key, body_len, envelope, sent_at};
 use super::settings::StartAt;
 use super::store::Checkpoint;
 use super::{
@@ -11,6 +11,8 @@ use super::{
     SOURCE_SEQUENCE_PROPERTY, hub_error,
 };
 use crate::metrics;
+use crate::model::kind::ErrorKind;
+use crate::source::budget::Lease;
 use crate::source::{DeliveryGuard, Failure, Position, Settled, Status, book_dead_lettered, book_settled};
 use crate::status::PartitionState;
 use azure_core_amqp::message::AmqpAnnotationKey;
@@ -29,6 +31,8 @@ struct Record {
     at: Checkpoint,
     /// For the dead-letter hub: the original message.
     message: AmqpMessage,
+    /// The body's bytes, counted in flight until the event is settled.
+    _lease: Lease,
 }
 
 async fn start_position(ctx: &Ctx, partition: &str) -> Result<(StartPosition, Option<Checkpoint>), EventHubsError> {
@@ -172,8 +176,13 @@ impl Reader {
     async fn session(&mut self, link: OwnedMutexGuard<()>, receiver: EventReceiver) -> Session {
         let mut events = Box::pin(receiver.stream_events());
         let ended = loop {
-            let taking = *self.stop.borrow() == Phase::Running && self.book.in_flight() < self.ctx.s.max_in_flight;
+            let budget = self.ctx.intake.budget().clone();
+            let spent = budget.spent();
+            let taking =
+                *self.stop.borrow() == Phase::Running && self.book.in_flight() < self.ctx.s.max_in_flight && !spent;
             tokio::select! {
+                // The byte budget is shared with the other partitions: their settling makes room too.
+                _ = budget.room(), if spent => {}
                 next = events.next(), if taking => match next {
                     Some(Ok(event)) => {
                         self.events_total.inc();
@@ -275,9 +284,16 @@ fn handle(
     };
     book.read(at.clone());
     crate::source::book_received();
-    let record = Record { partition: pid.clone(), at, message: message.clone() };
-    let guard = Arc::new(DeliveryGuard::new(Position::new(record), sent_at(message), to_reader.clone()));
-    ctx.intake.accept(envelope(message), guard);
+    let bytes = body_len(message);
+    let budget = ctx.intake.budget();
+    let too_large = budget.too_large(bytes);
+    let record = Record { partition: pid.clone(), at, message: message.clone(), _lease: budget.lease(bytes) };
+    let guard = DeliveryGuard::new(Position::new(record), sent_at(message), to_reader.clone());
+    match too_large {
+        // Never parsed: dead-lettered as it came, once the guard drops here.
+        Some(why) => guard.fail(ErrorKind::MessageTooLarge, why),
+        None => ctx.intake.accept(envelope(message), Arc::new(guard)),
+    }
     Some(seq)
 }
 

@@ -91,6 +91,12 @@ impl Source for Memory {
     }
 }
 
+/// A message taken: its number, and its bytes counted in flight until it is settled.
+struct Taken {
+    n: usize,
+    _lease: crate::source::budget::Lease,
+}
+
 async fn read(
     mut messages: UnboundedReceiver<Vec<u8>>,
     intake: Arc<dyn Intake>,
@@ -105,17 +111,31 @@ async fn read(
         };
         let Some(body) = body else { return };
         crate::source::book_received();
-        let event = body_json(&body, "message").map(|b| envelope(b, Default::default(), Default::default()));
-        let guard = DeliveryGuard::new(Position::new(n), None, to_settler.clone());
-        intake.accept(event, Arc::new(guard));
+        let budget = intake.budget();
+        let too_large = budget.too_large(body.len());
+        let lease = budget.lease(body.len());
+        let guard = DeliveryGuard::new(Position::new(Taken { n, _lease: lease }), None, to_settler.clone());
+        match too_large {
+            Some(why) => guard.fail(crate::model::kind::ErrorKind::MessageTooLarge, why),
+            None => {
+                let event = body_json(&body, "message").map(|b| envelope(b, Default::default(), Default::default()));
+                intake.accept(event, Arc::new(guard));
+            }
+        }
         n += 1;
+        if budget.spent() {
+            tokio::select! {
+                _ = budget.room() => {}
+                _ = stopped.changed() => return,
+            }
+        }
     }
 }
 
 async fn settle(mut settled: UnboundedReceiver<Settled>, book: Arc<Book>) {
     while let Some(s) = settled.recv().await {
         crate::source::book_settled(s.sent_at, s.received, true);
-        let n = s.position.into_inner::<usize>().unwrap_or(usize::MAX);
+        let n = s.position.into_inner::<Taken>().map_or(usize::MAX, |t| t.n);
         if let Ok(mut v) = book.settled.lock() {
             v.push((n, s.status));
         }

@@ -5,7 +5,9 @@
 use super::settings::{Broker, Topology};
 use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope, sent_at};
 use crate::metrics;
+use crate::model::kind::ErrorKind;
 use crate::problems::redact;
+use crate::source::budget::{Budget, Lease};
 use crate::source::ordered::InOrder;
 use crate::source::{
     DeliveryGuard, Failure, Intake, Position, Settled, Status, book_dead_lettered, book_received, book_settled,
@@ -38,6 +40,8 @@ struct Record {
     queue: Arc<str>,
     exchange: String,
     routing_key: String,
+    /// The body's bytes, counted in flight until the delivery is acked or dead-lettered.
+    _lease: Lease,
 }
 
 /// A settled delivery waiting for its ack.
@@ -145,11 +149,21 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A delivery with the queue it came from; `None` when the broker ended that consumer.
 type Tagged = (Arc<QueueState>, Option<Result<Delivery, lapin::Error>>);
 
-async fn subscribe(channel: &Channel, queue: &Arc<QueueState>) -> lapin::Result<BoxStream<'static, Tagged>> {
+/// The consumer tag of this process's `generation`th consumer on `queue`: a window opened again
+/// never reuses the tag of the consumer it cancelled, whose cancel-ok may still be on its way.
+fn generation_tag(queue: &str, generation: u32) -> String {
+    format!("{}-{generation}", consumer_tag(queue))
+}
+
+async fn subscribe(
+    channel: &Channel,
+    queue: &Arc<QueueState>,
+    generation: u32,
+) -> lapin::Result<BoxStream<'static, Tagged>> {
     let c = channel
         .basic_consume(
             (&*queue.name).into(),
-            consumer_tag(&queue.name).as_str().into(),
+            generation_tag(&queue.name, generation).as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -162,7 +176,13 @@ impl Consumer {
     fn handle(&self, queue: &QueueState, d: Delivery) {
         book_received();
         queue.delivered();
-        let event = envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered);
+        let budget = self.intake.budget();
+        // Counted even when too large: it is in memory until it is dead-lettered.
+        let too_large = budget.too_large(d.data.len());
+        let lease = budget.lease(d.data.len());
+        let event = too_large
+            .is_none()
+            .then(|| envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered));
         let record = Record {
             acker: d.acker,
             tag: d.delivery_tag,
@@ -172,11 +192,16 @@ impl Consumer {
             exchange: d.exchange.as_str().to_string(),
             routing_key: d.routing_key.as_str().to_string(),
             properties: d.properties,
+            _lease: lease,
         };
         let sent_at = sent_at(&record.properties);
         let _ = self.reads.send((record.session, record.tag));
         let guard = DeliveryGuard::new(Position::new(record), sent_at, self.to_settler.clone());
-        self.intake.accept(event, Arc::new(guard));
+        match event {
+            Some(event) => self.intake.accept(event, Arc::new(guard)),
+            // Never parsed: dead-lettered as it came, once the guard drops here.
+            None => guard.fail(ErrorKind::MessageTooLarge, too_large.unwrap_or_default()),
+        }
     }
 }
 
@@ -247,10 +272,10 @@ async fn open(consumer: &Consumer) -> Result<Opened, String> {
             }
         }
         // Per consumer: each queue this instance is active on gets the whole window.
-        channel.basic_qos(b.prefetch, BasicQosOptions::default()).await?;
+        channel.basic_qos(first_window(consumer), BasicQosOptions::default()).await?;
         let mut deliveries = SelectAll::new();
         for q in &consumer.primary {
-            deliveries.push(subscribe(&channel, q).await?);
+            deliveries.push(subscribe(&channel, q, 0).await?);
         }
         Ok::<_, Setup>((conn, channel, dl_channel, deliveries))
     };
@@ -294,6 +319,112 @@ async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc
     ended
 }
 
+/// The window a session opens with: what the budget holds of the largest messages allowed until
+/// the sizes seen say more fit (a window counts messages, and the broker fills it at once).
+fn first_window(consumer: &Consumer) -> u16 {
+    let budget = consumer.intake.budget();
+    if budget.seen_any() { budget.window(consumer.broker.prefetch) } else { budget.cautious(consumer.broker.prefetch) }
+}
+
+/// This session's consumers and the window they were opened with. The window follows the sizes of
+/// the messages (`Budget::window`): the consumers are opened again, with the new `basic.qos`, when
+/// it should halve or double, and cancelled while the byte budget is spent (a paused source).
+struct Window {
+    queues: Vec<Arc<QueueState>>,
+    prefetch: u16,
+    paused: bool,
+    /// The window to open once the cancelled consumers' streams have ended (a resize).
+    reopen: Option<u16>,
+    /// Which consumers are open (`generation_tag`).
+    generation: u32,
+    /// Consumers cancelled here whose streams have not ended yet: their end is no loss, and no
+    /// consumer opens before it (what the old one was sent is handed over first, in order).
+    cancelled: std::collections::HashMap<Arc<str>, usize>,
+}
+
+impl Window {
+    async fn cancel(&mut self, channel: &Channel) -> Result<(), String> {
+        for q in &self.queues {
+            channel
+                .basic_cancel(generation_tag(&q.name, self.generation).as_str().into(), BasicCancelOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            *self.cancelled.entry(q.name.clone()).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    async fn open(
+        &mut self,
+        channel: &Channel,
+        prefetch: u16,
+        deliveries: &mut SelectAll<BoxStream<'static, Tagged>>,
+    ) -> Result<(), String> {
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
+        self.generation += 1;
+        for q in &self.queues {
+            deliveries.push(subscribe(channel, q, self.generation).await.map_err(|e| e.to_string())?);
+        }
+        self.prefetch = prefetch;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// After a delivery: pause when the budget is spent, else resize when the sizes call for it.
+    async fn adjust(&mut self, channel: &Channel, budget: &Budget, configured: u16) -> Result<(), String> {
+        if self.paused || self.reopen.is_some() {
+            return Ok(());
+        }
+        if budget.spent() {
+            metrics::get().source_pauses.inc();
+            tracing::info!(
+                in_flight_bytes = budget.used(),
+                "pipeline.max_in_flight_bytes is spent: taking no more messages until some are settled"
+            );
+            self.cancel(channel).await?;
+            self.paused = true;
+            return Ok(());
+        }
+        let want = budget.window(configured);
+        if want < self.prefetch / 2 || want >= self.prefetch.saturating_mul(2) {
+            tracing::debug!(from = self.prefetch, to = want, "resizing the prefetch window to the message sizes");
+            self.cancel(channel).await?;
+            self.reopen = Some(want);
+        }
+        Ok(())
+    }
+
+    /// The end of a consumer's stream that this window cancelled.
+    fn expected_end(&mut self, queue: &str) -> bool {
+        match self.cancelled.get_mut(queue) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every cancelled consumer's stream has ended.
+    fn quiet(&self) -> bool {
+        self.cancelled.values().all(|n| *n == 0)
+    }
+
+    /// A resize waiting for the old consumers' streams to end: now, if they have.
+    async fn resume_resize(
+        &mut self,
+        channel: &Channel,
+        deliveries: &mut SelectAll<BoxStream<'static, Tagged>>,
+    ) -> Result<(), String> {
+        if self.quiet()
+            && let Some(want) = self.reopen.take()
+        {
+            self.open(channel, want, deliveries).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Hands deliveries over until told to stop (`Ok`) or the session fails (`Err`, why).
 async fn consume(
     consumer: &Consumer,
@@ -302,10 +433,19 @@ async fn consume(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let (b, primary, standby) = (&consumer.broker, &consumer.primary, &consumer.standby);
+    let budget = consumer.intake.budget().clone();
     let standby_after = tokio::time::sleep(STANDBY_DELAY);
     tokio::pin!(standby_after);
     let mut standing_by = standby.is_empty();
     let mut delivered: std::collections::HashSet<Arc<str>> = Default::default();
+    let mut window = Window {
+        queues: primary.clone(),
+        prefetch: first_window(consumer),
+        paused: false,
+        reopen: None,
+        generation: 0,
+        cancelled: Default::default(),
+    };
     loop {
         tokio::select! {
             // An instance with no queue of its own yet (a pure standby) waits for its standby turn.
@@ -323,24 +463,35 @@ async fn consume(
                         tracing::info!(queue = %q.name, grace_ms = b.takeover_grace_ms, "taking over a shard queue; waiting for its previous consumer's writes to land");
                         tokio::time::sleep(grace).await;
                     }
-                    consumer.handle(&q, d)
+                    consumer.handle(&q, d);
+                    window.adjust(channel, &budget, b.prefetch).await?;
                 }
                 Some((_, Some(Err(e)))) => return Err(e.to_string()),
+                Some((q, None)) if window.expected_end(&q.name) => window.resume_resize(channel, &mut deliveries).await?,
                 Some((q, None)) => return Err(format!("the broker cancelled the consumer of queue {}", q.name)),
+                None if window.paused || window.reopen.is_some() => {}
                 None => return Err("no consumer left".into()),
             },
-            _ = &mut standby_after, if !standing_by => {
+            _ = budget.room(), if window.paused && window.quiet() => {
+                let prefetch = budget.window(b.prefetch);
+                tracing::info!(in_flight_bytes = budget.used(), prefetch, "taking messages again");
+                window.open(channel, prefetch, &mut deliveries).await?;
+            }
+            _ = &mut standby_after, if !standing_by && !window.paused && window.reopen.is_none() => {
                 standing_by = true;
                 for q in standby {
-                    match subscribe(channel, q).await {
-                        Ok(s) => deliveries.push(s),
+                    match subscribe(channel, q, window.generation).await {
+                        Ok(s) => {
+                            deliveries.push(s);
+                            window.queues.push(q.clone());
+                        }
                         Err(e) => tracing::warn!(queue = %q.name, error = %e, "cannot stand by on a shard queue"),
                     }
                 }
             }
             _ = stop.changed() => {
-                for q in primary.iter().chain(standby) {
-                    let _ = channel.basic_cancel(consumer_tag(&q.name).as_str().into(), BasicCancelOptions::default()).await;
+                if !window.paused && window.reopen.is_none() {
+                    let _ = window.cancel(channel).await;
                 }
                 // Deliveries already on their way are processed, not left unacked.
                 while let Ok(Some((q, Some(Ok(d))))) = tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await {
@@ -404,9 +555,13 @@ async fn watch_activity(b: Broker, queues: Arc<Queues>) {
         warned = consumers.is_none();
         for q in &queues.0 {
             let active = consumers.as_ref().map(|list| {
-                let tag = consumer_tag(&q.name);
-                list.iter()
-                    .any(|c| c["consumer_tag"] == tag.as_str() && c["queue"]["name"] == *q.name && c["active"] == true)
+                // Any generation of this process's consumer on the queue.
+                let tag = format!("{}-", consumer_tag(&q.name));
+                list.iter().any(|c| {
+                    c["consumer_tag"].as_str().is_some_and(|t| t.starts_with(&tag))
+                        && c["queue"]["name"] == *q.name
+                        && c["active"] == true
+                })
             });
             q.set_active(active);
             let gauge = metrics::get().queue_active.with_label_values(&[&*q.name]);
