@@ -14,6 +14,9 @@
 #   Chromium     /usr/bin/chromium + tests/browser/node_modules (Debian package; playwright-core from npm)
 #   PostgreSQL   127.0.0.1:5432, database test (the Event Hubs checkpoint store)
 #   Event Hubs   tests/eventhubs (rhea test peer, proven against @azure/event-hubs; npm)
+#   TLS          a test CA and certificates in .services/tls (openssl); RabbitMQ's TLS listener
+#                amqps://127.0.0.1:5671; stunnel4 on 127.0.0.2:5671 for the Event Hubs test peer,
+#                reached as iomt-test.servicebus.windows.net (/etc/hosts). See docs/tls.md.
 # Runs as root on Debian 12; uses sudo when not root and sudo exists.
 set -euo pipefail
 
@@ -239,8 +242,240 @@ setup_eventhubs_peer() {
     (cd "$ROOT" && node tests/eventhubs/prove.mjs) || die "the Event Hubs test peer failed against Microsoft's client (tests/eventhubs/prove.mjs)"
 }
 
+
+# ---------------------------------------------------------------- TLS
+# The TLS tests (tests/tls.rs) need a CA of their own: RabbitMQ's TLS listener and the Event Hubs
+# test peer's TLS terminator present certificates it signed, and the connector is told to trust it.
+# A second, unrelated CA is what a wrong broker.tls_ca_file looks like. Made once; kept in
+# .services/tls (git-ignored). The test CA is not added to the system trust store: the tests must
+# show that broker.tls_ca_file is what makes the broker trusted, and a wrong one must fail, which
+# a system-wide trusted test CA would hide (the connector's rustls also trusts the system roots).
+# It is name-constrained to loopback names all the same: its key lies in a checkout.
+TLS_DIR="${IOMT_SERVICES_DIR:-$ROOT/.services}/tls"
+AMQPS_PORT=5671
+# The namespace the Event Hubs TLS test connects to, as the connector would a real one (port 5671,
+# TLS, the name checked against the certificate). 127.0.0.1:5671 is RabbitMQ's, so stunnel takes
+# another loopback address and /etc/hosts points the name there.
+EH_TLS_HOST=iomt-test.servicebus.windows.net
+EH_TLS_ADDR=127.0.0.2
+# Where stunnel forwards to: the test starts its Event Hubs test peer on this port.
+EH_TLS_BACKEND_PORT=5680
+
+# make_ca NAME SUBJECT [EXTRA-EXTENSIONS]: a self-signed CA, unless NAME.pem exists.
+make_ca() {
+    local name="$1" subject="$2" extra="${3:-}"
+    [[ -s "$TLS_DIR/$name.pem" && -s "$TLS_DIR/$name.key" ]] && return 0
+    log "making test CA $TLS_DIR/$name.pem ($subject)"
+    openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -subj "$subject" \
+        -keyout "$TLS_DIR/$name.key" -out "$TLS_DIR/$name.pem" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        ${extra:+-addext "$extra"} 2>/dev/null || die "openssl could not make the test CA $name"
+    # A new CA invalidates everything signed by the old one.
+    [[ "$name" == ca ]] && rm -f "$TLS_DIR"/server.pem "$TLS_DIR"/client.pem
+    return 0
+}
+
+# make_cert NAME SUBJECT EXTENSIONS: a key and a certificate signed by the test CA, unless
+# NAME.pem exists and the CA verifies it.
+make_cert() {
+    local name="$1" subject="$2" ext="$3"
+    if [[ -s "$TLS_DIR/$name.pem" && -s "$TLS_DIR/$name.key" ]] \
+        && openssl verify -CAfile "$TLS_DIR/ca.pem" "$TLS_DIR/$name.pem" >/dev/null 2>&1; then
+        return 0
+    fi
+    log "making test certificate $TLS_DIR/$name.pem ($subject)"
+    openssl req -new -newkey rsa:2048 -nodes -sha256 -subj "$subject" \
+        -keyout "$TLS_DIR/$name.key" -out "$TLS_DIR/$name.csr" 2>/dev/null \
+        || die "openssl could not make the key for $name"
+    printf '%s\n' "$ext" > "$TLS_DIR/$name.ext"
+    openssl x509 -req -sha256 -days 3650 -in "$TLS_DIR/$name.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+        -CAcreateserial -CAserial "$TLS_DIR/ca.srl" -extfile "$TLS_DIR/$name.ext" -out "$TLS_DIR/$name.pem" 2>/dev/null \
+        || die "openssl could not sign the certificate $name"
+    rm -f "$TLS_DIR/$name.csr" "$TLS_DIR/$name.ext"
+}
+
+setup_tls_certs() {
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
+    mkdir -p "$TLS_DIR"
+    chmod 700 "$TLS_DIR"
+    local sdir
+    sdir="$(dirname "$TLS_DIR")"
+    [[ -f "$sdir/.gitignore" ]] || printf '*\n' > "$sdir/.gitignore"
+    make_ca ca "/CN=iomt-connector test CA" \
+        "nameConstraints=critical,permitted;DNS:localhost,permitted;DNS:$EH_TLS_HOST,permitted;IP:127.0.0.0/255.0.0.0"
+    make_ca other-ca "/CN=iomt-connector unrelated test CA"
+    make_cert server "/CN=localhost" "basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:$EH_TLS_HOST,IP:$EH_TLS_ADDR"
+    make_cert client "/CN=iomt-connector test client" "basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth
+subjectAltName=DNS:client.localhost"
+    # A client certificate from the unrelated CA: what a TLS listener with verify_peer must refuse.
+    if [[ ! -s "$TLS_DIR/other-client.pem" || ! -s "$TLS_DIR/other-client.key" ]] \
+        || ! openssl verify -CAfile "$TLS_DIR/other-ca.pem" "$TLS_DIR/other-client.pem" >/dev/null 2>&1; then
+        log "making $TLS_DIR/other-client.pem (signed by the unrelated CA)"
+        openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -subj "/CN=iomt-connector stranger" \
+            -CA "$TLS_DIR/other-ca.pem" -CAkey "$TLS_DIR/other-ca.key" \
+            -addext "basicConstraints=critical,CA:FALSE" -addext "extendedKeyUsage=clientAuth" \
+            -keyout "$TLS_DIR/other-client.key" -out "$TLS_DIR/other-client.pem" 2>/dev/null \
+            || die "openssl could not make other-client.pem"
+    fi
+    chmod 600 "$TLS_DIR"/*.key
+    log "test CA and certificates in $TLS_DIR"
+}
+
+# tls_verifies ADDRESS NAME [s_client options]: the handshake at ADDRESS presents a certificate
+# valid for NAME. Read from s_client's verdict rather than its exit status, which also reflects
+# what happens after the handshake (stunnel closes at once while no test peer is behind it).
+tls_verifies() {
+    local addr="$1" name="$2"
+    shift 2
+    openssl s_client -connect "$addr" -servername "$name" -verify_hostname "$name" "$@" </dev/null 2>&1 \
+        | grep -q 'Verify return code: 0 (ok)'
+}
+
+# The marked block setup.sh keeps in rabbitmq.conf; everything outside it is the operator's.
+RABBIT_TLS_BEGIN="# BEGIN iomt-connector test TLS listener (scripts/setup.sh; docs/tls.md)"
+RABBIT_TLS_END="# END iomt-connector test TLS listener"
+
+# rabbit_tls_block FILE print|drop: the marked block alone, or the file without it (lines compared
+# whole, so the markers need no escaping).
+rabbit_tls_block() {
+    as_root awk -v b="$RABBIT_TLS_BEGIN" -v e="$RABBIT_TLS_END" -v mode="$2" '
+        $0 == b { inblock = 1 }
+        (mode == "print") == (inblock == 1) { print }
+        $0 == e { inblock = 0 }' "$1" 2>/dev/null || true
+}
+
+rabbit_restart() {
+    log "restarting RabbitMQ to load its TLS listener"
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+        as_root systemctl restart rabbitmq-server || { rabbit_log_tail; die "systemctl restart rabbitmq-server failed"; }
+    else
+        as_root rabbitmqctl -q shutdown >/dev/null 2>&1 || as_root rabbitmqctl -q stop >/dev/null 2>&1 || true
+        local deadline=$((SECONDS + 60))
+        while port_open "$AMQP_HOST" "$AMQP_PORT"; do
+            (( SECONDS < deadline )) || die "RabbitMQ did not stop within 60 s"
+            sleep 1
+        done
+        as_root rabbitmq-server -detached || { rabbit_log_tail; die "rabbitmq-server -detached failed"; }
+    fi
+    local deadline=$((SECONDS + RABBIT_START_TIMEOUT))
+    until port_open "$AMQP_HOST" "$AMQP_PORT" && port_open "$AMQP_HOST" "$AMQPS_PORT"; do
+        if (( SECONDS >= deadline )); then
+            rabbit_log_tail
+            die "RabbitMQ did not listen on $AMQP_HOST:$AMQP_PORT and :$AMQPS_PORT within ${RABBIT_START_TIMEOUT}s after its restart"
+        fi
+        sleep 1
+    done
+    as_root rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1 || warn "rabbitmqctl await_startup failed after the restart"
+}
+
+# RabbitMQ's TLS listener on 127.0.0.1:5671 next to the plain one. verify_peer with
+# fail_if_no_peer_cert = false: a client without a certificate is let in (it signs in with its
+# user and password, as on 5672), one with a certificate is let in only if the test CA signed it;
+# so one listener serves both the plain-TLS and the mutual-TLS tests.
+setup_rabbitmq_tls() {
+    local dest=/etc/rabbitmq/tls f changed=0
+    # Copies, owned by the broker's user: the node must not depend on this checkout's path or its
+    # permissions (.services/tls is private to root).
+    as_root mkdir -p "$dest"
+    for f in ca.pem server.pem server.key; do
+        if ! as_root cmp -s "$TLS_DIR/$f" "$dest/$f"; then
+            as_root install -m 0640 "$TLS_DIR/$f" "$dest/$f"
+            changed=1
+        fi
+    done
+    if id rabbitmq >/dev/null 2>&1; then as_root chown -R root:rabbitmq "$dest"; as_root chmod 0750 "$dest"; fi
+    local block
+    block="$RABBIT_TLS_BEGIN
+listeners.ssl.default = $AMQP_HOST:$AMQPS_PORT
+ssl_options.cacertfile = $dest/ca.pem
+ssl_options.certfile = $dest/server.pem
+ssl_options.keyfile = $dest/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+$RABBIT_TLS_END"
+    local conf=/etc/rabbitmq/rabbitmq.conf current
+    current="$(rabbit_tls_block "$conf" print)"
+    if [[ "$current" != "$block" ]]; then
+        if rabbit_tls_block "$conf" drop | grep -qE '^[[:space:]]*(listeners\.ssl|ssl_options)\.'; then
+            die "$conf already configures TLS (listeners.ssl / ssl_options) outside setup.sh's block: the tests need the listener described in docs/tls.md on $AMQP_HOST:$AMQPS_PORT; remove those lines or adapt them"
+        fi
+        log "writing RabbitMQ's TLS listener ($AMQP_HOST:$AMQPS_PORT) into $conf"
+        { rabbit_tls_block "$conf" drop; printf '%s\n' "$block"; } > "$TLS_DIR/rabbitmq.conf.new"
+        as_root install -m 0644 "$TLS_DIR/rabbitmq.conf.new" "$conf"
+        rm -f "$TLS_DIR/rabbitmq.conf.new"
+        changed=1
+    fi
+    # A node started before the listener was configured (or that failed to open it) needs the
+    # restart as well; an unchanged configuration with the listener up needs nothing.
+    if (( changed )) || ! port_open "$AMQP_HOST" "$AMQPS_PORT"; then
+        rabbit_restart
+    else
+        log "RabbitMQ TLS listener already on $AMQP_HOST:$AMQPS_PORT"
+    fi
+    tls_verifies "$AMQP_HOST:$AMQPS_PORT" localhost -CAfile "$TLS_DIR/ca.pem" \
+        || die "the TLS listener on $AMQP_HOST:$AMQPS_PORT does not present a certificate the test CA verifies for localhost"
+}
+
+# The Event Hubs test peer speaks plain AMQP; Event Hubs itself is TLS on 5671. stunnel (Debian's
+# stunnel4) terminates TLS for the namespace name and forwards to the peer the TLS test starts on
+# 127.0.0.1:$EH_TLS_BACKEND_PORT, so the connector goes through its ordinary namespace code path
+# (no custom_endpoint).
+setup_eventhubs_tls() {
+    pkg_installed stunnel4 || apt_install stunnel4
+    # The SDK's AMQP TLS (azure_core_amqp: rustls with rustls-platform-verifier) takes no CA of its
+    # own; on Linux it reads the system store, or SSL_CERT_FILE when set. The TLS test sets that for
+    # the connector it starts, so the test CA stays out of this machine's trust store.
+    if ! grep -qE "^$EH_TLS_ADDR[[:space:]]+$EH_TLS_HOST([[:space:]]|\$)" /etc/hosts; then
+        log "mapping $EH_TLS_HOST to $EH_TLS_ADDR in /etc/hosts"
+        printf '%s %s  # iomt-connector Event Hubs TLS test (scripts/setup.sh)\n' "$EH_TLS_ADDR" "$EH_TLS_HOST" \
+            | as_root tee -a /etc/hosts >/dev/null
+    fi
+    local dir="$TLS_DIR/stunnel" conf
+    mkdir -p "$dir"
+    conf="pid = $dir/stunnel.pid
+output = $dir/stunnel.log
+foreground = no
+[eventhubs-test]
+accept = $EH_TLS_ADDR:$AMQPS_PORT
+connect = 127.0.0.1:$EH_TLS_BACKEND_PORT
+cert = $TLS_DIR/server.pem
+key = $TLS_DIR/server.key"
+    local running=0
+    if [[ -s "$dir/stunnel.pid" ]] && kill -0 "$(cat "$dir/stunnel.pid")" 2>/dev/null; then running=1; fi
+    if (( running )) && [[ "$(cat "$dir/stunnel.conf" 2>/dev/null)" == "$conf" ]] && port_open "$EH_TLS_ADDR" "$AMQPS_PORT"; then
+        log "stunnel already terminating TLS on $EH_TLS_ADDR:$AMQPS_PORT"
+    else
+        if (( running )); then
+            log "restarting stunnel (its configuration changed)"
+            kill "$(cat "$dir/stunnel.pid")" 2>/dev/null || true
+            sleep 1
+        fi
+        printf '%s\n' "$conf" > "$dir/stunnel.conf"
+        log "starting stunnel: TLS on $EH_TLS_ADDR:$AMQPS_PORT -> 127.0.0.1:$EH_TLS_BACKEND_PORT"
+        local bin
+        bin="$(command -v stunnel4 || command -v stunnel)" || die "stunnel4 is installed but neither stunnel4 nor stunnel is on PATH"
+        "$bin" "$dir/stunnel.conf" \
+            || { tail -n 20 "$dir/stunnel.log" >&2 2>/dev/null; die "stunnel did not start ($dir/stunnel.conf)"; }
+        local deadline=$((SECONDS + 15))
+        until port_open "$EH_TLS_ADDR" "$AMQPS_PORT"; do
+            (( SECONDS < deadline )) || { tail -n 20 "$dir/stunnel.log" >&2 2>/dev/null; die "stunnel is not listening on $EH_TLS_ADDR:$AMQPS_PORT"; }
+            sleep 0.5
+        done
+    fi
+    # By name, so that the /etc/hosts line is checked too.
+    tls_verifies "$EH_TLS_HOST:$AMQPS_PORT" "$EH_TLS_HOST" -CAfile "$TLS_DIR/ca.pem" \
+        || die "stunnel on $EH_TLS_ADDR:$AMQPS_PORT does not present a certificate the test CA verifies for $EH_TLS_HOST, or $EH_TLS_HOST does not resolve to $EH_TLS_ADDR (getent hosts $EH_TLS_HOST)"
+}
+
 # ---------------------------------------------------------------- run
 setup_rabbitmq
+setup_tls_certs
+setup_rabbitmq_tls
 "$SCRIPT_DIR/fhir-server.sh" start
 # The second FHIR server is for the tests and the bench; IOMT_SETUP_HELIOS=0 leaves it out
 # (scripts/quickstart.sh does: a first run should not wait for its build).
@@ -249,6 +484,7 @@ setup_fault_proxy
 setup_browser
 setup_postgres
 setup_eventhubs_peer
+setup_eventhubs_tls
 
 if [[ $BUILD -eq 1 ]]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found (install a Rust toolchain, or pass --no-build)"
@@ -260,5 +496,6 @@ fi
 
 log "ready:"
 log "  AMQP  amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f"
+log "  AMQPS amqps://guest:guest@localhost:$AMQPS_PORT/%2f (CA $TLS_DIR/ca.pem)"
 log "  FHIR  $("$SCRIPT_DIR/fhir-server.sh" url) (sekmet)"
 [[ "${IOMT_SETUP_HELIOS:-1}" == 0 ]] || log "  FHIR  $("$SCRIPT_DIR/helios-server.sh" url) (helios-hfs)"

@@ -42,7 +42,10 @@ struct Peer {
 
 impl Peer {
     async fn start() -> Peer {
-        let port = free_port();
+        Peer::start_at(free_port()).await
+    }
+
+    async fn start_at(port: u16) -> Peer {
         let data = std::env::temp_dir().join(format!("iomt-eh-peer-{port}"));
         let mut p = Peer { port, data, child: None };
         p.restart().await;
@@ -194,11 +197,15 @@ async fn begin(prefix: &str) -> (tokio::sync::MutexGuard<'static, ()>, Peer, Str
 }
 
 async fn until_checkpointed(peer: &Peer, hub: &str, timeout: Duration) {
-    let namespace = format!("127.0.0.1:{}", peer.port);
+    until_checkpointed_in(&format!("127.0.0.1:{}", peer.port), peer, hub, timeout).await
+}
+
+/// `until_checkpointed` for a connector that knows the peer as `namespace`.
+async fn until_checkpointed_in(namespace: &str, peer: &Peer, hub: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let enqueued = peer.enqueued(hub).await;
-        let cps = checkpoints(&namespace, hub).await;
+        let cps = checkpoints(namespace, hub).await;
         let done =
             enqueued.iter().enumerate().all(|(p, n)| *n == 0 || cps.get(&p.to_string()).is_some_and(|s| s + 1 == *n));
         if done {
@@ -655,4 +662,69 @@ async fn assert_sent_back_as_they_came(peer: &Peer, hub: &str, msgs: &[Vec<u8>])
             assert_eq!(property(m, k), None, "{k} on a redriven event");
         }
     }
+}
+
+/// The namespace scripts/setup.sh's stunnel answers for, with TLS on 5671 (`/etc/hosts` points it at
+/// 127.0.0.2), and the port it forwards to, where the test starts its peer.
+const TLS_NAMESPACE: &str = "iomt-test.servicebus.windows.net";
+const TLS_PEER_PORT: u16 = 5680;
+
+/// The connector reaches the hub as it reaches a real one: a namespace name in the connection string,
+/// no custom endpoint, AMQP over TLS on 5671 with the certificate checked against that name. The
+/// SDK takes no CA setting; its verifier reads `SSL_CERT_FILE` (docs/tls.md), which points at the
+/// test CA for this connector only.
+#[tokio::test]
+async fn the_connector_reads_a_hub_reached_as_a_namespace_over_tls_and_checkpoints() {
+    let one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let services_dir =
+        std::env::var_os("IOMT_SERVICES_DIR").map(PathBuf::from).unwrap_or_else(|| services::repo_path(".services"));
+    let ca = services_dir.join("tls/ca.pem");
+    assert!(ca.is_file(), "{} is missing: run scripts/setup.sh (it makes the test CA)", ca.display());
+    assert!(
+        std::net::TcpStream::connect((TLS_NAMESPACE, 5671)).is_ok(),
+        "nothing answers at {TLS_NAMESPACE}:5671 (stunnel on 127.0.0.2 and its /etc/hosts line): run scripts/setup.sh"
+    );
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", TLS_PEER_PORT)).is_ok(),
+        "127.0.0.1:{TLS_PEER_PORT}, where stunnel forwards, is taken by another process: the test peer must listen there"
+    );
+    let peer = Peer::start_at(TLS_PEER_PORT).await;
+    let run = services::unique("ehtls");
+    let system = format!("urn:iomt-test:{run}");
+    let hub = run.clone();
+    let msgs = bodies(&run, 8, 3, &[Vital::HeartRate, Vital::Spo2]);
+    // The test's own reads and writes go to the peer directly; only the connector uses TLS.
+    send(&peer, &hub, &msgs).await;
+
+    let setup = Setup::new("unused", "Create", &system);
+    let mut env = Connector::env_for(&setup);
+    env.extend(peer.env(&hub, "instance-tls").into_iter().map(|(k, v)| (k.to_string(), v)));
+    let cs = format!("Endpoint=sb://{TLS_NAMESPACE}/;SharedAccessKeyName=test;SharedAccessKey=c2VjcmV0");
+    env.push(("IOMT_EVENTHUBS__CONNECTION_STRING".into(), cs));
+    env.push(("IOMT_EVENTHUBS__CUSTOM_ENDPOINT".into(), String::new()));
+    env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
+    let c = Connector::start_env(env.clone()).await;
+    until_checkpointed_in(TLS_NAMESPACE, &peer, &hub, Duration::from_secs(120)).await;
+    assert_eq!(read(&c).await, msgs.len() as f64, "each event read once, over TLS");
+    assert_eq!(c.metric("iomt_dead_lettered_total").await, 0.0);
+    assert_converged(&Fhir::new(), &run, 8, &uninterrupted(&msgs, &system)).await;
+    let mut c = c;
+    c.signal("TERM");
+    assert_eq!(c.wait(Duration::from_secs(30)).await, Some(0), "{}", c.log());
+
+    // Without the test CA the certificate is refused: the connection above was verified TLS.
+    env.retain(|(k, _)| k != "SSL_CERT_FILE");
+    let refused = Connector::spawn_env(env);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !refused.log().contains("UnknownIssuer; the namespace's TLS certificate is not trusted") {
+        assert!(
+            Instant::now() < deadline,
+            "a connector without the test CA did not report an untrusted certificate in 60 s; log:\n{}",
+            services::tail(&refused.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(read(&refused).await, 0.0, "nothing read through an untrusted connection");
+    drop(one);
 }

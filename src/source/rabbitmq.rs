@@ -5,6 +5,7 @@
 mod consumer;
 mod offline;
 pub mod settings;
+pub mod tls;
 
 pub use consumer::{Running, start};
 
@@ -60,6 +61,8 @@ pub enum BrokerError {
     NoDeviceId,
     #[error("{0}")]
     Topology(String),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The header a sender may stamp with its send time (epoch milliseconds) to measure end-to-end
@@ -397,7 +400,7 @@ pub struct DeadLetterQueue {
 
 impl DeadLetterQueue {
     pub async fn open(b: &Broker) -> Result<DeadLetterQueue, BrokerError> {
-        let conn = Connection::connect(&b.url, lapin::ConnectionProperties::default()).await?;
+        let conn = tls::connect(b, lapin::ConnectionProperties::default()).await?;
         let channel = conn.create_channel().await?;
         channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
         Ok(DeadLetterQueue { _conn: conn, channel, queue: b.dead_letter_queue.clone() })
@@ -507,7 +510,7 @@ impl Publisher {
     /// Connects to `broker.url` and declares the queues as `run` does, so that nothing published
     /// before a consumer exists is lost and the connector finds the queue it would have declared.
     pub async fn connect(b: &Broker, max_in_flight: usize) -> Result<Publisher, BrokerError> {
-        let conn = lapin::Connection::connect(&b.url, lapin::ConnectionProperties::default()).await?;
+        let conn = tls::connect(b, lapin::ConnectionProperties::default()).await?;
         for w in declare(&conn, b).await? {
             tracing::warn!("{w}");
             eprintln!("warning: {w}");

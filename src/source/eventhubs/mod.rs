@@ -47,5 +47,23 @@ pub enum EventHubsError {
 }
 
 fn hub_error(hub: &str, e: impl std::fmt::Display) -> EventHubsError {
-    EventHubsError::Hub { hub: hub.to_string(), message: e.to_string() }
+    let mut message = e.to_string();
+    // The SDK's error is text only, and it takes no CA setting: say where its trust comes from.
+    if message.contains("invalid peer certificate") {
+        message.push_str(
+            "; the namespace's TLS certificate is not trusted: the Event Hubs client trusts the system's CA store, \
+             or only SSL_CERT_FILE / SSL_CERT_DIR when set (docs/tls.md)",
+        );
+    }
+    EventHubsError::Hub { hub: hub.to_string(), message }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_untrusted_certificate_says_where_the_client_takes_its_cas_from() {
+        let e = super::hub_error("h", "AMQP Error: invalid peer certificate: UnknownIssuer").to_string();
+        assert!(e.contains("UnknownIssuer") && e.contains("SSL_CERT_FILE"), "{e}");
+        assert_eq!(super::hub_error("h", "link detached").to_string(), "event hub h: link detached");
+    }
 }

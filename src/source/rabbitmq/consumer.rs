@@ -3,6 +3,7 @@
 //! dead-letters each delivery once the pipeline has settled it.
 
 use super::settings::{Broker, Topology};
+use super::tls::{self, TlsError};
 use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope, sent_at};
 use crate::metrics;
 use crate::model::kind::ErrorKind;
@@ -210,6 +211,7 @@ enum Setup {
     Amqp(lapin::Error),
     /// The queues exist in a shape the topology cannot work with.
     Topology(String),
+    Tls(TlsError),
 }
 
 impl From<lapin::Error> for Setup {
@@ -260,7 +262,11 @@ async fn open(consumer: &Consumer) -> Result<Opened, String> {
         // Named, so an operator (or a test) can find this instance's connection in RabbitMQ.
         let name = format!("iomt-connector {} pid {}", b.queue, std::process::id());
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        let conn = Connection::connect(&b.url, props).await?;
+        let conn = tls::connect(b, props).await.map_err(|e| match e {
+            BrokerError::Amqp(e) => Setup::Amqp(e),
+            BrokerError::Tls(e) => Setup::Tls(e),
+            e => Setup::Topology(e.to_string()),
+        })?;
         let channel = conn.create_channel().await?;
         let dl_channel = conn.create_channel().await?;
         dl_channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -286,6 +292,7 @@ async fn open(consumer: &Consumer) -> Result<Opened, String> {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(Setup::Amqp(e))) => Err(format!("{} ({})", e, redact(&b.url))),
         Ok(Err(Setup::Topology(why))) => Err(why),
+        Ok(Err(Setup::Tls(e))) => Err(e.to_string()),
         Err(_) => Err(format!(
             "the broker at {} did not complete connecting, declaring and subscribing within {} s",
             redact(&b.url),

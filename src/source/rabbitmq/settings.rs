@@ -57,6 +57,17 @@ pub struct Broker {
     /// consumer still had in flight land first (keep it at least `fhir.timeout_ms`).
     #[serde(default = "default_takeover_grace_ms")]
     pub takeover_grace_ms: u64,
+    /// `amqps://`: a PEM file of the CA(s) that signed the broker's certificate, trusted in
+    /// addition to the system's roots (lapin's verifier takes it as extra roots). Empty: the
+    /// system's roots alone.
+    #[serde(default)]
+    pub tls_ca_file: String,
+    /// `amqps://` with mutual TLS: this connector's certificate (PEM, leaf first) and its
+    /// unencrypted private key (PEM). Both or neither.
+    #[serde(default)]
+    pub tls_cert_file: String,
+    #[serde(default)]
+    pub tls_key_file: String,
 }
 
 fn default_takeover_grace_ms() -> u64 {
@@ -132,5 +143,86 @@ impl Broker {
         if !self.management_url.is_empty() && reqwest::Url::parse(&self.management_url).is_err() {
             p.bad("broker.management_url", format!("'{}' is not a URL", self.management_url));
         }
+        self.check_tls(p);
+    }
+
+    fn check_tls(&self, p: &mut Problems) {
+        let (ca, cert, key) = (self.tls_ca_file.trim(), self.tls_cert_file.trim(), self.tls_key_file.trim());
+        if ca.is_empty() && cert.is_empty() && key.is_empty() {
+            return;
+        }
+        if cert.is_empty() != key.is_empty() {
+            let (set, unset) = if cert.is_empty() {
+                ("broker.tls_key_file", "broker.tls_cert_file")
+            } else {
+                ("broker.tls_cert_file", "broker.tls_key_file")
+            };
+            p.bad(
+                unset,
+                format!(
+                    "{set} is set but {unset} is not: mutual TLS needs both the certificate and its key (or neither)"
+                ),
+            );
+            return;
+        }
+        // Otherwise lapin would connect in the clear and never read the files.
+        if !self.url.starts_with("amqps://") {
+            let set = [("broker.tls_ca_file", ca), ("broker.tls_cert_file", cert)]
+                .iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, _)| *k)
+                .collect::<Vec<_>>()
+                .join(" and ");
+            p.bad(
+                "broker.url",
+                format!("'{}' is not amqps://, but {set} is set: use amqps:// for TLS", redact(&self.url)),
+            );
+            return;
+        }
+        if let Err(e) = super::tls::load(self) {
+            match e {
+                super::tls::TlsError::File { key, .. } => p.bad(key, e.to_string()),
+                _ => p.bad("broker.tls_ca_file", e.to_string()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(url: &str, ca: &str, cert: &str, key: &str) -> Broker {
+        let mut b = crate::config::Settings::load_broker(None).unwrap_or_else(|e| panic!("{e}"));
+        b.url = url.into();
+        (b.tls_ca_file, b.tls_cert_file, b.tls_key_file) = (ca.into(), cert.into(), key.into());
+        b
+    }
+
+    fn problem(b: &Broker) -> String {
+        b.validate().err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_the_key_its_certificate() {
+        let e = problem(&broker("amqps://u:secret@h/%2f", "", "client.pem", ""));
+        assert!(e.contains("configuration key broker.tls_key_file:") && e.contains("broker.tls_cert_file"), "{e}");
+        let e = problem(&broker("amqps://u:secret@h/%2f", "", "", "client.key"));
+        assert!(e.contains("configuration key broker.tls_cert_file:") && e.contains("broker.tls_key_file"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_with_a_plain_amqp_url_are_refused_without_showing_the_password() {
+        let e = problem(&broker("amqp://u:secret@h/%2f", "ca.pem", "", ""));
+        assert!(e.contains("configuration key broker.url:") && e.contains("broker.tls_ca_file"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_or_non_pem_ca_file_names_its_key() {
+        let e = problem(&broker("amqps://h/%2f", "/nonexistent/ca.pem", "", ""));
+        assert!(e.contains("configuration key broker.tls_ca_file:") && e.contains("cannot be read"), "{e}");
+        let e = problem(&broker("amqps://h/%2f", "Cargo.toml", "", ""));
+        assert!(e.contains("configuration key broker.tls_ca_file:") && e.contains("no PEM certificate"), "{e}");
     }
 }
