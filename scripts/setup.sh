@@ -14,7 +14,7 @@
 #   Chromium     /usr/bin/chromium + tests/browser/node_modules (Debian package; playwright-core from npm)
 #   PostgreSQL   127.0.0.1:5432, database test (the Event Hubs checkpoint store)
 #   Event Hubs   tests/eventhubs (rhea test peer, proven against @azure/event-hubs; npm)
-#   TLS          a test CA and certificates in .services/tls (openssl); RabbitMQ's TLS listener
+#   TLS          a test CA and certificates in /var/lib/iomt-connector-test/tls (openssl; IOMT_TEST_TLS_DIR); RabbitMQ's TLS listener
 #                amqps://127.0.0.1:5671; stunnel4 on 127.0.0.2:5671 for the Event Hubs test peer,
 #                reached as iomt-test.servicebus.windows.net (/etc/hosts). See docs/tls.md.
 # Runs as root on Debian 12; uses sudo when not root and sudo exists.
@@ -247,11 +247,13 @@ setup_eventhubs_peer() {
 # The TLS tests (tests/tls.rs) need a CA of their own: RabbitMQ's TLS listener and the Event Hubs
 # test peer's TLS terminator present certificates it signed, and the connector is told to trust it.
 # A second, unrelated CA is what a wrong broker.tls_ca_file looks like. Made once; kept in
-# .services/tls (git-ignored). The test CA is not added to the system trust store: the tests must
+# /var/lib/iomt-connector-test/tls (outside the checkout). The test CA is not added to the system trust store: the tests must
 # show that broker.tls_ca_file is what makes the broker trusted, and a wrong one must fail, which
 # a system-wide trusted test CA would hide (the connector's rustls also trusts the system roots).
-# It is name-constrained to loopback names all the same: its key lies in a checkout.
-TLS_DIR="${IOMT_SERVICES_DIR:-$ROOT/.services}/tls"
+# It is name-constrained to loopback names all the same: its key lies on disk unprotected.
+# One per machine, not per checkout: every clone on it (a CI run's among them) uses the same CA, so
+# RabbitMQ's listener and stunnel are set up once rather than restarted for each clone.
+TLS_DIR="${IOMT_TEST_TLS_DIR:-/var/lib/iomt-connector-test/tls}"
 AMQPS_PORT=5671
 # The namespace the Event Hubs TLS test connects to, as the connector would a real one (port 5671,
 # TLS, the name checked against the certificate). 127.0.0.1:5671 is RabbitMQ's, so stunnel takes
@@ -296,11 +298,8 @@ make_cert() {
 
 setup_tls_certs() {
     command -v openssl >/dev/null 2>&1 || apt_install openssl
-    mkdir -p "$TLS_DIR"
+    [[ -d "$TLS_DIR" ]] || { as_root mkdir -p "$TLS_DIR" && as_root chown "$(id -u):$(id -g)" "$TLS_DIR"; }
     chmod 700 "$TLS_DIR"
-    local sdir
-    sdir="$(dirname "$TLS_DIR")"
-    [[ -f "$sdir/.gitignore" ]] || printf '*\n' > "$sdir/.gitignore"
     make_ca ca "/CN=iomt-connector test CA" \
         "nameConstraints=critical,permitted;DNS:localhost,permitted;DNS:$EH_TLS_HOST,permitted;IP:127.0.0.0/255.0.0.0"
     make_ca other-ca "/CN=iomt-connector unrelated test CA"
@@ -380,7 +379,7 @@ rabbit_restart() {
 setup_rabbitmq_tls() {
     local dest=/etc/rabbitmq/tls f changed=0
     # Copies, owned by the broker's user: the node must not depend on this checkout's path or its
-    # permissions (.services/tls is private to root).
+    # permissions (the test CA folder is private to root).
     as_root mkdir -p "$dest"
     for f in ca.pem server.pem server.key; do
         if ! as_root cmp -s "$TLS_DIR/$f" "$dest/$f"; then
@@ -445,8 +444,17 @@ accept = $EH_TLS_ADDR:$AMQPS_PORT
 connect = 127.0.0.1:$EH_TLS_BACKEND_PORT
 cert = $TLS_DIR/server.pem
 key = $TLS_DIR/server.key"
-    local running=0
+    local running=0 pid
     if [[ -s "$dir/stunnel.pid" ]] && kill -0 "$(cat "$dir/stunnel.pid")" 2>/dev/null; then running=1; fi
+    # A stunnel started from elsewhere (an older set-up, another test CA) holding the address: stop it.
+    for pid in $(ss -ltnpH "sport = :$AMQPS_PORT" 2>/dev/null | grep -F "$EH_TLS_ADDR:" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+        if (( running )) && [[ "$pid" == "$(cat "$dir/stunnel.pid")" ]]; then continue; fi
+        if [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == stunnel* ]]; then
+            log "stopping a stunnel (pid $pid) that is not this set-up's, on $EH_TLS_ADDR:$AMQPS_PORT"
+            as_root kill "$pid" 2>/dev/null || true
+            sleep 1
+        fi
+    done
     if (( running )) && [[ "$(cat "$dir/stunnel.conf" 2>/dev/null)" == "$conf" ]] && port_open "$EH_TLS_ADDR" "$AMQPS_PORT"; then
         log "stunnel already terminating TLS on $EH_TLS_ADDR:$AMQPS_PORT"
     else

@@ -677,9 +677,7 @@ const TLS_PEER_PORT: u16 = 5680;
 async fn the_connector_reads_a_hub_reached_as_a_namespace_over_tls_and_checkpoints() {
     let one = ONE_AT_A_TIME.lock().await;
     services::require_fhir().await;
-    let services_dir =
-        std::env::var_os("IOMT_SERVICES_DIR").map(PathBuf::from).unwrap_or_else(|| services::repo_path(".services"));
-    let ca = services_dir.join("tls/ca.pem");
+    let ca = services::tls_dir().join("ca.pem");
     assert!(ca.is_file(), "{} is missing: run scripts/setup.sh (it makes the test CA)", ca.display());
     assert!(
         std::net::TcpStream::connect((TLS_NAMESPACE, 5671)).is_ok(),

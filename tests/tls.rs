@@ -1,5 +1,5 @@
 //! RabbitMQ over TLS (`amqps://`) against the real broker's TLS listener, with the test CA and
-//! certificates scripts/setup.sh makes in .services/tls (see docs/tls.md). The test CA is not in
+//! certificates scripts/setup.sh makes in /var/lib/iomt-connector-test/tls (see docs/tls.md). The test CA is not in
 //! the system trust store, so what makes the broker trusted here is `broker.tls_ca_file`.
 //! A missing listener or certificate fails the test with what to run; nothing is skipped.
 
@@ -19,12 +19,10 @@ fn amqps_url() -> String {
     std::env::var("IOMT_TEST_AMQPS_URL").unwrap_or_else(|_| "amqps://guest:guest@localhost:5671/%2f".into())
 }
 
-/// `.services/tls` (or `$IOMT_SERVICES_DIR/tls`), checked to hold what the tests use, with the
+/// The machine's test CA folder (`services::tls_dir`), checked to hold what the tests use, with the
 /// listener up.
 fn tls_dir() -> PathBuf {
-    let services =
-        std::env::var_os("IOMT_SERVICES_DIR").map(PathBuf::from).unwrap_or_else(|| services::repo_path(".services"));
-    let dir = services.join("tls");
+    let dir = services::tls_dir();
     for f in ["ca.pem", "other-ca.pem", "client.pem", "client.key", "other-client.pem", "other-client.key"] {
         assert!(
             dir.join(f).is_file(),

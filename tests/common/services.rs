@@ -185,6 +185,13 @@ pub fn queue_type(queue: &str) -> String {
         .unwrap_or_else(|| panic!("queue {queue} is not listed:\n{text}"))
 }
 
+/// Where scripts/setup.sh keeps this machine's test CA and certificates (docs/tls.md).
+pub fn tls_dir() -> PathBuf {
+    std::env::var_os("IOMT_TEST_TLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/iomt-connector-test/tls"))
+}
+
 /// The repository's `scripts/` (or `.services/`) path.
 pub fn repo_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
