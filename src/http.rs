@@ -79,11 +79,9 @@ async fn actors(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     }))
 }
 
-/// `/debugger` → `/debugger/`, keeping `?token=`: the page's relative URLs need the slash.
-async fn to_debugger(req: actix_web::HttpRequest) -> HttpResponse {
-    let q = req.query_string();
-    let location = if q.is_empty() { "/debugger/".to_string() } else { format!("/debugger/?{q}") };
-    HttpResponse::PermanentRedirect().insert_header(("location", location)).finish()
+/// `/debugger` → `/debugger/`: the page's relative URLs (and the sign-in cookie's path) need the slash.
+async fn to_debugger() -> HttpResponse {
+    HttpResponse::PermanentRedirect().insert_header(("location", "/debugger/")).finish()
 }
 
 async fn prometheus() -> HttpResponse {

@@ -467,6 +467,7 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
         messages: a.messages,
         token: a.token,
         hosts: a.allow_host,
+        session: iomt_connector::studio::new_session(),
     };
     iomt_connector::studio::serve(&a.listen, studio)
         .map_err(|e| Failure(1, format!("error: cannot serve on {} (--listen): {e}", a.listen)))

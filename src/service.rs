@@ -80,6 +80,7 @@ pub async fn serve(
         messages: settings.mappings.device.parent().map(|d| d.join("messages")).unwrap_or_default(),
         token: settings.http.debugger_token.clone(),
         hosts: settings.http.debugger_hosts.clone(),
+        session: crate::studio::new_session(),
     });
     let server = crate::http::server(&settings.http.listen, shared.clone(), debugger)
         .map_err(|e| RunError::Http { addr: settings.http.listen.clone(), message: e.to_string() })?;

@@ -2,7 +2,8 @@
 //! engine itself (parsing with positions, the cross-checks, `explain`, normalization and the
 //! offline transform), so the page shows exactly what `validate`, `normalize`, `transform` and
 //! the service do. Served alone by `iomt-connector studio` (no broker, no FHIR server) and, when
-//! `http.debugger` is on, by `run` under `/debugger` behind `http.debugger_token`.
+//! `http.debugger` is on, by `run` under `/debugger` behind `http.debugger_token`. A browser signs
+//! in once with the token (a form; a session cookie after), a script sends it as a bearer token.
 
 use crate::engine::{self, Checked};
 use crate::template::TemplateError;
@@ -28,6 +29,24 @@ pub struct Studio {
     pub token: String,
     /// Host names answered besides the loopback ones.
     pub hosts: Vec<String>,
+    /// What the sign-in cookie carries: random, made at start, so a session ends with the process
+    /// and the token itself never travels in a cookie or a URL.
+    pub session: std::sync::Arc<String>,
+}
+
+/// The sign-in cookie's name.
+const COOKIE: &str = "iomt_debugger";
+
+/// A session value for `Studio::session`.
+pub fn new_session() -> std::sync::Arc<String> {
+    let bytes: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+    std::sync::Arc::new(hex::encode(bytes))
+}
+
+/// Compares by digest, so the time taken says nothing of how much of a guess was right.
+fn same_secret(a: &str, b: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(a.as_bytes()) == Sha256::digest(b.as_bytes())
 }
 
 fn problems(errors: &[TemplateError]) -> Vec<Value> {
@@ -117,6 +136,8 @@ fn host_allowed(req: &HttpRequest, s: &Studio) -> bool {
         || s.hosts.iter().any(|h| h.eq_ignore_ascii_case(&name))
 }
 
+/// Signed in: the token as `Authorization: Bearer` (scripts), or the cookie the sign-in page sets
+/// (the browser). Never from the query string, which proxies and browser histories keep.
 fn allowed(req: &HttpRequest, s: &Studio) -> bool {
     if !host_allowed(req, s) {
         return false;
@@ -126,10 +147,10 @@ fn allowed(req: &HttpRequest, s: &Studio) -> bool {
     }
     let bearer =
         req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let query = web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.get("token").cloned());
-    bearer == Some(s.token.as_str()) || query.as_deref() == Some(s.token.as_str())
+    if bearer.is_some_and(|b| same_secret(b, &s.token)) {
+        return true;
+    }
+    req.cookie(COOKIE).is_some_and(|c| same_secret(c.value(), &s.session))
 }
 
 fn refused(req: &HttpRequest, s: &Studio) -> HttpResponse {
@@ -139,11 +160,54 @@ fn refused(req: &HttpRequest, s: &Studio) -> HttpResponse {
             "Host '{host}' is not one the debugger answers: add the name to http.debugger_hosts (run) or --allow-host (studio)"
         )}));
     }
-    HttpResponse::Unauthorized()
-        .json(json!({"error": "the debugger needs http.debugger_token (Authorization: Bearer, or ?token=)"}))
+    let mut why = "the debugger needs its token (http.debugger_token or --token): sign in at ./signin, or send \
+                   Authorization: Bearer <token>"
+        .to_string();
+    if req.query_string().split('&').any(|p| p.starts_with("token=")) {
+        why.push_str("; a token in the URL is not taken (proxies and browser histories keep URLs)");
+    }
+    HttpResponse::Unauthorized().json(json!({ "error": why }))
+}
+
+/// The sign-in form (the token typed in, posted, never put in a URL).
+const SIGN_IN: &str = include_str!("studio/signin.html");
+
+async fn sign_in_page(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
+    if !host_allowed(&req, &s) {
+        return refused(&req, &s);
+    }
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(SIGN_IN.replace("{{failed}}", ""))
+}
+
+#[derive(Deserialize)]
+struct SignIn {
+    token: String,
+}
+
+/// Checks the typed token; sets the session cookie (HttpOnly: no script reads it; SameSite=Strict:
+/// no other site's page sends it) scoped to the debugger's path, and goes to the page.
+async fn sign_in(req: HttpRequest, s: web::Data<Studio>, form: web::Form<SignIn>) -> HttpResponse {
+    if !host_allowed(&req, &s) {
+        return refused(&req, &s);
+    }
+    if s.token.is_empty() || !same_secret(&form.token, &s.token) {
+        let page = SIGN_IN.replace("{{failed}}", "<p role=\"alert\" class=\"failed\">That is not the token.</p>");
+        return HttpResponse::Unauthorized().content_type("text/html; charset=utf-8").body(page);
+    }
+    let path = req.path().strip_suffix("signin").unwrap_or("/").to_string();
+    let cookie = actix_web::cookie::Cookie::build(COOKIE, s.session.as_str())
+        .path(path.clone())
+        .http_only(true)
+        .same_site(actix_web::cookie::SameSite::Strict)
+        .finish();
+    HttpResponse::SeeOther().cookie(cookie).insert_header(("location", path)).finish()
 }
 
 async fn page(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
+    if host_allowed(&req, &s) && !allowed(&req, &s) {
+        // A browser without the cookie: to the sign-in form, relative to wherever the page is.
+        return HttpResponse::SeeOther().insert_header(("location", "./signin")).finish();
+    }
     if !allowed(&req, &s) {
         return refused(&req, &s);
     }
@@ -193,6 +257,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, studio: Studio) {
         // Mappings and messages of several MB are fine; the default JSON limit is 32 KB.
         .app_data(web::JsonConfig::default().limit(16 << 20))
         .route("/", web::get().to(page))
+        .route("/signin", web::get().to(sign_in_page))
+        .route("/signin", web::post().to(sign_in))
         .route("/api/check", web::post().to(check_endpoint))
         .route("/api/run", web::post().to(run_endpoint))
         .route("/api/samples", web::get().to(samples));

@@ -110,14 +110,36 @@ async fn run_serves_the_debugger_only_when_asked_and_behind_its_token() {
     setup.extra.push(("IOMT_HTTP__DEBUGGER", "true".into()));
     setup.extra.push(("IOMT_HTTP__DEBUGGER_TOKEN", "s3cret".into()));
     let c = Connector::start(&setup).await;
-    assert_eq!(c.get("/debugger/").await.0, 401, "a token is asked for");
-    let (status, page) = c.get("/debugger/?token=s3cret").await;
-    assert_eq!(status, 200);
-    assert!(page.contains("mapping debugger"));
-    // It opens with the running mappings.
+    let base = format!("http://{}/debugger/", c.http);
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = browser.get(&base).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 303, "a browser without a session goes to the sign-in form");
+    assert_eq!(r.headers().get("location").and_then(|l| l.to_str().ok()), Some("./signin"));
+    assert_eq!(c.get("/debugger/api/samples").await.0, 401, "the endpoints ask for the token");
     let (status, body) = c.get("/debugger/api/samples?token=s3cret").await;
-    assert_eq!(status, 200);
-    let samples: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(status, 401, "a token in the URL is not taken");
+    assert!(body.contains("not taken"), "{body}");
+    let wrong = browser.post(format!("{base}signin")).form(&[("token", "guess")]).send().await;
+    assert_eq!(wrong.map(|r| r.status().as_u16()).ok(), Some(401), "a wrong token signs nobody in");
+    let signed = browser.post(format!("{base}signin")).form(&[("token", "s3cret")]).send().await;
+    let signed = signed.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(signed.status().as_u16(), 303);
+    let cookie = signed.headers().get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && !cookie.contains("s3cret"),
+        "{cookie}"
+    );
+    let page = browser.get(&base).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(page.status().as_u16(), 200, "signed in");
+    assert!(page.text().await.unwrap_or_default().contains("mapping debugger"));
+    // It opens with the running mappings.
+    let samples = browser.get(format!("{base}api/samples")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(samples.status().as_u16(), 200);
+    let samples: Value = samples.json().await.unwrap_or_default();
     assert_eq!(samples["device"].as_str(), Some(sample("mappings/devicecontent.json").as_str()));
     let r = services::http()
         .post(format!("http://{}/debugger/api/check", c.http))
