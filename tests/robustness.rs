@@ -225,3 +225,43 @@ proptest! {
         }
     }
 }
+
+/// The fuzz targets' hand-made seeds (fuzz/seeds/load_mapping: nesting thousands deep, huge
+/// numbers, a regex filter, slice steps at i64's edge) load or fail with located errors, on a
+/// thread with the service's 2 MiB stack. Each deep one overflowed the stack before expressions'
+/// nesting was bounded; slice-steps panicked on an overflow.
+#[test]
+fn fuzz_seed_mappings_load_or_fail_with_located_errors() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/load_mapping");
+    let mut seeds: Vec<PathBuf> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    seeds.sort();
+    assert!(seeds.len() >= 8, "seeds not found in {}", dir.display());
+    let sample = read(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("mappings/fhirmapping.json"));
+    std::thread::scope(|s| {
+        let run = std::thread::Builder::new().stack_size(2 << 20).spawn_scoped(s, || {
+            for path in &seeds {
+                let text = read(path);
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let checked = iomt_connector::engine::check(&text, Some(&sample), "fhir.json");
+                for event in &fixture().samples {
+                    exercise_with(&checked.device, &envelope(event.clone()));
+                }
+                if name.starts_with("deep-") && name != "deep-json" {
+                    let errors = checked.report.device.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+                    assert!(errors.contains("more than 64 deep"), "{name}: {errors}");
+                    assert!(errors.contains("CalculatedContent 'hr'"), "{name} names its template: {errors}");
+                }
+                let _ = FhirMapping::parse_partial(&text);
+            }
+        });
+        if let Err(panic) = run.map(|r| r.join()).unwrap_or_else(|e| panic!("a thread: {e}")) {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+fn exercise_with(device: &DeviceMapping, event: &Value) {
+    if let Ok(ms) = device.normalize(event) {
+        let _ = transform(&fixture().fhir, ms, &CreateIdentity::default(), Utc::now());
+    }
+}

@@ -70,11 +70,75 @@ const BUILTIN_ARITY: [(&str, usize, Option<usize>); 26] = [
     ("values", 1, Some(1)),
 ];
 
+/// How deep an expression may nest, as [`nesting`] counts it. The crate's parser, its evaluator
+/// and dropping its syntax tree all recurse once per level and have no bound of their own: 250
+/// levels (`!!!…a`, `a.a.a…`, `[[[…`) overflowed a 2 MiB thread stack in a debug build, 2,000 in
+/// release. A real template stays under a dozen.
+pub const MAX_NESTING: usize = 64;
+
 /// Compiles an expression and checks every function call it makes (name and argument count).
 pub fn compile(text: &str) -> Result<Expression, String> {
+    if let Err(offset) = nesting(text, MAX_NESTING) {
+        return Err(format!("the expression nests more than {MAX_NESTING} deep (at character {})", offset + 1));
+    }
     let expr = runtime().compile(text).map_err(|e| describe(&e))?;
     check_calls(expr.as_ast())?;
     Ok(expr)
+}
+
+/// Checks, from the text alone and before the crate's parser sees it, that no syntax tree of the
+/// expression can be deeper than `limit`; `Err` holds the character offset where it first could.
+///
+/// An upper bound, not the exact depth: within one bracket level every operator can add a level
+/// (`a.b.c` is two subexpressions, one inside the other) until a `,` or `:` starts a sibling, and
+/// every bracket opens a level inside the current one. Strings, quoted names and JSON literals
+/// count nothing (a literal's JSON nesting is bounded by serde_json's own limit).
+fn nesting(text: &str, limit: usize) -> Result<(), usize> {
+    // The operators counted in each open bracket level since its last separator.
+    let mut levels: Vec<usize> = vec![0];
+    let mut depth = 1;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (offset, c) in text.chars().enumerate() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        let top = levels.len() - 1;
+        match c {
+            '\'' | '"' | '`' => quote = Some(c),
+            '(' | '[' | '{' => {
+                levels[top] += 1;
+                levels.push(0);
+                depth += 2;
+            }
+            ')' | ']' | '}' if top > 0 => {
+                // Its operators and itself; the bracket stays counted in the level around it.
+                depth -= levels.pop().unwrap_or(0) + 1;
+                continue;
+            }
+            ',' | ':' => {
+                depth -= levels[top];
+                levels[top] = 0;
+                continue;
+            }
+            '.' | '|' | '&' | '!' | '*' | '<' | '>' | '=' | '?' => {
+                levels[top] += 1;
+                depth += 1;
+            }
+            _ => continue,
+        }
+        if depth > limit {
+            return Err(offset);
+        }
+    }
+    Ok(())
 }
 
 fn check_calls(ast: &Ast) -> Result<(), String> {
@@ -281,6 +345,31 @@ mod tests {
         let e = compile(expr)?;
         let r = search(&e, &from_json(&data)).map_err(|e| describe(&e))?;
         Ok(to_json(&r))
+    }
+
+    #[test]
+    fn nesting_past_the_bound_is_refused_before_the_parser_recurses() {
+        // Each of these overflowed a 2 MiB stack (a test thread's) when handed to the crate.
+        for deep in [
+            format!("{}a{}", "(".repeat(100_000), ")".repeat(100_000)),
+            format!("{}a", "!".repeat(100_000)),
+            format!("{}a", "&".repeat(100_000)),
+            format!("a{}", ".a".repeat(100_000)),
+            format!("a{}", "[*]".repeat(100_000)),
+            format!("{}a{}", "[".repeat(100_000), "]".repeat(100_000)),
+            format!("{}a{}", "{a:".repeat(100_000), "}".repeat(100_000)),
+            format!("a{}", " || a".repeat(100_000)),
+        ] {
+            let e = compile(&deep).err().unwrap_or_default();
+            assert!(e.contains("nests more than 64 deep"), "{}: {e}", &deep[..20]);
+        }
+        // Siblings do not add up, and quoted text counts nothing.
+        let wide = format!("{{{}}}", (0..200).map(|i| format!("k{i}: Body.a.b.c")).collect::<Vec<_>>().join(", "));
+        assert!(compile(&wide).is_ok());
+        let quoted = format!("'{0}' == `\"{0}\"` && \"{0}\".x", "((([[[!!!...".repeat(50));
+        assert!(compile(&quoted).is_ok(), "{:?}", compile(&quoted).err());
+        assert_eq!(eval(&format!("{}a{}", "(".repeat(20), ")".repeat(20)), json!({"a": 1})), Ok(json!(1)));
+        assert_eq!(eval(&format!("a{}", ".a".repeat(50)), json!({"a": 1})), Ok(json!(null)));
     }
 
     #[test]

@@ -227,7 +227,9 @@ fn slice<'a>(items: &'a [Value], start: Option<i64>, end: Option<i64>, step: i64
         let mut i = s;
         while i < e {
             out.push(&items[i as usize]);
-            i += step;
+            // A step as large as i64 allows steps past the end by overflowing: that is the end.
+            let Some(next) = i.checked_add(step) else { break };
+            i = next;
         }
     } else if step < 0 {
         let s = start.map(norm).unwrap_or(len).min(len - 1);
@@ -235,7 +237,8 @@ fn slice<'a>(items: &'a [Value], start: Option<i64>, end: Option<i64>, step: i64
         let mut i = s;
         while i > e && i >= 0 {
             out.push(&items[i as usize]);
-            i += step;
+            let Some(next) = i.checked_add(step) else { break };
+            i = next;
         }
     }
 }
@@ -340,7 +343,14 @@ struct Parser<'t> {
     chars: Vec<char>,
     pos: usize,
     _text: &'t str,
+    /// Filters, `!` and parentheses open at the current position.
+    depth: usize,
 }
+
+/// How deep filters, negations and parentheses may nest. Parsing, evaluating and dropping a
+/// filter recurse once per level, so without a bound a long enough `!!!…` or `((((…` overflows
+/// the stack (2 MiB on the service's threads); no real template comes near 64.
+pub const MAX_NESTING: usize = 64;
 
 /// Characters that end an unquoted member name. Hyphens and other punctuation are allowed in names
 /// (`$.SystemProperties.iothub-connection-device-id`).
@@ -350,7 +360,18 @@ fn ends_name(c: char) -> bool {
 
 impl<'t> Parser<'t> {
     fn new(text: &'t str) -> Self {
-        Parser { chars: text.chars().collect(), pos: 0, _text: text }
+        Parser { chars: text.chars().collect(), pos: 0, _text: text, depth: 0 }
+    }
+    /// One level deeper; the error is at the character that went past [`MAX_NESTING`].
+    fn enter(&mut self) -> Result<(), ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(ParseError {
+                offset: self.pos,
+                message: format!("filters, '!' and parentheses nest more than {MAX_NESTING} deep"),
+            });
+        }
+        Ok(())
     }
     fn at_end(&self) -> bool {
         self.pos >= self.chars.len()
@@ -451,7 +472,9 @@ impl<'t> Parser<'t> {
                 if !self.eat('(') {
                     return Err(self.error("expected '(' after '?' in a filter"));
                 }
+                self.enter()?;
                 let f = self.filter_or()?;
+                self.depth -= 1;
                 self.skip_ws();
                 if !self.eat(')') {
                     return Err(self.error("expected ')' to close the filter"));
@@ -598,11 +621,17 @@ impl<'t> Parser<'t> {
     fn filter_unary(&mut self) -> Result<Filter, ParseError> {
         self.skip_ws();
         if self.peek() == Some('!') && self.peek_at(1) != Some('=') {
+            self.enter()?;
             self.pos += 1;
-            return Ok(Filter::Not(Box::new(self.filter_unary()?)));
+            let f = self.filter_unary()?;
+            self.depth -= 1;
+            return Ok(Filter::Not(Box::new(f)));
         }
-        if self.eat('(') {
+        if self.peek() == Some('(') {
+            self.enter()?;
+            self.pos += 1;
             let f = self.filter_or()?;
+            self.depth -= 1;
             self.skip_ws();
             if !self.eat(')') {
                 return Err(self.error("expected ')'"));
@@ -752,6 +781,33 @@ mod tests {
         assert_eq!(got, vec![&json!(5)]);
         let p = JsonPath::parse("$.Body.deviceId").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.select(Scope { root: &event, matched: Some(&m) }), vec![&json!("d1")]);
+    }
+
+    #[test]
+    fn a_slice_step_near_i64_max_ends_the_slice() {
+        // The fuzz seed load_mapping/slice-steps: the index after the first step overflowed i64 (a
+        // panic wherever overflow checks are on).
+        let doc = json!({"a": [1, 2, 3, 4]});
+        assert_eq!(sel("$.a[1:4:9223372036854775807]", &doc), vec![json!(2)]);
+        assert_eq!(sel("$.a[::-9223372036854775808]", &doc), vec![json!(4)]);
+    }
+
+    #[test]
+    fn nesting_past_the_bound_is_a_parse_error_not_a_stack_overflow() {
+        let doc = json!([{"a": 1}]);
+        let ok = format!("$[?({}@a{})]", "(".repeat(MAX_NESTING - 2), ")".repeat(MAX_NESTING - 2));
+        assert_eq!(sel(&ok, &doc).len(), 1);
+        let bang = format!("$[?({}@a)]", "!".repeat(MAX_NESTING - 1));
+        assert!(sel(&bang, &doc).is_empty(), "an odd number of '!' negates");
+        for deep in [
+            format!("$[?({}@a{})]", "(".repeat(100_000), ")".repeat(100_000)),
+            format!("$[?({}@a)]", "!".repeat(100_000)),
+            format!("$[?({}@a{})]", "@[?(".repeat(100_000), ")]".repeat(100_000)),
+        ] {
+            let e = JsonPath::parse(&deep).expect_err("too deep");
+            assert!(e.message.contains("nest more than 64 deep"), "{e}");
+            assert!(e.offset < 300, "the error is where the bound was passed: {e}");
+        }
     }
 
     #[test]
