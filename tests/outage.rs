@@ -622,3 +622,32 @@ async fn large_messages_during_an_outage_stay_within_the_byte_budget_and_are_all
     assert_eq!(services::ready_count(&ch, &format!("{queue}.dlq")).await, 1);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_an_outage_ends_within_the_shutdown_timeout_and_leaves_the_held_messages_to_the_broker() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    services::require_fhir().await;
+    let proxy = FaultProxy::start(&services::fhir_url()).await;
+    let o = outage("termheld", 2).await;
+    let Outage { queue, msgs, conn, .. } = &o;
+    let mut c = o.connector(proxy.url(&services::fhir_url()), &[("IOMT_PIPELINE__SHUTDOWN_TIMEOUT_SECS", "15")]).await;
+    proxy.mode("garbage").await;
+    let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
+    services::publish(&ch, queue, msgs).await;
+    assert_holding(&c, queue).await;
+    let stopping = Instant::now();
+    c.signal("TERM");
+    let code = c.wait(Duration::from_secs(30)).await;
+    let took = stopping.elapsed().as_secs_f64();
+    let log = c.log();
+    println!("SIGTERM during an outage: exit {code:?} in {took:.1} s (pipeline.shutdown_timeout_secs = 15)");
+    assert_eq!(code, Some(1), "held messages unwritten: exit 1; log:\n{}", services::tail(&log, 10));
+    assert!(took <= 16.0, "the stop took {took:.1} s, past pipeline.shutdown_timeout_secs");
+    assert!(log.contains("will redeliver"), "{}", services::tail(&log, 10));
+    proxy.mode("pass").await;
+    // Nothing was acked or dead-lettered: every message is back on the broker for the next instance.
+    let back = || async { services::ready_count(&ch, queue).await as usize == msgs.len() };
+    until("every message back on the broker", Duration::from_secs(30), back).await;
+    assert_eq!(services::queue_counts(&format!("{queue}.dlq")), (0, 0));
+    proxy.stop().await;
+}
