@@ -183,6 +183,29 @@ async fn three_instances_over_six_shard_queues_handle_each_device_on_one_instanc
     assert_converged(&Fhir::new(), &cl.run, devices, &uninterrupted(&msgs, &cl.system)).await;
 }
 
+/// Publishes `msgs` through the exchange at about `per_second`, in the background.
+fn stream(cl: &Cluster, msgs: Vec<Vec<u8>>, per_second: usize) -> tokio::task::JoinHandle<()> {
+    let exchange = cl.exchange.clone();
+    tokio::spawn(async move {
+        let conn = services::broker().await;
+        let ch = conn.create_channel().await.unwrap_or_else(|e| panic!("{e}"));
+        let start = Instant::now();
+        let tick = per_second.max(4) / 4;
+        for (k, chunk) in msgs.chunks(tick).enumerate() {
+            let routed = chunk.iter().map(|b| {
+                let v: Value = serde_json::from_slice(b).unwrap_or_default();
+                (v["deviceId"].as_str().unwrap_or_default().to_string(), b)
+            });
+            services::publish_routed(&ch, &exchange, routed).await;
+            tokio::time::sleep_until((start + Duration::from_millis(250 * (k as u64 + 1))).into()).await;
+        }
+    })
+}
+
+async fn received(c: &Connector) -> f64 {
+    c.metric("iomt_messages_received_total").await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_one_instance_mid_stream_moves_its_queues_and_loses_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -192,15 +215,16 @@ async fn sigkill_one_instance_mid_stream_moves_its_queues_and_loses_nothing() {
         activity(&all).await.len() == SHARD_QUEUES as usize
     })
     .await;
-    let devices = 60;
+    // 90 devices streamed for about 30 s, so every queue keeps getting messages through the takeover.
+    let devices = 90;
     let msgs = bodies(&cl.run, devices, 30, &[Vital::HeartRate, Vital::Spo2, Vital::BloodPressure]);
-    publish(&cl, &msgs).await;
-    let quarter = (msgs.len() / 4) as f64;
-    wait_for("a quarter acked", Duration::from_secs(120), || async { acked(&cl.instances).await >= quarter }).await;
+    let publishing = stream(&cl, msgs.clone(), msgs.len() / 30);
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let victim_queues = active_on(&cl.instances[1]).await;
     assert!(!victim_queues.is_empty(), "instance 1 was active on its queues");
     let before = acked(&cl.instances).await;
     cl.instances[1].signal("KILL");
+    let killed = Instant::now();
     cl.instances[1].wait(Duration::from_secs(10)).await;
     println!(
         "instance 1 killed with {before} of {} messages acked in all; it was active on {victim_queues:?}",
@@ -214,9 +238,34 @@ async fn sigkill_one_instance_mid_stream_moves_its_queues_and_loses_nothing() {
         a.len() == SHARD_QUEUES as usize && a.values().all(|who| who.len() == 1)
     })
     .await;
-    println!("its queues were active on another instance {:.1} s after the kill", took.as_secs_f64().max(0.0));
+    // During the takeover grace (broker.takeover_grace_ms, 10 s) the survivors' own queues flow on.
+    let at_takeover = (received(survivors[0]).await, received(survivors[1]).await);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during_grace = (received(survivors[0]).await - at_takeover.0, received(survivors[1]).await - at_takeover.1);
+    let mut spread = vec![0usize; survivors.len()];
+    for who in activity(&survivors).await.values() {
+        spread[who[0]] += 1;
+    }
+    println!(
+        "its queues were active on the survivors {:.1} s after the kill, spread {spread:?}; in the 4 s after, the survivors took {during_grace:?} messages",
+        took.as_secs_f64().max(0.0)
+    );
+    assert_eq!(spread, [3, 3], "the dead instance's queues spread over the survivors");
+    let handed = wait_for("the taken-over queues handed over after their grace", Duration::from_secs(60), || async {
+        let logs: String = survivors.iter().map(|c| c.log()).collect();
+        victim_queues
+            .iter()
+            .all(|q| logs.lines().any(|l| l.contains("takeover grace is over") && l.contains(q.as_str())))
+    })
+    .await;
+    let handed = handed.as_secs_f64() + took.as_secs_f64() + 4.0;
+    println!("the killed instance's queues were handled again {handed:.1} s after the kill (grace 10 s)");
+    assert!(handed <= 16.0, "handled again {handed:.1} s after the kill: more than the grace and a few seconds");
+    assert!(during_grace.0 > 0.0 && during_grace.1 > 0.0, "neither survivor paused its own queues: {during_grace:?}");
 
+    publishing.await.unwrap_or_else(|e| panic!("{e}"));
     drained(&cl, &survivors).await;
+    println!("everything written {:.1} s after the kill", killed.elapsed().as_secs_f64());
     assert_no_create_races(&survivors).await;
     assert_converged(&Fhir::new(), &cl.run, devices, &uninterrupted(&msgs, &cl.system)).await;
 }

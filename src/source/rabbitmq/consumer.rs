@@ -2,13 +2,13 @@
 //! broker goes away, handing each delivery to the pipeline's intake; and the settler, which acks or
 //! dead-letters each delivery once the pipeline has settled it.
 
-use super::settings::{Broker, Topology};
+use super::settings::Broker;
 use super::tls::{self, TlsError};
 use super::{BrokerError, Origin, consumed_queues, dead_letter, declare, envelope, sent_at};
 use crate::metrics;
 use crate::model::kind::ErrorKind;
 use crate::problems::redact;
-use crate::source::budget::{Budget, Lease};
+use crate::source::budget::Lease;
 use crate::source::ordered::InOrder;
 use crate::source::{
     DeliveryGuard, Failure, Intake, Position, Settled, Status, book_dead_lettered, book_received, book_settled,
@@ -18,8 +18,7 @@ use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream, SelectAll};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel, Connection, ConnectionProperties};
@@ -173,17 +172,27 @@ async fn subscribe(
     Ok(c.map(move |d| (q.clone(), Some(d))).chain(stream::once(async move { (end, None) })).boxed())
 }
 
+/// A delivery taken in: booked, its bytes leased, its tag in the settler's order and its guard
+/// made, but not yet handed to the pipeline (a taken-over queue's deliveries wait out the grace).
+/// Never dropped unhanded: the guard would report it persisted.
+struct Received {
+    guard: DeliveryGuard,
+    /// `Err`: larger than `pipeline.max_message_bytes`, with why.
+    event: Result<Result<serde_json::Value, String>, String>,
+}
+
 impl Consumer {
-    fn handle(&self, queue: &QueueState, d: Delivery) {
+    fn receive(&self, queue: &QueueState, d: Delivery) -> Received {
         book_received();
         queue.delivered();
         let budget = self.intake.budget();
         // Counted even when too large: it is in memory until it is dead-lettered.
         let too_large = budget.too_large(d.data.len());
         let lease = budget.lease(d.data.len());
-        let event = too_large
-            .is_none()
-            .then(|| envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered));
+        let event = match too_large {
+            Some(why) => Err(why),
+            None => Ok(envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered)),
+        };
         let record = Record {
             acker: d.acker,
             tag: d.delivery_tag,
@@ -197,11 +206,14 @@ impl Consumer {
         };
         let sent_at = sent_at(&record.properties);
         let _ = self.reads.send((record.session, record.tag));
-        let guard = DeliveryGuard::new(Position::new(record), sent_at, self.to_settler.clone());
-        match event {
-            Some(event) => self.intake.accept(event, Arc::new(guard)),
+        Received { guard: DeliveryGuard::new(Position::new(record), sent_at, self.to_settler.clone()), event }
+    }
+
+    fn hand_over(&self, r: Received) {
+        match r.event {
+            Ok(event) => self.intake.accept(event, Arc::new(r.guard)),
             // Never parsed: dead-lettered as it came, once the guard drops here.
-            None => guard.fail(ErrorKind::MessageTooLarge, too_large.unwrap_or_default()),
+            Err(why) => r.guard.fail(ErrorKind::MessageTooLarge, why),
         }
     }
 }
@@ -326,126 +338,42 @@ async fn session(consumer: &Consumer, stop: &mut watch::Receiver<bool>, dl: &Arc
     ended
 }
 
-/// The window a session opens with: what the budget holds of the largest messages allowed until
-/// the sizes seen say more fit (a window counts messages, and the broker fills it at once).
-fn first_window(consumer: &Consumer) -> u16 {
-    let budget = consumer.intake.budget();
-    if budget.seen_any() { budget.window(consumer.broker.prefetch) } else { budget.cautious(consumer.broker.prefetch) }
-}
+#[path = "window.rs"]
+mod window;
+use window::{Window, first_window, fixed};
 
-/// This session's consumers and the window they were opened with. The window follows the sizes of
-/// the messages (`Budget::window`): the consumers are opened again, with the new `basic.qos`, when
-/// it should halve or double, and cancelled while the byte budget is spent (a paused source).
-struct Window {
-    queues: Vec<Arc<QueueState>>,
-    prefetch: u16,
-    paused: bool,
-    /// The window to open once the cancelled consumers' streams have ended (a resize).
-    reopen: Option<u16>,
-    /// Which consumers are open (`generation_tag`).
-    generation: u32,
-    /// Consumers cancelled here whose streams have not ended yet: their end is no loss, and no
-    /// consumer opens before it (what the old one was sent is handed over first, in order).
-    cancelled: std::collections::HashMap<Arc<str>, usize>,
-}
+#[path = "takeover.rs"]
+mod takeover;
+use takeover::{Grace, standby_schedule};
 
-impl Window {
-    async fn cancel(&mut self, channel: &Channel) -> Result<(), String> {
-        for q in &self.queues {
-            channel
-                .basic_cancel(generation_tag(&q.name, self.generation).as_str().into(), BasicCancelOptions::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            *self.cancelled.entry(q.name.clone()).or_default() += 1;
-        }
-        Ok(())
-    }
-
-    async fn open(
-        &mut self,
-        channel: &Channel,
-        prefetch: u16,
-        deliveries: &mut SelectAll<BoxStream<'static, Tagged>>,
-    ) -> Result<(), String> {
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
-        self.generation += 1;
-        for q in &self.queues {
-            deliveries.push(subscribe(channel, q, self.generation).await.map_err(|e| e.to_string())?);
-        }
-        self.prefetch = prefetch;
-        self.paused = false;
-        Ok(())
-    }
-
-    /// After a delivery: pause when the budget is spent, else resize when the sizes call for it.
-    async fn adjust(&mut self, channel: &Channel, budget: &Budget, configured: u16) -> Result<(), String> {
-        if self.paused || self.reopen.is_some() {
-            return Ok(());
-        }
-        if budget.spent() {
-            metrics::get().source_pauses.inc();
-            tracing::info!(
-                in_flight_bytes = budget.used(),
-                "pipeline.max_in_flight_bytes is spent: taking no more messages until some are settled"
-            );
-            self.cancel(channel).await?;
-            self.paused = true;
-            return Ok(());
-        }
-        let want = budget.window(configured);
-        if want < self.prefetch / 2 || want >= self.prefetch.saturating_mul(2) {
-            tracing::debug!(from = self.prefetch, to = want, "resizing the prefetch window to the message sizes");
-            self.cancel(channel).await?;
-            self.reopen = Some(want);
-        }
-        Ok(())
-    }
-
-    /// The end of a consumer's stream that this window cancelled.
-    fn expected_end(&mut self, queue: &str) -> bool {
-        match self.cancelled.get_mut(queue) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Every cancelled consumer's stream has ended.
-    fn quiet(&self) -> bool {
-        self.cancelled.values().all(|n| *n == 0)
-    }
-
-    /// A resize waiting for the old consumers' streams to end: now, if they have.
-    async fn resume_resize(
-        &mut self,
-        channel: &Channel,
-        deliveries: &mut SelectAll<BoxStream<'static, Tagged>>,
-    ) -> Result<(), String> {
-        if self.quiet()
-            && let Some(want) = self.reopen.take()
-        {
-            self.open(channel, want, deliveries).await?;
-        }
-        Ok(())
-    }
-}
-
-/// Hands deliveries over until told to stop (`Ok`) or the session fails (`Err`, why).
+/// Hands deliveries over until told to stop (`Ok`) or the session fails (`Err`, why); what waits
+/// out a takeover grace then is handed over too, never dropped.
 async fn consume(
+    consumer: &Consumer,
+    channel: &Channel,
+    deliveries: SelectAll<BoxStream<'static, Tagged>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let mut grace = Grace::new(&consumer.broker);
+    let ended = pump(consumer, channel, deliveries, stop, &mut grace).await;
+    grace.release_all(consumer);
+    ended
+}
+
+async fn pump(
     consumer: &Consumer,
     channel: &Channel,
     mut deliveries: SelectAll<BoxStream<'static, Tagged>>,
     stop: &mut watch::Receiver<bool>,
+    grace: &mut Grace,
 ) -> Result<(), String> {
     let (b, primary, standby) = (&consumer.broker, &consumer.primary, &consumer.standby);
     let budget = consumer.intake.budget().clone();
-    let standby_after = tokio::time::sleep(STANDBY_DELAY);
-    tokio::pin!(standby_after);
-    let mut standing_by = standby.is_empty();
-    let mut delivered: std::collections::HashSet<Arc<str>> = Default::default();
+    let started = tokio::time::Instant::now();
+    let schedule = standby_schedule(b, standby, STANDBY_DELAY);
+    let mut stood_by = 0;
     let mut window = Window {
+        fixed: fixed(consumer),
         queues: primary.clone(),
         prefetch: first_window(consumer),
         paused: false,
@@ -454,23 +382,17 @@ async fn consume(
         cancelled: Default::default(),
     };
     loop {
+        let standby_due = schedule.get(stood_by).map(|(after, _)| started + *after);
+        let grace_ends = grace.next_end();
         tokio::select! {
             // An instance with no queue of its own yet (a pure standby) waits for its standby turn.
-            next = deliveries.next(), if !deliveries.is_empty() => match next {
+            next = deliveries.next(), if !deliveries.is_empty() && window.taking() => match next {
                 Some((q, Some(Ok(d)))) => {
-                    // Only a shard queue's first delivery in this session is looked at.
-                    if b.topology == Topology::Sharded
-                        && !delivered.contains(&q.name)
-                        && delivered.insert(q.name.clone())
-                        && d.redelivered
-                    {
-                        // Another consumer had this queue and went away with writes perhaps still
-                        // in flight at the FHIR server: let them land before ours read and write.
-                        let grace = Duration::from_millis(b.takeover_grace_ms);
-                        tracing::info!(queue = %q.name, grace_ms = b.takeover_grace_ms, "taking over a shard queue; waiting for its previous consumer's writes to land");
-                        tokio::time::sleep(grace).await;
+                    let redelivered = d.redelivered;
+                    let r = consumer.receive(&q, d);
+                    if let Some(r) = grace.admit(&q, redelivered, r) {
+                        consumer.hand_over(r);
                     }
-                    consumer.handle(&q, d);
                     window.adjust(channel, &budget, b.prefetch).await?;
                 }
                 Some((_, Some(Err(e)))) => return Err(e.to_string()),
@@ -479,30 +401,35 @@ async fn consume(
                 None if window.paused || window.reopen.is_some() => {}
                 None => return Err("no consumer left".into()),
             },
-            _ = budget.room(), if window.paused && window.quiet() => {
-                let prefetch = budget.window(b.prefetch);
-                tracing::info!(in_flight_bytes = budget.used(), prefetch, "taking messages again");
-                window.open(channel, prefetch, &mut deliveries).await?;
+            _ = tokio::time::sleep_until(grace_ends.unwrap_or(started)), if grace_ends.is_some() => {
+                grace.release_ended(consumer);
             }
-            _ = &mut standby_after, if !standing_by && !window.paused && window.reopen.is_none() => {
-                standing_by = true;
-                for q in standby {
-                    match subscribe(channel, q, window.generation).await {
-                        Ok(s) => {
-                            deliveries.push(s);
-                            window.queues.push(q.clone());
-                        }
-                        Err(e) => tracing::warn!(queue = %q.name, error = %e, "cannot stand by on a shard queue"),
+            _ = budget.room(), if window.paused && window.quiet() => {
+                window.resume(channel, &budget, b.prefetch, &mut deliveries).await?;
+            }
+            _ = tokio::time::sleep_until(standby_due.unwrap_or(started)), if standby_due.is_some() && window.consuming() => {
+                let q = &schedule[stood_by].1;
+                stood_by += 1;
+                match subscribe(channel, q, window.generation).await {
+                    Ok(s) => {
+                        deliveries.push(s);
+                        window.queues.push(q.clone());
                     }
+                    Err(e) => tracing::warn!(queue = %q.name, error = %e, "cannot stand by on a shard queue"),
                 }
             }
             _ = stop.changed() => {
-                if !window.paused && window.reopen.is_none() {
+                if window.consuming() {
                     let _ = window.cancel(channel).await;
                 }
                 // Deliveries already on their way are processed, not left unacked.
+                // Behind what waits out a grace on the same queue: `consume` hands that over next.
                 while let Ok(Some((q, Some(Ok(d))))) = tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await {
-                    consumer.handle(&q, d);
+                    let redelivered = d.redelivered;
+                    let r = consumer.receive(&q, d);
+                    if let Some(r) = grace.admit(&q, redelivered, r) {
+                        consumer.hand_over(r);
+                    }
                 }
                 return Ok(());
             }
