@@ -16,7 +16,8 @@ pub struct EventHubs {
     /// to the Blob checkpoint store when it has no `blob_connection_string`.
     pub auth: EventHubsAuth,
     /// The fully qualified namespace, e.g. `myns.servicebus.windows.net` (`auth = "entra"` or
-    /// `"managed-identity"`).
+    /// `"managed-identity"`). Also the first part of the checkpoint store's keys (else the
+    /// connection string's host): set it to what a Microsoft processor sharing the store names.
     pub namespace: String,
     pub hub: String,
     pub consumer_group: String,
@@ -335,4 +336,59 @@ pub fn connection_string_part(cs: &str, key: &str) -> Option<String> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case(key))
         .map(|(_, v)| v.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(s: &EventHubs) -> String {
+        let mut p = Problems::default();
+        s.check(&mut p);
+        p.0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn the_blob_store_names_each_key_it_misses_and_hides_the_account_key() {
+        let base = EventHubs {
+            connection_string: "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=v"
+                .into(),
+            hub: "h".into(),
+            dead_letter_hub: "d".into(),
+            checkpoint_store: CheckpointStoreKind::Blob,
+            ..Default::default()
+        };
+        let msg = problems(&base);
+        assert!(msg.contains("eventhubs.blob_container"), "{msg}");
+        assert!(msg.contains("eventhubs.blob_connection_string: or eventhubs.blob_url is required"), "{msg}");
+        assert!(!msg.contains("checkpoint_postgres_url"), "PostgreSQL is not asked for: {msg}");
+
+        let url_without_token = EventHubs {
+            blob_url: "https://acct.blob.core.windows.net".into(),
+            blob_container: "checkpoints".into(),
+            ..base.clone()
+        };
+        assert!(problems(&url_without_token).contains("eventhubs.blob_url: is signed in to as the hub is"));
+        let managed = EventHubs {
+            auth: EventHubsAuth::ManagedIdentity,
+            namespace: "ns.servicebus.windows.net".into(),
+            ..url_without_token
+        };
+        assert_eq!(problems(&managed), "");
+
+        let bad_key = EventHubs {
+            blob_connection_string: "AccountName=acct;AccountKey=not base64!".into(),
+            blob_container: "checkpoints".into(),
+            blob_ca_file: "/nonexistent.pem".into(),
+            ..base
+        };
+        let msg = problems(&bad_key);
+        assert!(msg.contains("eventhubs.blob_connection_string: has an AccountKey that is not base64"), "{msg}");
+        assert!(msg.contains("eventhubs.blob_ca_file"), "{msg}");
+        assert!(!msg.contains("not base64!"), "the key itself is not shown: {msg}");
+        assert_eq!(
+            crate::problems::redact("AccountName=a;AccountKey=s3cret==;EndpointSuffix=x"),
+            "AccountName=a;AccountKey=***;EndpointSuffix=x"
+        );
+    }
 }
