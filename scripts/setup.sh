@@ -232,16 +232,64 @@ setup_postgres() {
 
 setup_eventhubs_peer() {
     command -v node >/dev/null 2>&1 || apt_install nodejs npm
-    if [[ -d "$ROOT/tests/eventhubs/node_modules/rhea" && -d "$ROOT/tests/eventhubs/node_modules/@azure/event-hubs" ]]; then
+    local m="$ROOT/tests/eventhubs/node_modules"
+    if [[ -d "$m/rhea" && -d "$m/@azure/event-hubs" && -d "$m/@azure/eventhubs-checkpointstore-blob" && -d "$m/azurite" ]]; then
         log "Event Hubs test peer's packages already installed"
     else
-        log "npm ci in tests/eventhubs (rhea, @azure/event-hubs)"
+        log "npm ci in tests/eventhubs (rhea, @azure/event-hubs, @azure/eventhubs-checkpointstore-blob, azurite)"
         (cd "$ROOT/tests/eventhubs" && npm ci --silent --no-audit --no-fund) || die "npm ci in tests/eventhubs failed"
     fi
     log "proving the Event Hubs test peer against @azure/event-hubs"
     (cd "$ROOT" && node tests/eventhubs/prove.mjs) || die "the Event Hubs test peer failed against Microsoft's client (tests/eventhubs/prove.mjs)"
 }
 
+
+# ---------------------------------------------------------------- Azurite
+# The Blob checkpoint store's tests (tests/eventhubs.rs, blob_*) run against Azurite, Microsoft's
+# Storage emulator (npm azurite, installed with the test peer's packages), as two blob services:
+# plain HTTP with Shared Key on 127.0.0.1:10000 (the well-known development account), and HTTPS
+# with the test CA's server certificate and bearer tokens (--oauth basic: Azurite checks a token's
+# issuer, audience and times, not its signature) on 127.0.0.1:10100, for managed identity and a
+# custom CA. Like stunnel, one per machine (fixed ports), kept in $AZURITE_DIR.
+AZURITE_DIR="${IOMT_TEST_AZURITE_DIR:-/var/lib/iomt-connector-test/azurite}"
+AZURITE_PORT=10000
+AZURITE_TLS_PORT=10100
+
+# azurite_is_up PORT SCHEME: Azurite's blob service answers there (its Server header says so).
+azurite_is_up() {
+    curl -s -o /dev/null -D - --max-time 5 ${3:-} "$2://127.0.0.1:$1/devstoreaccount1?comp=list" 2>/dev/null \
+        | grep -qi '^server: Azurite-Blob'
+}
+
+# start_azurite NAME PORT SCHEME [azurite-blob options]: one blob service, unless it answers.
+start_azurite() {
+    local name="$1" port="$2" scheme="$3"; shift 3
+    local curl_ca=""
+    [[ "$scheme" == https ]] && curl_ca="--cacert $TLS_DIR/ca.pem"
+    if azurite_is_up "$port" "$scheme" "$curl_ca"; then
+        log "Azurite ($name) already answering on $scheme://127.0.0.1:$port"
+        return 0
+    fi
+    port_open 127.0.0.1 "$port" && die "127.0.0.1:$port is taken by something that is not Azurite's blob service over $scheme"
+    local dir="$AZURITE_DIR/$name"
+    mkdir -p "$dir"
+    log "starting Azurite ($name) on $scheme://127.0.0.1:$port"
+    # setsid: it outlives this script (and a CI run's shell), as the other test services do.
+    setsid "$ROOT/tests/eventhubs/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$port" \
+        --location "$dir" --skipApiVersionCheck --loose --silent "$@" >"$dir/azurite.log" 2>&1 < /dev/null &
+    local deadline=$((SECONDS + 30))
+    until azurite_is_up "$port" "$scheme" "$curl_ca"; do
+        (( SECONDS < deadline )) || { tail -n 20 "$dir/azurite.log" >&2; die "Azurite ($name) did not answer on $scheme://127.0.0.1:$port"; }
+        sleep 0.5
+    done
+}
+
+setup_azurite() {
+    command -v curl >/dev/null 2>&1 || apt_install curl
+    [[ -x "$ROOT/tests/eventhubs/node_modules/.bin/azurite-blob" ]] || die "azurite is not installed in tests/eventhubs (npm ci there)"
+    start_azurite http "$AZURITE_PORT" http
+    start_azurite https "$AZURITE_TLS_PORT" https --oauth basic --cert "$TLS_DIR/server.pem" --key "$TLS_DIR/server.key"
+}
 
 # ---------------------------------------------------------------- TLS
 # The TLS tests (tests/tls.rs) need a CA of their own: RabbitMQ's TLS listener and the Event Hubs
@@ -493,6 +541,7 @@ setup_browser
 setup_postgres
 setup_eventhubs_peer
 setup_eventhubs_tls
+setup_azurite
 
 if [[ $BUILD -eq 1 ]]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found (install a Rust toolchain, or pass --no-build)"

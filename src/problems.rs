@@ -42,7 +42,7 @@ pub fn redact(text: &str) -> String {
         }
         None => text.to_string(),
     };
-    for key in ["SharedAccessKey=", "SharedAccessSignature="] {
+    for key in ["SharedAccessKey=", "SharedAccessSignature=", "AccountKey="] {
         let lower = out.to_ascii_lowercase();
         if let Some(i) = lower.find(&key.to_ascii_lowercase()) {
             let from = i + key.len();

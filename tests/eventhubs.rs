@@ -439,6 +439,11 @@ async fn an_iot_hub_routed_event_normalizes_with_an_unchanged_iot_template_and_b
 /// A Microsoft Entra token endpoint stand-in: answers every client-credentials request with a
 /// token and keeps the request bodies.
 fn token_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    stand_in(r#"{"token_type":"Bearer","expires_in":3600,"access_token":"entra-test-token"}"#.into())
+}
+
+/// A token endpoint stand-in: answers every request with `body` and keeps the requests.
+fn stand_in(body: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     let url = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
@@ -453,7 +458,6 @@ fn token_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
             if let Ok(mut l) = log.lock() {
                 l.push(req);
             }
-            let body = r#"{"token_type":"Bearer","expires_in":3600,"access_token":"entra-test-token"}"#;
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -725,4 +729,223 @@ async fn the_connector_reads_a_hub_reached_as_a_namespace_over_tls_and_checkpoin
     }
     assert_eq!(read(&refused).await, 0.0, "nothing read through an untrusted connection");
     drop(one);
+}
+
+// ------------------------------------------------------------------ the Blob checkpoint store
+// Azurite, started by scripts/setup.sh (setup_azurite): Shared Key over HTTP on 10000, bearer
+// tokens over HTTPS (the test CA's certificate) on 10100.
+
+const AZURITE: &str = "127.0.0.1:10000";
+const AZURITE_TLS: &str = "127.0.0.1:10100";
+/// Azurite's well-known development account, as a connection string.
+const AZURITE_STORAGE: &str = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;";
+
+fn require_azurite(addr: &str) {
+    assert!(
+        std::net::TcpStream::connect(addr).is_ok(),
+        "Azurite is not answering on {addr}: run scripts/setup.sh (setup_azurite starts it)"
+    );
+}
+
+/// A container name of the run's own (3-63 of a-z, 0-9 and single hyphens).
+fn container_of(run: &str) -> String {
+    let c: String = run.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    c.chars().take(63).collect::<String>().trim_matches('-').to_string()
+}
+
+/// The connector's environment for the Blob store: Microsoft's JS client sees the peer's namespace
+/// as `127.0.0.1` (the host of `sb://127.0.0.1:PORT`), so the connector is told the same.
+fn blob_env(peer: &Peer, hub: &str, instance: &str, container: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = peer.env(hub, instance).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    env.retain(|(k, _)| k != "IOMT_EVENTHUBS__CHECKPOINT_POSTGRES_URL");
+    for (k, v) in [
+        ("IOMT_EVENTHUBS__CHECKPOINT_STORE", "blob"),
+        ("IOMT_EVENTHUBS__BLOB_CONNECTION_STRING", AZURITE_STORAGE),
+        ("IOMT_EVENTHUBS__BLOB_CONTAINER", container),
+        ("IOMT_EVENTHUBS__NAMESPACE", "127.0.0.1"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    env
+}
+
+/// What Microsoft's processor (tests/eventhubs/processor.mjs) listed and processed.
+#[derive(Debug, serde::Deserialize)]
+struct Processed {
+    namespace: String,
+    checkpoints: Vec<Value>,
+    ownerships: Vec<Value>,
+    events: Vec<Value>,
+}
+
+/// Runs Microsoft's processor over `hub` in `container`; `args` as processor.mjs takes them.
+async fn microsoft_processor(peer: &Peer, hub: &str, container: &str, args: &[&str]) -> Processed {
+    let out = Command::new("node")
+        .arg(services::repo_path("tests/eventhubs/processor.mjs"))
+        .args(["--port", &peer.port.to_string(), "--hub", hub, "--storage", AZURITE_STORAGE, "--container", container])
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run node: {e}; run scripts/setup.sh"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "processor.mjs failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("processor.mjs printed {stdout}: {e}"))
+}
+
+/// Sends `msgs` without a partition key: the peer deals them round robin over the partitions.
+async fn send_round_robin(peer: &Peer, hub: &str, msgs: &[Vec<u8>]) {
+    let mut p = HubPublisher::connect(&peer.settings(), hub, 200).await.unwrap_or_else(|e| panic!("{e}"));
+    for m in msgs {
+        p.send(m, None).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    p.flush().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn sequence_numbers(events: &[Value], partition: &str) -> Vec<i64> {
+    events.iter().filter(|e| e["partition"] == partition).filter_map(|e| e["sequenceNumber"].as_i64()).collect()
+}
+
+/// Microsoft's processor and the connector, one consumer group and one container: each starts
+/// where the other checkpointed, and `start_position` (here the time the connector starts: an
+/// enqueued time, so that a partition claimed late still reads what came after it) applies only
+/// to partitions neither checkpointed.
+#[tokio::test]
+async fn blob_checkpoints_are_shared_with_microsofts_event_processor_both_ways() {
+    require_azurite(AZURITE);
+    let (_one, peer, run, system) = begin("ehblob").await;
+    let (hub, container) = (run.clone(), container_of(&run));
+    send(&peer, &hub, &bodies(&run, 8, 5, &[Vital::HeartRate])).await;
+    let n = peer.enqueued(&hub).await;
+    assert!(n[0] >= 4 && n[1] >= 4, "the first two partitions hold 4 events each at least: {n:?}");
+
+    // Microsoft's processor takes the first 4 events of partitions 0 and 1 and checkpoints them.
+    let first = microsoft_processor(&peer, &hub, &container, &["--upto", "4", "--only", "0,1"]).await;
+    assert_eq!(first.namespace, "127.0.0.1");
+    assert_eq!(first.events.len(), 8, "{:?}", first.events);
+
+    // The connector goes on after them on 0 and 1; 2 and 3 have no checkpoint: from now on.
+    let setup = Setup::new("unused", "Create", &system);
+    let mut env = Connector::env_for(&setup);
+    env.extend(blob_env(&peer, &hub, "connector", &container));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    env.push(("IOMT_EVENTHUBS__START_POSITION".into(), now));
+    let mut c = Connector::start_env(env).await;
+    let after_microsoft = (n[0] - 4 + n[1] - 4) as f64;
+    c.wait_acked(after_microsoft, Duration::from_secs(60)).await;
+    let more = bodies(&format!("{run}-more"), 4, 5, &[Vital::HeartRate]);
+    send_round_robin(&peer, &hub, &more).await;
+    c.wait_acked(after_microsoft + more.len() as f64, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        read(&c).await,
+        after_microsoft + more.len() as f64,
+        "nothing read twice, nothing before start_position"
+    );
+    c.signal("TERM");
+    assert_eq!(c.wait(Duration::from_secs(30)).await, Some(0), "{}", c.log());
+
+    // Microsoft's processor lists the connector's checkpoints and released ownerships, and reads
+    // only what came after them.
+    let ends = peer.enqueued(&hub).await;
+    let last = bodies(&format!("{run}-last"), 4, 3, &[Vital::HeartRate]);
+    send_round_robin(&peer, &hub, &last).await;
+    let second = microsoft_processor(&peer, &hub, &container, &[]).await;
+    let mut listed: Vec<(String, i64)> = second
+        .checkpoints
+        .iter()
+        .map(|c| (c["partitionId"].as_str().unwrap_or("").to_string(), c["sequenceNumber"].as_i64().unwrap_or(-1)))
+        .collect();
+    listed.sort();
+    let expected: Vec<(String, i64)> = ends.iter().enumerate().map(|(p, e)| (p.to_string(), e - 1)).collect();
+    assert_eq!(listed, expected, "the connector checkpointed every partition at its last event, as Microsoft reads it");
+    assert_eq!(second.ownerships.len(), PARTITIONS, "{:?}", second.ownerships);
+    assert!(second.ownerships.iter().all(|o| o["ownerId"] == ""), "released: {:?}", second.ownerships);
+    assert_eq!(second.events.len(), last.len(), "{:?}", second.events);
+    for (p, end) in ends.iter().enumerate() {
+        let seqs = sequence_numbers(&second.events, &p.to_string());
+        assert!(seqs.first().is_none_or(|s| s == end), "partition {p} resumed at {seqs:?}, after {}", end - 1);
+    }
+    println!(
+        "Microsoft's processor read {} events, the connector the next {}, Microsoft's the last {}",
+        first.events.len(),
+        after_microsoft as usize + more.len(),
+        second.events.len()
+    );
+}
+
+/// A managed identity endpoint stand-in (IMDS or App Service's): every answer a token that both
+/// the test peer and Azurite take. Azurite (`--oauth basic`) checks a token's issuer, audience
+/// and times, not its signature.
+fn identity_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use base64::Engine;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"aud": "https://storage.azure.com", "iss": "https://sts.windows.net/tenant-1/",
+        "iat": now - 60, "nbf": now - 60, "exp": now + 3600, "oid": "managed-identity-test"});
+    let jwt = format!("{}.{}.c2lnbmF0dXJl", b64(json!({"alg": "RS256", "typ": "JWT"})), b64(claims));
+    let on = now + 3600;
+    stand_in(format!(r#"{{"access_token":"{jwt}","expires_in":"3600","expires_on":"{on}","token_type":"Bearer"}}"#))
+}
+
+/// Whether a request of `requests` starts with `line` and carries `header` (lower-cased).
+fn asked(requests: &[String], line: &str, header: &str) -> bool {
+    requests.iter().any(|r| r.starts_with(line) && r.to_ascii_lowercase().contains(header))
+}
+
+/// `auth = "managed-identity"` signs in to the hub and to the Blob store, the latter Azurite over
+/// HTTPS with the test CA (`blob_ca_file`) and bearer tokens: first through the instance metadata
+/// endpoint (`Metadata: true`), then through App Service's `IDENTITY_ENDPOINT` and
+/// `IDENTITY_HEADER`; the second connector starts after the first one's checkpoints.
+#[tokio::test]
+async fn managed_identity_signs_in_to_the_hub_and_to_the_blob_store_over_https() {
+    require_azurite(AZURITE_TLS);
+    let ca = services::tls_dir().join("ca.pem");
+    assert!(ca.is_file(), "{} is missing: run scripts/setup.sh", ca.display());
+    let (_one, peer, run, system) = begin("ehmsi").await;
+    let hub = run.clone();
+    let (endpoint, requests) = identity_endpoint();
+    let setup = Setup::new("unused", "Create", &system);
+    let mut env = Connector::env_for(&setup);
+    env.extend(peer.env(&hub, "msi").into_iter().map(|(k, v)| (k.to_string(), v)));
+    env.retain(|(k, _)| k != "IOMT_EVENTHUBS__CONNECTION_STRING" && k != "IOMT_EVENTHUBS__CHECKPOINT_POSTGRES_URL");
+    for (k, v) in [
+        ("IOMT_EVENTHUBS__AUTH", "managed-identity".to_string()),
+        ("IOMT_EVENTHUBS__NAMESPACE", format!("127.0.0.1:{}", peer.port)),
+        ("IOMT_EVENTHUBS__CHECKPOINT_STORE", "blob".into()),
+        ("IOMT_EVENTHUBS__BLOB_URL", format!("https://{AZURITE_TLS}/devstoreaccount1")),
+        ("IOMT_EVENTHUBS__BLOB_CONTAINER", container_of(&run)),
+        ("IOMT_EVENTHUBS__BLOB_CA_FILE", ca.display().to_string()),
+    ] {
+        env.push((k.to_string(), v));
+    }
+    let mut imds = env.clone();
+    imds.push(("IOMT_EVENTHUBS__IMDS_ENDPOINT".into(), format!("{endpoint}/metadata/identity/oauth2/token")));
+    let msgs = bodies(&run, 2, 3, &[Vital::HeartRate]);
+    send(&peer, &hub, &msgs).await;
+    let mut c = Connector::start_env(imds).await;
+    c.wait_acked(msgs.len() as f64, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.signal("TERM");
+    assert_eq!(c.wait(Duration::from_secs(30)).await, Some(0), "{}", c.log());
+    let seen = requests.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+    let imds_line = "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2F";
+    assert!(asked(&seen, &format!("{imds_line}eventhubs.azure.net "), "metadata: true"), "{seen:?}");
+    assert!(asked(&seen, &format!("{imds_line}storage.azure.com "), "metadata: true"), "{seen:?}");
+
+    // App Service's variables win over the instance metadata endpoint, here one nobody answers.
+    let more = bodies(&format!("{run}-more"), 2, 2, &[Vital::HeartRate]);
+    send(&peer, &hub, &more).await;
+    let mut app = env.clone();
+    app.push(("IOMT_EVENTHUBS__IMDS_ENDPOINT".into(), format!("http://127.0.0.1:{}/nobody", free_port())));
+    app.push(("IDENTITY_ENDPOINT".into(), format!("{endpoint}/msi/token")));
+    app.push(("IDENTITY_HEADER".into(), "header-secret".into()));
+    let c2 = Connector::start_env(app).await;
+    c2.wait_acked(more.len() as f64, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(read(&c2).await, more.len() as f64, "the second started after the first one's checkpoints");
+    let seen = requests.lock().map(|r| r.clone()).unwrap_or_default();
+    let app_line = "GET /msi/token?api-version=2019-08-01&resource=https%3A%2F%2F";
+    assert!(asked(&seen, &format!("{app_line}eventhubs.azure.net "), "x-identity-header: header-secret"), "{seen:?}");
+    assert!(asked(&seen, &format!("{app_line}storage.azure.com "), "x-identity-header: header-secret"), "{seen:?}");
 }

@@ -15,7 +15,7 @@ pub mod ordered;
 pub mod rabbitmq;
 pub mod registry;
 
-pub use eventhubs::settings::{EventHubs, EventHubsAuth, StartAt, connection_string_part};
+pub use eventhubs::settings::{CheckpointStoreKind, EventHubs, EventHubsAuth, StartAt, connection_string_part};
 pub use rabbitmq::settings::{Broker, QueueType, Topology};
 
 use crate::metrics;

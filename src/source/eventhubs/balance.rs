@@ -19,6 +19,9 @@ pub struct Ownership {
     pub version: i64,
     /// Since the owner last renewed it, by the store's clock (instances' clocks may disagree).
     pub age: Duration,
+    /// The Blob store's ETag of the ownership blob, which a claim is conditioned on (PostgreSQL
+    /// conditions on `version`).
+    pub etag: Option<String>,
 }
 
 /// A partition to claim, and the version of its row to claim it from (0: no row yet).
@@ -29,6 +32,8 @@ pub struct Claim {
     /// Nobody held it (never owned, released, or its owner stopped renewing): claiming it takes
     /// nothing from another instance.
     pub free: bool,
+    /// The ETag of the row seen (the Blob store); `None`: no blob yet, or PostgreSQL.
+    pub etag: Option<String>,
 }
 
 /// The partition `me` should claim now, if any. `partitions` are the hub's partition ids.
@@ -51,7 +56,8 @@ pub fn next_claim(me: &str, partitions: &[String], rows: &[Ownership], expiry: D
     // Free partitions first: never owned, released, or their owner stopped renewing.
     let free = partitions.iter().find(|p| row(p).is_none_or(|r| !live(r)));
     if let Some(p) = free {
-        return Some(Claim { partition: p.clone(), version: row(p).map_or(0, |r| r.version), free: true });
+        let (version, etag) = row(p).map_or((0, None), |r| (r.version, r.etag.clone()));
+        return Some(Claim { partition: p.clone(), version, free: true, etag });
     }
     // None free: take one from the busiest instance, when it holds more than its share. With a
     // remainder some instances rightly hold `ceil`; only below `floor` may we take from those.
@@ -62,7 +68,7 @@ pub fn next_claim(me: &str, partitions: &[String], rows: &[Ownership], expiry: D
         return None;
     }
     let r = busiest.iter().min_by(|a, b| a.partition.cmp(&b.partition))?;
-    Some(Claim { partition: r.partition.clone(), version: r.version, free: false })
+    Some(Claim { partition: r.partition.clone(), version: r.version, free: false, etag: r.etag.clone() })
 }
 
 #[cfg(test)]
@@ -74,7 +80,13 @@ mod tests {
     }
 
     fn own(p: usize, owner: &str, age_s: u64) -> Ownership {
-        Ownership { partition: p.to_string(), owner: owner.into(), version: 3, age: Duration::from_secs(age_s) }
+        Ownership {
+            partition: p.to_string(),
+            owner: owner.into(),
+            version: 3,
+            age: Duration::from_secs(age_s),
+            etag: None,
+        }
     }
 
     const EXPIRY: Duration = Duration::from_secs(30);
@@ -91,6 +103,7 @@ mod tests {
                         owner: me.to_string(),
                         version: c.version + 1,
                         age: Duration::ZERO,
+                        etag: None,
                     });
                     claimed = true;
                 }
@@ -129,7 +142,7 @@ mod tests {
     fn a_dead_instances_partitions_are_taken_once_its_ownership_expires() {
         let rows = vec![own(0, "a", 1), own(1, "a", 1), own(2, "dead", 31), own(3, "dead", 31)];
         let c = next_claim("a", &parts(4), &rows, EXPIRY);
-        assert_eq!(c, Some(Claim { partition: "2".into(), version: 3, free: true }));
+        assert_eq!(c, Some(Claim { partition: "2".into(), version: 3, free: true, etag: None }));
         let fresh = vec![own(0, "a", 1), own(1, "a", 1), own(2, "b", 29), own(3, "b", 29)];
         assert_eq!(next_claim("a", &parts(4), &fresh, EXPIRY), None, "not before expiry");
     }
@@ -139,7 +152,7 @@ mod tests {
         let all_a: Vec<Ownership> = (0..4).map(|p| own(p, "a", 1)).collect();
         assert_eq!(
             next_claim("b", &parts(4), &all_a, EXPIRY),
-            Some(Claim { partition: "0".into(), version: 3, free: false })
+            Some(Claim { partition: "0".into(), version: 3, free: false, etag: None })
         );
     }
 
@@ -148,7 +161,7 @@ mod tests {
         let rows = vec![own(0, "a", 1), own(1, "", 0)];
         assert_eq!(
             next_claim("a", &parts(2), &rows, EXPIRY),
-            Some(Claim { partition: "1".into(), version: 3, free: true })
+            Some(Claim { partition: "1".into(), version: 3, free: true, etag: None })
         );
     }
 }

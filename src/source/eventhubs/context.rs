@@ -2,7 +2,7 @@
 //! checkpoint store, and the partitions owned.
 
 use super::settings::EventHubs;
-use super::store::PgStore;
+use super::store::CheckpointStore;
 use crate::source::Intake;
 use crate::status::PartitionState;
 use azure_messaging_eventhubs::{ConsumerClient, ProducerClient};
@@ -40,7 +40,7 @@ pub(super) struct Ctx {
     pub(super) me: String,
     pub(super) consumer: ConsumerClient,
     pub(super) dead_letters: ProducerClient,
-    pub(super) store: PgStore,
+    pub(super) store: Box<dyn CheckpointStore>,
     pub(super) intake: Arc<dyn Intake>,
     /// The partitions this instance owns, as `/actors` shows them.
     pub(super) partitions: Arc<Partitions>,

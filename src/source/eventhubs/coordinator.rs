@@ -5,7 +5,7 @@ use super::client::{consumer, producer};
 use super::context::{Ctx, Partitions, Phase};
 use super::reader::read_partition;
 use super::settings::EventHubs;
-use super::store::{PgStore, Scope};
+use super::store::{self, Scope};
 use super::{EventHubsError, balance, hub_error};
 use crate::metrics;
 use crate::source::Intake;
@@ -68,7 +68,7 @@ async fn connect(
 ) -> Result<(Ctx, Vec<String>), EventHubsError> {
     let hub = s.hub_name();
     let scope = Scope { namespace: s.namespace_host(), hub: hub.clone(), consumer_group: s.consumer_group.clone() };
-    let store = PgStore::open(&s.checkpoint_postgres_url, scope).await?;
+    let store = store::open(s, scope).await?;
     let consumer = consumer(s, &hub).await?;
     let props = consumer.get_eventhub_properties().await.map_err(|e| hub_error(&hub, e))?;
     let dead_letters = producer(s, &s.dead_letter_hub).await?;

@@ -100,18 +100,12 @@ impl HubLetters {
                 message: "is not set: name the event hub the connector sends its dead letters to",
             });
         }
-        if s.checkpoint_postgres_url.is_empty() {
-            return Err(LettersError::Setting {
-                key: "eventhubs.checkpoint_postgres_url",
-                message: "is not set: the redriven dead letters are recorded in the connector's PostgreSQL checkpoint store",
-            });
-        }
         let dead_letter_hub = s.dead_letter_hub.clone();
         let dead = |e: &dyn std::fmt::Display| LettersError::DeadLetterHub {
             hub: dead_letter_hub.clone(),
             message: e.to_string(),
         };
-        let redriven = Redriven::open(&s.checkpoint_postgres_url, &s.namespace_host(), &dead_letter_hub).await?;
+        let redriven = Redriven::open(s, &dead_letter_hub).await?;
         let reading = EventHubs { consumer_group: CONSUMER_GROUP.into(), ..s.clone() };
         let consumer = consumer(&reading, &dead_letter_hub).await.map_err(|e| dead(&detail(e)))?;
         let props = consumer.get_eventhub_properties().await.map_err(|e| dead(&e))?;

@@ -3,19 +3,23 @@
 //! checkpoints, and dead letters sent to a dead-letter hub. No Event Hubs type leaves this module.
 //!
 //! Every instance runs one coordinator. Each balancing round it renews what it owns, then claims
-//! at most one partition (`balance::next_claim`) in the PostgreSQL store (`store`). For each partition
-//! it owns, a reader opens a receiver with the ownership's version as its owner level (epoch), so
-//! the service cuts off a previous owner that has not noticed yet. The reader hands events to the
+//! at most one partition (`balance::next_claim`) in the checkpoint store (`store`: PostgreSQL, or
+//! Azure Blob Storage in the layout Microsoft's own processors use and share, `blobstore`). For
+//! each partition it owns, a reader opens a receiver with the ownership's version as its owner
+//! level (epoch), so the service cuts off a previous owner that has not noticed yet. The reader hands events to the
 //! pipeline, pauses when `max_in_flight` are unsettled (the held-messages rule of a FHIR outage),
 //! and moves the checkpoint only past events that are persisted or dead-lettered (`book`).
 
 mod balance;
+mod blob;
+mod blobstore;
 mod book;
 mod client;
 mod context;
 mod coordinator;
 mod deadletters;
 mod envelope;
+mod identity;
 mod publisher;
 mod reader;
 pub mod settings;

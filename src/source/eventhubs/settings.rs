@@ -11,9 +11,13 @@ pub struct EventHubs {
     /// `Endpoint=sb://NAMESPACE.servicebus.windows.net/;SharedAccessKeyName=…;SharedAccessKey=…;EntityPath=HUB`
     /// (the hub may be given as `hub` instead). For `auth = "connection-string"`.
     pub connection_string: String,
-    /// `connection-string` (SAS) or `entra` (Microsoft Entra client credentials).
+    /// `connection-string` (SAS), `entra` (Microsoft Entra client credentials) or
+    /// `managed-identity` (the machine's managed identity). Entra and managed identity also sign in
+    /// to the Blob checkpoint store when it has no `blob_connection_string`.
     pub auth: EventHubsAuth,
-    /// The fully qualified namespace, e.g. `myns.servicebus.windows.net` (`auth = "entra"`).
+    /// The fully qualified namespace, e.g. `myns.servicebus.windows.net` (`auth = "entra"` or
+    /// `"managed-identity"`). Also the first part of the checkpoint store's keys (else the
+    /// connection string's host): set it to what a Microsoft processor sharing the store names.
     pub namespace: String,
     pub hub: String,
     pub consumer_group: String,
@@ -23,12 +27,34 @@ pub struct EventHubs {
     pub client_secret: String,
     /// Where Entra tokens come from; another authority (a sovereign cloud) may be set here.
     pub authority_host: String,
+    /// `auth = "managed-identity"`: a user-assigned identity's client id; empty: the system-assigned one.
+    pub managed_identity_client_id: String,
+    /// `auth = "managed-identity"`: the instance metadata token endpoint. App Service and Container
+    /// Apps set `IDENTITY_ENDPOINT` and `IDENTITY_HEADER`, which are used instead when present.
+    pub imds_endpoint: String,
     /// Talk to this AMQP address instead of the namespace's (`amqp://host:port`: plain AMQP, as the
     /// Event Hubs emulator and the test peer speak; `amqps://` for a gateway).
     pub custom_endpoint: String,
-    /// The checkpoint store: a PostgreSQL connection string (`host=… user=… dbname=…` or a
+    /// Where ownership and checkpoints live: `postgres` (`checkpoint_postgres_url`) or `blob` (Azure
+    /// Blob Storage in the layout of the Azure SDKs' event processors: `blob_container` and
+    /// `blob_connection_string` or `blob_url`).
+    pub checkpoint_store: CheckpointStoreKind,
+    /// `checkpoint_store = "postgres"`: a PostgreSQL connection string (`host=… user=… dbname=…` or a
     /// `postgres://` URL). Ownership and checkpoints of every instance of the consumer group live there.
     pub checkpoint_postgres_url: String,
+    /// `checkpoint_store = "blob"`: the storage account's connection string (Shared Key:
+    /// `AccountName=…;AccountKey=…` with `BlobEndpoint=` or `EndpointSuffix=`). Empty: `blob_url`
+    /// with the hub's sign-in (`auth = "entra"` or `"managed-identity"`).
+    pub blob_connection_string: String,
+    /// `checkpoint_store = "blob"`: the account's blob endpoint, e.g.
+    /// `https://myaccount.blob.core.windows.net`, signed in to as the hub is.
+    pub blob_url: String,
+    /// The container the checkpoints and ownership blobs are in (made if missing): the one the
+    /// Azure SDK processor of the same consumer group uses, to share its checkpoints.
+    pub blob_container: String,
+    /// A PEM file of CAs the Blob endpoint's certificate may chain to, in addition to the
+    /// system's (an emulator or a TLS-inspecting proxy).
+    pub blob_ca_file: String,
     /// Where a partition without a checkpoint starts: `earliest`, `latest`, or an enqueued time
     /// (RFC 3339, e.g. `2026-11-24T00:00:00Z`).
     pub start_position: String,
@@ -63,8 +89,15 @@ impl Default for EventHubs {
             client_id: String::new(),
             client_secret: String::new(),
             authority_host: "https://login.microsoftonline.com".into(),
+            managed_identity_client_id: String::new(),
+            imds_endpoint: IMDS_ENDPOINT.into(),
             custom_endpoint: String::new(),
+            checkpoint_store: CheckpointStoreKind::Postgres,
             checkpoint_postgres_url: String::new(),
+            blob_connection_string: String::new(),
+            blob_url: String::new(),
+            blob_container: String::new(),
+            blob_ca_file: String::new(),
             start_position: "earliest".into(),
             instance_id: String::new(),
             ownership_expiry_secs: 30,
@@ -82,6 +115,19 @@ pub enum EventHubsAuth {
     #[default]
     ConnectionString,
     Entra,
+    ManagedIdentity,
+}
+
+/// Azure's instance metadata service: the managed identity token endpoint of a virtual machine,
+/// scale set or AKS node.
+pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointStoreKind {
+    #[default]
+    Postgres,
+    Blob,
 }
 
 impl EventHubs {
@@ -118,14 +164,7 @@ impl EventHubs {
                 format!("'{}' is not an amqp:// or amqps:// address", redact(&self.custom_endpoint)),
             );
         }
-        if self.checkpoint_postgres_url.is_empty() {
-            p.bad(
-                "eventhubs.checkpoint_postgres_url",
-                "is required: ownership and checkpoints are kept in PostgreSQL (e.g. host=127.0.0.1 user=postgres dbname=iomt)",
-            );
-        } else if self.checkpoint_postgres_url.parse::<tokio_postgres::Config>().is_err() {
-            p.bad("eventhubs.checkpoint_postgres_url", "is not a PostgreSQL connection string");
-        }
+        self.check_store(p);
         if self.start_position().is_none() {
             p.bad(
                 "eventhubs.start_position",
@@ -157,6 +196,64 @@ impl EventHubs {
         }
         if self.max_in_flight == 0 {
             p.bad("eventhubs.max_in_flight", "must be at least 1");
+        }
+    }
+
+    /// The checkpoint store `checkpoint_store` names, and what it needs.
+    fn check_store(&self, p: &mut Problems) {
+        match self.checkpoint_store {
+            CheckpointStoreKind::Postgres => {
+                if self.checkpoint_postgres_url.is_empty() {
+                    p.bad(
+                        "eventhubs.checkpoint_postgres_url",
+                        "is required: ownership and checkpoints are kept in PostgreSQL (e.g. host=127.0.0.1 user=postgres dbname=iomt), \
+                         or set eventhubs.checkpoint_store = \"blob\"",
+                    );
+                } else if self.checkpoint_postgres_url.parse::<tokio_postgres::Config>().is_err() {
+                    p.bad("eventhubs.checkpoint_postgres_url", "is not a PostgreSQL connection string");
+                }
+            }
+            CheckpointStoreKind::Blob => self.check_blob(p),
+        }
+    }
+
+    /// `checkpoint_store = "blob"`: a container, and an account reached by a key or by the hub's sign-in.
+    fn check_blob(&self, p: &mut Problems) {
+        if !valid_container(&self.blob_container) {
+            p.bad(
+                "eventhubs.blob_container",
+                format!(
+                    "'{}' is not a container name (3 to 63 lower-case letters, digits and single hyphens); \
+                     it is required with eventhubs.checkpoint_store = \"blob\"",
+                    self.blob_container
+                ),
+            );
+        }
+        if !self.blob_connection_string.is_empty() {
+            if let Err(e) = super::blob::Account::from_connection_string(&self.blob_connection_string) {
+                p.bad("eventhubs.blob_connection_string", e);
+            }
+        } else if self.blob_url.is_empty() {
+            p.bad(
+                "eventhubs.blob_connection_string",
+                "or eventhubs.blob_url is required with eventhubs.checkpoint_store = \"blob\"",
+            );
+        } else if !(self.blob_url.starts_with("https://") || self.blob_url.starts_with("http://"))
+            || reqwest::Url::parse(&self.blob_url).is_err()
+        {
+            p.bad("eventhubs.blob_url", format!("'{}' is not an http(s):// URL", redact(&self.blob_url)));
+        } else if self.auth == EventHubsAuth::ConnectionString {
+            p.bad(
+                "eventhubs.blob_url",
+                "is signed in to as the hub is, and eventhubs.auth = \"connection-string\" has no token: \
+                 give eventhubs.blob_connection_string, or use auth = \"entra\" or \"managed-identity\"",
+            );
+        }
+        if !self.blob_ca_file.is_empty() && super::blob::read_ca(&self.blob_ca_file).is_err() {
+            p.bad(
+                "eventhubs.blob_ca_file",
+                format!("'{}' is not a readable PEM file with a certificate", self.blob_ca_file),
+            );
         }
     }
 
@@ -194,6 +291,14 @@ impl EventHubs {
                     p.bad("eventhubs.authority_host", format!("'{}' is not a URL", self.authority_host));
                 }
             }
+            EventHubsAuth::ManagedIdentity => {
+                if self.namespace.is_empty() {
+                    p.bad("eventhubs.namespace", "is required when eventhubs.auth = \"managed-identity\"");
+                }
+                if reqwest::Url::parse(&self.imds_endpoint).is_err() {
+                    p.bad("eventhubs.imds_endpoint", format!("'{}' is not a URL", self.imds_endpoint));
+                }
+            }
         }
     }
 
@@ -215,10 +320,75 @@ pub enum StartAt {
     Enqueued(chrono::DateTime<chrono::Utc>),
 }
 
+/// A Blob Storage container name: 3 to 63 of `a-z0-9-`, starting and ending with a letter or
+/// digit, no double hyphen.
+fn valid_container(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
 /// `Key=value` from a `;`-separated connection string (keys compared without case, as Azure does).
 pub fn connection_string_part(cs: &str, key: &str) -> Option<String> {
     cs.split(';')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case(key))
         .map(|(_, v)| v.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(s: &EventHubs) -> String {
+        let mut p = Problems::default();
+        s.check(&mut p);
+        p.0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn the_blob_store_names_each_key_it_misses_and_hides_the_account_key() {
+        let base = EventHubs {
+            connection_string: "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=v"
+                .into(),
+            hub: "h".into(),
+            dead_letter_hub: "d".into(),
+            checkpoint_store: CheckpointStoreKind::Blob,
+            ..Default::default()
+        };
+        let msg = problems(&base);
+        assert!(msg.contains("eventhubs.blob_container"), "{msg}");
+        assert!(msg.contains("eventhubs.blob_connection_string: or eventhubs.blob_url is required"), "{msg}");
+        assert!(!msg.contains("checkpoint_postgres_url"), "PostgreSQL is not asked for: {msg}");
+
+        let url_without_token = EventHubs {
+            blob_url: "https://acct.blob.core.windows.net".into(),
+            blob_container: "checkpoints".into(),
+            ..base.clone()
+        };
+        assert!(problems(&url_without_token).contains("eventhubs.blob_url: is signed in to as the hub is"));
+        let managed = EventHubs {
+            auth: EventHubsAuth::ManagedIdentity,
+            namespace: "ns.servicebus.windows.net".into(),
+            ..url_without_token
+        };
+        assert_eq!(problems(&managed), "");
+
+        let bad_key = EventHubs {
+            blob_connection_string: "AccountName=acct;AccountKey=not base64!".into(),
+            blob_container: "checkpoints".into(),
+            blob_ca_file: "/nonexistent.pem".into(),
+            ..base
+        };
+        let msg = problems(&bad_key);
+        assert!(msg.contains("eventhubs.blob_connection_string: has an AccountKey that is not base64"), "{msg}");
+        assert!(msg.contains("eventhubs.blob_ca_file"), "{msg}");
+        assert!(!msg.contains("not base64!"), "the key itself is not shown: {msg}");
+        assert_eq!(
+            crate::problems::redact("AccountName=a;AccountKey=s3cret==;EndpointSuffix=x"),
+            "AccountName=a;AccountKey=***;EndpointSuffix=x"
+        );
+    }
 }

@@ -1,12 +1,15 @@
 //! The checkpoint store: partition ownership and checkpoints, shared by every instance consuming
-//! one hub with one consumer group. On PostgreSQL: every instance can reach it, its clock is the
-//! one all expiry decisions use, and a conditional `UPDATE` is the compare-and-swap a claim needs.
+//! one hub with one consumer group (`CheckpointStore`). Two: PostgreSQL (`PgStore`, here: every
+//! instance can reach it, its clock is the one all expiry decisions use, and a conditional
+//! `UPDATE` is the compare-and-swap a claim needs) and Azure Blob Storage in the Azure SDKs'
+//! layout (`blobstore::BlobStore`), which Microsoft's event processors share.
 //!
 //! Rows are keyed like the Azure SDKs' blob layout (namespace, hub, consumer group, partition), so
 //! one database can serve many hubs and groups. The dead letters `dead-letters redrive` has sent
 //! back are recorded here too (`Redriven`).
 
 use super::balance::{Claim, Ownership};
+use super::settings::{CheckpointStoreKind, EventHubs};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -25,6 +28,39 @@ pub struct Checkpoint {
 pub enum StoreError {
     #[error("checkpoint store (eventhubs.checkpoint_postgres_url): {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    #[error("checkpoint store in Blob Storage ({container}; eventhubs.blob_*): {source}")]
+    Blob { container: String, source: super::blob::BlobError },
+    #[error("checkpoint store: {key} {message}")]
+    Setting { key: &'static str, message: String },
+}
+
+/// Ownership and checkpoints of one hub and consumer group, wherever they are kept.
+#[async_trait::async_trait]
+pub trait CheckpointStore: Send + Sync {
+    /// Every ownership of this hub and group, aged by the store's clock.
+    async fn ownerships(&self) -> Result<Vec<Ownership>, StoreError>;
+    /// Claims a partition from the version (and ETag) of its ownership that `claim` saw.
+    /// `Some(version)` of the new ownership when this instance won it; `None` when another
+    /// instance changed it first. The version is the receiver's owner level.
+    async fn claim(&self, me: &str, claim: &Claim) -> Result<Option<i64>, StoreError>;
+    /// Renews what this instance owns; returns the partitions it still owns at the versions given.
+    async fn renew(&self, me: &str, owned: &[(String, i64)]) -> Result<Vec<String>, StoreError>;
+    /// Gives a partition up (a clean stop), so another instance can take it without waiting for
+    /// the ownership to expire.
+    async fn release(&self, me: &str, partition: &str, version: i64) -> Result<(), StoreError>;
+    async fn checkpoint(&self, partition: &str) -> Result<Option<Checkpoint>, StoreError>;
+    /// Moves a partition's checkpoint forward, only while `me` owns it at `version` and only
+    /// forward. `false` when it was not written for either reason.
+    async fn set_checkpoint(&self, me: &str, version: i64, partition: &str, c: &Checkpoint)
+    -> Result<bool, StoreError>;
+}
+
+/// The store `eventhubs.checkpoint_store` names, opened (tables or container made if missing).
+pub async fn open(s: &EventHubs, scope: Scope) -> Result<Box<dyn CheckpointStore>, StoreError> {
+    Ok(match s.checkpoint_store {
+        CheckpointStoreKind::Postgres => Box::new(PgStore::open(&s.checkpoint_postgres_url, scope).await?),
+        CheckpointStoreKind::Blob => Box::new(super::blobstore::BlobStore::open(s, scope).await?),
+    })
 }
 
 /// The hub and consumer group a store's rows belong to.
@@ -78,12 +114,29 @@ impl PgStore {
         Ok(client)
     }
 
-    pub fn scope(&self) -> &Scope {
-        &self.scope
+    /// Every checkpoint of this hub and group, by partition.
+    pub async fn checkpoints(&self) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let s = &self.scope;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT partition_id, \"offset\", sequence_number, enqueued_time FROM iomt_eventhubs_checkpoint
+                 WHERE namespace = $1 AND hub = $2 AND consumer_group = $3 ORDER BY partition_id",
+                &[&s.namespace, &s.hub, &s.consumer_group],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), Checkpoint { offset: r.get(1), sequence_number: r.get(2), enqueued_time: r.get(3) }))
+            .collect())
     }
+}
 
+#[async_trait::async_trait]
+impl CheckpointStore for PgStore {
     /// Every ownership row of this hub and group, aged by the database's clock.
-    pub async fn ownerships(&self) -> Result<Vec<Ownership>, StoreError> {
+    async fn ownerships(&self) -> Result<Vec<Ownership>, StoreError> {
         let s = &self.scope;
         let rows = self
             .client()
@@ -102,13 +155,14 @@ impl PgStore {
                 owner: r.get(1),
                 version: r.get(2),
                 age: Duration::from_secs_f64(r.get::<_, f64>(3)),
+                etag: None,
             })
             .collect())
     }
 
     /// Claims a partition from the version of its row that `claim` saw. `Some(version)` of the
     /// new row when this instance won it; `None` when another instance changed it first.
-    pub async fn claim(&self, me: &str, claim: &Claim) -> Result<Option<i64>, StoreError> {
+    async fn claim(&self, me: &str, claim: &Claim) -> Result<Option<i64>, StoreError> {
         let s = &self.scope;
         let row = self
             .client()
@@ -128,7 +182,7 @@ impl PgStore {
     }
 
     /// Renews what this instance owns; returns the partitions it still owns at the versions given.
-    pub async fn renew(&self, me: &str, owned: &[(String, i64)]) -> Result<Vec<String>, StoreError> {
+    async fn renew(&self, me: &str, owned: &[(String, i64)]) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
         let s = &self.scope;
         let mut kept = Vec::new();
@@ -150,7 +204,7 @@ impl PgStore {
 
     /// Gives a partition up (a clean stop), so another instance can take it without waiting for
     /// the ownership to expire.
-    pub async fn release(&self, me: &str, partition: &str, version: i64) -> Result<(), StoreError> {
+    async fn release(&self, me: &str, partition: &str, version: i64) -> Result<(), StoreError> {
         let s = &self.scope;
         self.client()
             .await?
@@ -164,7 +218,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn checkpoint(&self, partition: &str) -> Result<Option<Checkpoint>, StoreError> {
+    async fn checkpoint(&self, partition: &str) -> Result<Option<Checkpoint>, StoreError> {
         let s = &self.scope;
         let row = self
             .client()
@@ -178,28 +232,10 @@ impl PgStore {
         Ok(row.map(|r| Checkpoint { offset: r.get(0), sequence_number: r.get(1), enqueued_time: r.get(2) }))
     }
 
-    /// Every checkpoint of this hub and group, by partition.
-    pub async fn checkpoints(&self) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-        let s = &self.scope;
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT partition_id, \"offset\", sequence_number, enqueued_time FROM iomt_eventhubs_checkpoint
-                 WHERE namespace = $1 AND hub = $2 AND consumer_group = $3 ORDER BY partition_id",
-                &[&s.namespace, &s.hub, &s.consumer_group],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), Checkpoint { offset: r.get(1), sequence_number: r.get(2), enqueued_time: r.get(3) }))
-            .collect())
-    }
-
     /// Moves a partition's checkpoint forward, only while `me` owns it at `version` and only
     /// forward: a stale owner's late write can neither move it back nor move it at all. `false`
     /// when it was not written for either reason.
-    pub async fn set_checkpoint(
+    async fn set_checkpoint(
         &self,
         me: &str,
         version: i64,
@@ -248,16 +284,64 @@ CREATE TABLE IF NOT EXISTS iomt_eventhubs_redriven (
     PRIMARY KEY (namespace, hub, partition_id, sequence_number));
 ";
 
+/// The redriven dead letters of one dead-letter hub, in the checkpoint store `eventhubs.checkpoint_store` names.
+pub enum Redriven {
+    Postgres(PgRedriven),
+    Blob(super::blobstore::BlobRedriven),
+}
+
+impl Redriven {
+    pub async fn open(s: &EventHubs, dead_letter_hub: &str) -> Result<Redriven, StoreError> {
+        Ok(match s.checkpoint_store {
+            CheckpointStoreKind::Postgres => {
+                if s.checkpoint_postgres_url.is_empty() {
+                    return Err(StoreError::Setting {
+                        key: "eventhubs.checkpoint_postgres_url",
+                        message: "is not set: the redriven dead letters are recorded in the connector's PostgreSQL checkpoint store".into(),
+                    });
+                }
+                Redriven::Postgres(
+                    PgRedriven::open(&s.checkpoint_postgres_url, &s.namespace_host(), dead_letter_hub).await?,
+                )
+            }
+            CheckpointStoreKind::Blob => {
+                Redriven::Blob(super::blobstore::BlobRedriven::open(s, dead_letter_hub).await?)
+            }
+        })
+    }
+
+    /// The sequence numbers from `from` to `to` (inclusive) of a partition's redriven dead letters.
+    pub async fn of_partition(
+        &self,
+        partition: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        match self {
+            Redriven::Postgres(r) => r.of_partition(partition, from, to).await,
+            Redriven::Blob(r) => r.of_partition(partition, from, to).await,
+        }
+    }
+
+    /// Records a dead letter as sent back to `sent_to` (again: already recorded is no error).
+    pub async fn record(&self, partition: &str, sequence_number: i64, sent_to: &str) -> Result<(), StoreError> {
+        match self {
+            Redriven::Postgres(r) => r.record(partition, sequence_number, sent_to).await,
+            Redriven::Blob(r) => r.record(partition, sequence_number, sent_to).await,
+        }
+    }
+}
+
 /// The redriven dead letters of one dead-letter hub (`iomt_eventhubs_redriven`).
-pub struct Redriven {
+pub struct PgRedriven {
     client: Client,
     namespace: String,
     hub: String,
 }
 
-impl Redriven {
+impl PgRedriven {
     /// Connects and creates the table if it is missing.
-    pub async fn open(url: &str, namespace: &str, dead_letter_hub: &str) -> Result<Redriven, StoreError> {
+    pub async fn open(url: &str, namespace: &str, dead_letter_hub: &str) -> Result<PgRedriven, StoreError> {
         let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
         // The command line runs on a plain tokio runtime, not on an actix arbiter.
         tokio::spawn(async move {
@@ -266,7 +350,7 @@ impl Redriven {
             }
         });
         client.batch_execute(REDRIVEN_SCHEMA).await?;
-        Ok(Redriven { client, namespace: namespace.to_string(), hub: dead_letter_hub.to_string() })
+        Ok(PgRedriven { client, namespace: namespace.to_string(), hub: dead_letter_hub.to_string() })
     }
 
     /// The sequence numbers from `from` to `to` (inclusive) of a partition's redriven dead letters.
