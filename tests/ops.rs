@@ -180,3 +180,24 @@ async fn a_live_metrics_page_passes_promtool_and_the_health_probe_answers() {
     assert!(health.status.success(), "{}", said(&health));
     assert!(String::from_utf8_lossy(&health.stdout).contains("\"live\""), "{}", said(&health));
 }
+
+/// Docker is not assumed here, so the image's promises are checked in its files: the builder is
+/// pinned, the binary stripped, the health check is the connector's own probe (no curl), and the
+/// compose broker has the plugin `broker.topology = "sharded"` needs.
+#[test]
+fn the_image_and_compose_files_keep_their_promises() {
+    let read = |p: &str| std::fs::read_to_string(repo(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let dockerfile = read("docker/Dockerfile");
+    let builder = dockerfile.lines().find(|l| l.starts_with("FROM rust:")).unwrap_or_default();
+    let tag = builder.trim_start_matches("FROM rust:").split_whitespace().next().unwrap_or_default();
+    assert!(tag.split(['-', '@']).next().is_some_and(|v| v.split('.').count() == 3), "builder not pinned: {builder}");
+    assert!(dockerfile.contains("CARGO_PROFILE_RELEASE_STRIP=symbols"), "the binary is not stripped");
+    let health = dockerfile.lines().skip_while(|l| !l.starts_with("HEALTHCHECK")).nth(1).unwrap_or_default();
+    assert!(health.contains(r#"CMD ["iomt-connector", "health""#), "HEALTHCHECK: {health}");
+    let uses_curl = dockerfile.lines().any(|l| !l.trim_start().starts_with('#') && l.contains("curl"));
+    assert!(!uses_curl, "the image should not need curl");
+    assert!(read("docker/rabbitmq/enabled_plugins").contains("rabbitmq_consistent_hash_exchange"));
+    let compose = read("docker/compose.yaml");
+    assert!(compose.contains("./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins"), "plugins not mounted");
+    assert!(compose.contains("image: postgres:") && compose.contains("IOMT_EVENTHUBS__CHECKPOINT_POSTGRES_URL"));
+}
