@@ -33,7 +33,7 @@ pub enum TransformError {
     #[error(transparent)]
     Group(#[from] GroupError),
     #[error(
-        "device '{device_id}', type '{type_name}': Create identity needs a patient id; add patientIdExpression to the device template, or use --identity-mode Lookup with --identities"
+        "device '{device_id}', type '{type_name}': Create identity needs a patient id; add patientIdExpression to the device template, or use identity mode Lookup"
     )]
     MissingPatient { device_id: String, type_name: String },
     #[error("no Device has identifier '{device_id}' in {file}: add it under \"devices\"")]

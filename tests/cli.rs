@@ -465,7 +465,7 @@ fn transform_resolves_lookup_identities_from_a_file() {
     let out = with(&[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("Create identity needs a patient id") && stderr(&out).contains("--identity-mode Lookup")
+        stderr(&out).contains("Create identity needs a patient id") && stderr(&out).contains("identity mode Lookup")
     );
 
     let ids = temp(
