@@ -352,6 +352,16 @@ fn exit_status_tells_usage_from_an_invalid_mapping() {
         let out = run(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
+    // `run` refuses the mapping before it connects to anything.
+    let out = bin()
+        .args(["run"])
+        .env("IOMT_MAPPINGS__DEVICE", path(&broken))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run iomt-connector: {e}"));
+    assert_eq!(out.status.code(), Some(3), "run: {}", stderr(&out));
+    assert!(stderr(&out).contains("the device mapping is invalid"), "{}", stderr(&out));
+
     let out = run(&["--help"]);
     let help = stdout(&out);
     for line in ["Exit status:", "2  usage", "3  invalid mapping"] {
