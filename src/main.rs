@@ -195,8 +195,10 @@ current mappings (mappings.device and mappings.fhir), and reports how many would
 else broker.queue) without the dead-letter headers, and removed from the dead-letter queue only once
 the broker has confirmed it. Those that would still fail stay, and are listed by the kind they would
 fail with now. With source.kind = \"eventhubs\", passing events are sent back to eventhubs.hub and
-recorded as redriven (events cannot be removed from a hub). Exit status 1 when a message that
-passes could not be moved.
+recorded as redriven (events cannot be removed from a hub).
+
+Exit status: 0 when every message that passes was moved; 1 when one could not be, or the source
+failed; 2 for settings that do not validate; 3 when the current mappings do not load.
 
 Example:
   iomt-connector dead-letters redrive --kind missing-value --dry-run
