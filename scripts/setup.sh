@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install and start the services the integration tests need, then build the connector.
 #
-#   scripts/setup.sh              RabbitMQ + FHIR server, then `cargo build --release`
+#   scripts/setup.sh              everything below, then `cargo build --release`
 #   scripts/setup.sh --no-build   services only
+#   scripts/setup.sh --core       only RabbitMQ (with its plugins) and sekmet, then the build:
+#                                 what scripts/quickstart.sh needs, not what the tests need
 #
 # Safe to re-run: each step checks first and does nothing when its service already answers.
 #   RabbitMQ     amqp://guest:guest@127.0.0.1:5672/%2f   (Debian package rabbitmq-server)
@@ -14,6 +16,7 @@
 #   Chromium     /usr/bin/chromium + tests/browser/node_modules (Debian package; playwright-core from npm)
 #   PostgreSQL   127.0.0.1:5432, database test (the Event Hubs checkpoint store)
 #   Event Hubs   tests/eventhubs (rhea test peer, proven against @azure/event-hubs; npm)
+#   promtool     /usr/bin/promtool (Debian package prometheus; tests ops/alerts.yml and the dashboard)
 #   TLS          a test CA and certificates in /var/lib/iomt-connector-test/tls (openssl; IOMT_TEST_TLS_DIR); RabbitMQ's TLS listener
 #                amqps://127.0.0.1:5671; stunnel4 on 127.0.0.2:5671 for the Event Hubs test peer,
 #                reached as iomt-test.servicebus.windows.net (/etc/hosts). See docs/tls.md.
@@ -32,9 +35,11 @@ RABBIT_PLUGINS=(rabbitmq_consistent_hash_exchange rabbitmq_management)
 MANAGEMENT_PORT=15672
 
 BUILD=1
+CORE=0
 for arg in "$@"; do
     case "$arg" in
         --no-build) BUILD=0 ;;
+        --core) CORE=1 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
@@ -528,31 +533,58 @@ key = $TLS_DIR/server.key"
         || die "stunnel on $EH_TLS_ADDR:$AMQPS_PORT does not present a certificate the test CA verifies for $EH_TLS_HOST, or $EH_TLS_HOST does not resolve to $EH_TLS_ADDR (getent hosts $EH_TLS_HOST)"
 }
 
+# ---------------------------------------------------------------- promtool
+# The alert rules (ops/alerts.yml) are unit-tested with `promtool test rules` (scripts/test.sh), and
+# tests/ops.rs lints a live /metrics and parses the dashboard's queries with it. Debian's
+# prometheus package carries promtool; policy-rc.d or the lack of systemd keeps its server from
+# starting in CI containers, and where it does start nothing here uses it.
+setup_promtool() {
+    if command -v promtool >/dev/null 2>&1; then
+        log "promtool already installed ($(promtool --version 2>&1 | head -1))"
+        return 0
+    fi
+    apt_install prometheus
+    command -v promtool >/dev/null 2>&1 || die "the prometheus package is installed but promtool is not on PATH"
+    log "installed $(promtool --version 2>&1 | head -1)"
+}
+
 # ---------------------------------------------------------------- run
-setup_rabbitmq
-setup_tls_certs
-setup_rabbitmq_tls
-"$SCRIPT_DIR/fhir-server.sh" start
-# The second FHIR server is for the tests and the bench; IOMT_SETUP_HELIOS=0 leaves it out
-# (scripts/quickstart.sh does: a first run should not wait for its build).
-[[ "${IOMT_SETUP_HELIOS:-1}" == 0 ]] || "$SCRIPT_DIR/helios-server.sh" start
-setup_fault_proxy
-setup_browser
-setup_postgres
-setup_eventhubs_peer
-setup_eventhubs_tls
-setup_azurite
+# Each step's wall time goes to the log, so that what a set-up costs can be read from it later.
+timed() {
+    local start=$SECONDS
+    "$@"
+    log "step '$*' took $((SECONDS - start)) s"
+}
+
+timed setup_rabbitmq
+if [[ $CORE -eq 0 ]]; then
+    timed setup_tls_certs
+    timed setup_rabbitmq_tls
+fi
+timed "$SCRIPT_DIR/fhir-server.sh" start
+if [[ $CORE -eq 0 ]]; then
+    # The second FHIR server is for the tests and the bench; IOMT_SETUP_HELIOS=0 leaves it out.
+    [[ "${IOMT_SETUP_HELIOS:-1}" == 0 ]] || timed "$SCRIPT_DIR/helios-server.sh" start
+    timed setup_fault_proxy
+    timed setup_browser
+    timed setup_postgres
+    timed setup_eventhubs_peer
+    timed setup_eventhubs_tls
+    timed setup_azurite
+    timed setup_promtool
+fi
 
 if [[ $BUILD -eq 1 ]]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found (install a Rust toolchain, or pass --no-build)"
     log "cargo build --release"
-    (cd "$ROOT" && cargo build --release)
+    build_release() { (cd "$ROOT" && cargo build --release); }
+    timed build_release
 else
     log "skipping cargo build (--no-build)"
 fi
 
 log "ready:"
 log "  AMQP  amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f"
-log "  AMQPS amqps://guest:guest@localhost:$AMQPS_PORT/%2f (CA $TLS_DIR/ca.pem)"
+[[ $CORE -eq 1 ]] || log "  AMQPS amqps://guest:guest@localhost:$AMQPS_PORT/%2f (CA $TLS_DIR/ca.pem)"
 log "  FHIR  $("$SCRIPT_DIR/fhir-server.sh" url) (sekmet)"
-[[ "${IOMT_SETUP_HELIOS:-1}" == 0 ]] || log "  FHIR  $("$SCRIPT_DIR/helios-server.sh" url) (helios-hfs)"
+[[ $CORE -eq 1 || "${IOMT_SETUP_HELIOS:-1}" == 0 ]] || log "  FHIR  $("$SCRIPT_DIR/helios-server.sh" url) (helios-hfs)"

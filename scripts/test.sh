@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: start (or install) RabbitMQ (with its consistent-hash and management
-# plugins), the two FHIR servers and the other services (scripts/setup.sh), then run every test
-# against sekmet, and the pipeline tests (tests/pipeline.rs) once more against helios-hfs.
+# plugins), the two FHIR servers and the other services (scripts/setup.sh), test the alert rules
+# with promtool, then run every test against sekmet, and the pipeline tests (tests/pipeline.rs)
+# once more against helios-hfs.
 #   scripts/test.sh [cargo test args...]
 # The pipeline tests talk to RabbitMQ at IOMT_TEST_AMQP_URL (default 127.0.0.1:5672) and the FHIR
 # server at IOMT_TEST_FHIR_URL (default http://127.0.0.1:8090/fhir); they fail when either is absent.
@@ -29,6 +30,11 @@ alarms=$(rabbitmq-diagnostics -q alarms 2>&1 || true)
 if ! grep -qi "no alarms" <<<"$alarms" && [[ -n "$alarms" ]]; then
     echo "[test] WARNING: RabbitMQ reports resource alarms (publishers will block): $alarms" >&2
 fi
+
+# The alert rules' unit tests (ops/alerts.test.yml); a failure fails the run, before the long part.
+echo "[test] promtool test rules ops/alerts.test.yml"
+promtool check rules ops/alerts.yml
+promtool test rules ops/alerts.test.yml
 
 # Show what the tests print (outage recovery times, failover times) even when they pass.
 export RUST_TEST_NOCAPTURE=1

@@ -122,10 +122,14 @@ pub enum AuthKind {
     Oauth2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+/// Named as in the settings (and MedTech) on the command line too: `--identity-mode Lookup`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 pub enum IdentityMode {
+    #[value(name = "Lookup")]
     Lookup,
+    #[value(name = "Create")]
     Create,
+    #[value(name = "LookupWithEncounter")]
     LookupWithEncounter,
 }
 
@@ -234,9 +238,34 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 impl Settings {
     /// Defaults, then `file` (if any), then `IOMT_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        let s: Settings = Settings::figment(file)?.extract().map_err(load_error)?;
+        let s = Settings::load_unchecked(file)?;
         s.validate()?;
         Ok(s)
+    }
+
+    /// As [`Settings::load`] without the checks across keys, for `config` to show settings that
+    /// do not validate (a value of the wrong type still fails: there is nothing to show).
+    pub fn load_unchecked(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Settings::figment(file)?.extract().map_err(load_error)
+    }
+
+    /// What [`Settings::load`] checks: every problem at once, each naming its key.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.validate()
+    }
+
+    /// Only the `[http]` section, for `health` (which needs no mappings, broker or FHIR server).
+    pub fn load_http(file: Option<&Path>) -> Result<Http, ConfigError> {
+        Settings::figment(file)?.extract_inner("http").map_err(load_error)
+    }
+
+    /// These settings as a TOML tree with every secret replaced by `***`: a key named like a
+    /// secret whole, and inside every other text the parts `problems::redact` hides (passwords in
+    /// URLs and PostgreSQL connection strings, access keys). What `config` prints.
+    pub fn redacted(&self) -> toml::Value {
+        let mut tree = toml::Value::try_from(self).unwrap_or_else(|e| toml::Value::String(e.to_string()));
+        redact_tree(&mut tree, "");
+        tree
     }
 
     /// Only `source.kind`, from the same sources.
@@ -377,6 +406,22 @@ impl Settings {
 
     pub fn device_system(&self) -> Option<&str> {
         Some(self.identity.device_identifier_system.as_str()).filter(|s| !s.is_empty())
+    }
+}
+
+/// Keys whose whole value is a secret: `bearer_token`, `debugger_token`, `client_secret`,
+/// `oauth2_client_secret`, any `*password` (`oauth2_token_url` is an address, not a secret).
+fn secret_key(key: &str) -> bool {
+    ["token", "secret", "password", "key"].iter().any(|s| key.ends_with(s))
+}
+
+fn redact_tree(v: &mut toml::Value, key: &str) {
+    match v {
+        toml::Value::String(s) if !s.is_empty() && secret_key(key) => *s = "***".into(),
+        toml::Value::String(s) => *s = crate::problems::redact(s),
+        toml::Value::Array(items) => items.iter_mut().for_each(|i| redact_tree(i, key)),
+        toml::Value::Table(t) => t.iter_mut().for_each(|(k, v)| redact_tree(v, k)),
+        _ => {}
     }
 }
 

@@ -1,7 +1,9 @@
-//! The command line: debug mappings offline (`normalize`, `transform`, `validate`).
+//! The command line: the service (`run`), its operators' tools (`config`, `health`,
+//! `dead-letters`, `publish`, `simulate`) and the offline mapping tools (`normalize`,
+//! `transform`, `validate`, `studio`).
 
-use clap::{Args, Parser, Subcommand};
-use iomt_connector::config::{LogFormat, Settings};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use iomt_connector::config::{IdentityMode, LogFormat, Settings};
 use iomt_connector::deadletters;
 use iomt_connector::engine::{self, Checked};
 use iomt_connector::model::measurement::Measurement;
@@ -9,15 +11,26 @@ use iomt_connector::source::Source;
 use iomt_connector::template::TemplateError;
 use iomt_connector::template::device::DeviceMapping;
 use iomt_connector::template::fhir::FhirMapping;
-use iomt_connector::transform::{CreateIdentity, transform};
+use iomt_connector::transform::{CreateIdentity, LookupIdentities, OfflineIdentity, transform};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// The exit statuses every command shares; each command's --help says which it uses.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  done
+  1  something did not go through: a message or group that does not convert, problems
+     `validate` found, a broker or FHIR server that failed, a health check that failed
+  2  usage: an unknown flag or value, a file that cannot be read, settings that do not validate
+  3  invalid mapping: a device or FHIR mapping file that does not load (run `validate` on it)";
 
 #[derive(Parser)]
 #[command(
     name = "iomt-connector",
     version,
-    about = "Device messages to FHIR R4 Observations, with Azure MedTech mapping files"
+    about = "Device messages to FHIR R4 Observations, with Azure MedTech mapping files",
+    after_help = EXIT_STATUS
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,7 +42,7 @@ enum Command {
     /// Print the measurements a device mapping projects out of one message.
     #[command(after_help = NORMALIZE_HELP)]
     Normalize(NormalizeArgs),
-    /// Print the Observations a batch of messages becomes (Create identity, empty FHIR server).
+    /// Print the Observations a batch of messages becomes on an empty FHIR server.
     #[command(after_help = TRANSFORM_HELP)]
     Transform(TransformArgs),
     /// Check a device mapping (and a FHIR mapping) and report every problem with its position.
@@ -50,6 +63,75 @@ enum Command {
     /// Inspect the dead-letter queue, and put back what the current mappings now take.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// Print the effective settings (defaults, --config FILE, IOMT_* variables), secrets hidden.
+    #[command(after_help = CONFIG_HELP)]
+    Config(ConfigArgs),
+    /// Probe a running connector's /health/live (or another endpoint): for container health checks.
+    #[command(after_help = HEALTH_HELP)]
+    Health(HealthArgs),
+    /// Print a shell completion script.
+    #[command(after_help = COMPLETIONS_HELP)]
+    Completions(CompletionsArgs),
+}
+
+const CONFIG_HELP: &str = "\
+Prints the settings `run` would use, as TOML (or JSON with --json): config/default.toml's values,
+then --config FILE, then IOMT_<SECTION>__<KEY> variables. Passwords, tokens, client secrets,
+access keys and the user information of URLs are printed as ***. The output is a valid settings
+file once the secrets are filled in again.
+
+Exit status: 0 when the settings validate; 2 when they do not (they are still printed, and every
+problem is listed on stderr with its key) or a value cannot be read at all.
+
+Example:
+  IOMT_FHIR__BASE_URL=https://fhir.example/r4 iomt-connector config --config prod.toml";
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Settings file (TOML), as for `run`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print JSON instead of TOML.
+    #[arg(long)]
+    json: bool,
+}
+
+const HEALTH_HELP: &str = "\
+GETs --url (default: /health/live on the settings' http.listen, with 0.0.0.0 read as 127.0.0.1
+and :: as ::1) and prints the answer. Made for the container image's HEALTHCHECK, which has no
+curl: liveness only, since /health/ready also depends on the broker and the FHIR server.
+
+Exit status: 0 on a 2xx answer; 1 on any other answer, no answer within --timeout-secs, or a
+refused connection; 2 for a --url that is not an http URL or settings that cannot be read.
+
+Example:
+  iomt-connector health --url http://127.0.0.1:8080/health/ready";
+
+#[derive(Args)]
+struct HealthArgs {
+    /// The endpoint to GET (default: http://<http.listen>/health/live).
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// Settings file (TOML) whose http.listen gives the default --url.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 3.0)]
+    timeout_secs: f64,
+}
+
+const COMPLETIONS_HELP: &str = "\
+Writes the completion script for SHELL to stdout.
+
+Examples:
+  iomt-connector completions bash > /etc/bash_completion.d/iomt-connector
+  iomt-connector completions zsh > \"${fpath[1]}/_iomt-connector\"
+  iomt-connector completions fish > ~/.config/fish/completions/iomt-connector.fish";
+
+#[derive(Args)]
+struct CompletionsArgs {
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
 }
 
 const STUDIO_HELP: &str = "\
@@ -113,8 +195,10 @@ current mappings (mappings.device and mappings.fhir), and reports how many would
 else broker.queue) without the dead-letter headers, and removed from the dead-letter queue only once
 the broker has confirmed it. Those that would still fail stay, and are listed by the kind they would
 fail with now. With source.kind = \"eventhubs\", passing events are sent back to eventhubs.hub and
-recorded as redriven (events cannot be removed from a hub). Exit status 1 when a message that
-passes could not be moved.
+recorded as redriven (events cannot be removed from a hub).
+
+Exit status: 0 when every message that passes was moved; 1 when one could not be, or the source
+failed; 2 for settings that do not validate; 3 when the current mappings do not load.
 
 Example:
   iomt-connector dead-letters redrive --kind missing-value --dry-run
@@ -184,7 +268,7 @@ impl BrokerArgs {
     /// Where to send: the event hub when `--eventhub` is given, else the queue.
     fn target(self) -> Result<Box<dyn Source>, Failure> {
         iomt_connector::source::registry::sending_to(self.config.as_deref(), self.eventhub, self.url, self.queue)
-            .map_err(|e| Failure(2, format!("error: {e}")))
+            .map_err(|e| Failure::Usage(format!("error: {e}")))
     }
 }
 
@@ -251,6 +335,10 @@ shared by several instances (see the README's Scale out).
 
 HTTP (http.listen): /health/live, /health/ready, /actors, /metrics.
 
+Exit status: 0 after a stop with every message settled; 1 when messages were left unacked at the
+stop, or the service failed (the HTTP address taken, ...); 2 for settings that do not validate;
+3 for mapping files that do not load.
+
 Example:
   IOMT_BROKER__QUEUE=devices iomt-connector run --config config/default.toml";
 
@@ -273,33 +361,52 @@ in template order, then match order; absent ids are null; times are RFC 3339 UTC
 Without --envelope, MESSAGE_FILE is the message body and is evaluated as
   {\"Body\": <file>, \"Properties\": {}, \"SystemProperties\": {}}
 With --envelope, MESSAGE_FILE is that whole envelope (use it for IotJsonPathContent templates).
+MESSAGE_FILE - reads the message from stdin.
 
-Exit status: 0 with the array (possibly []), 1 when the message cannot be normalized (not JSON, a
+Exit status: 0 with the array (possibly []); 1 when the message cannot be normalized (not JSON, a
 required value missing, an expression failing: one line on stderr names the template's typeName,
-the expression and the reason), 2 when the mapping is invalid or a file cannot be read.
+the expression and the reason); 2 when a file cannot be read; 3 when the mapping does not load.
 
 Example:
   iomt-connector normalize --device-mapping mappings/devicecontent.json mappings/messages/heartrate.json";
 
 const TRANSFORM_HELP: &str = "\
-Normalizes every MESSAGE_FILE in order as one batch, groups the measurements per device, type,
-patient, encounter, correlation id and window, and prints the JSON array of FHIR R4 Observations
-that Create-mode identity would write to an empty FHIR server: Patient and Device ids are derived
-from the message's patientId and deviceId (sha256 of \"{system}_{value}\"). Readings with equal
+Normalizes every MESSAGE_FILE in order as one batch (- reads one message from stdin), groups the
+measurements per device, type, patient, encounter, correlation id and window, and prints the JSON
+array of FHIR R4 Observations the service would write to an empty FHIR server. Readings with equal
 timestamps: the later file wins. `issued` is the current time.
 
-Exit status: 0 when every message and group converts; 1 when any fails (each failure is one line on
-stderr; the Observations that did convert are still printed); 2 for invalid mappings or unreadable
-files.
+Identity (--identity-mode, as identity.mode):
+  Create               Patient and Device ids derived from the message's patientId and deviceId
+                       (sha256 of \"{system}_{value}\"); a template without patientIdExpression fails
+  Lookup               the Device and its Patient from --identities, a JSON file standing in for the
+                       FHIR server's Devices, keyed by the deviceId the mapping projects:
+                         {\"devices\": {\"device123\": {\"device\": \"Device/d1\", \"patient\": \"Patient/p1\",
+                                                   \"patientIdentifiers\": [\"mrn-1\"]}},
+                          \"encounters\": {\"visit-7\": \"Encounter/e7\"}}
+                       (a message's patientId must be the Patient's id or one of patientIdentifiers)
+  LookupWithEncounter  as Lookup, and the encounterId from \"encounters\"
 
-Example:
+Exit status: 0 when every message and group converts; 1 when any fails: the Observations that did
+convert are printed all the same, and each failure is one line on stderr; 2 for a file that cannot
+be read or an --identities file that is not as above; 3 when a mapping does not load.
+
+Examples:
   iomt-connector transform --device-mapping mappings/devicecontent.json \\
-      --fhir-mapping mappings/fhirmapping.json mappings/messages/heartrate.json mappings/messages/spo2.json";
+      --fhir-mapping mappings/fhirmapping.json mappings/messages/heartrate.json mappings/messages/spo2.json
+  iomt-connector transform --device-mapping D.json --fhir-mapping F.json \\
+      --identity-mode Lookup --identities identities.json msg.json";
 
 const VALIDATE_HELP: &str = "\
-Exits 0 and prints a summary when the mappings are valid; otherwise exits 1 and lists every problem
-as FILE:LINE:COLUMN: message, including cross-checks between the two mappings (a device typeName
-without a FHIR template; a device value name no FHIR template uses).
+Lists every problem as FILE:LINE:COLUMN: message on stderr, including cross-checks between the two
+mappings (a device typeName without a FHIR template; a device value name no FHIR template uses),
+and prints a summary when there is none. With --json, stdout is one object instead:
+  {\"valid\", \"loads\", \"deviceMapping\": {\"file\", \"templates\"}, \"fhirMapping\": {..} or null,
+   \"problems\": [{\"file\", \"line\", \"column\", \"template\", \"message\", \"crossCheck\"}], \"notes\": [..]}
+
+Exit status: 0 when valid; 1 when the mappings load but the cross-checks find problems (`run`
+takes such a pair, and dead-letters the messages they concern); 2 when a file cannot be read;
+3 when a mapping does not load (`run` would refuse it).
 
 Example:
   iomt-connector validate --device-mapping mappings/devicecontent.json --fhir-mapping mappings/fhirmapping.json";
@@ -312,7 +419,7 @@ struct NormalizeArgs {
     /// MESSAGE_FILE holds the whole {Body, Properties, SystemProperties} envelope.
     #[arg(long)]
     envelope: bool,
-    /// The device message (its body, or the envelope with --envelope).
+    /// The device message (its body, or the envelope with --envelope); - for stdin.
     #[arg(value_name = "MESSAGE_FILE")]
     message: PathBuf,
 }
@@ -328,10 +435,16 @@ struct TransformArgs {
     /// Each MESSAGE_FILE holds a whole {Body, Properties, SystemProperties} envelope.
     #[arg(long)]
     envelope: bool,
-    /// Identifier system of Device resources (MedTech's DefaultDeviceIdentifierSystem).
+    /// Identifier system of Device resources (MedTech's DefaultDeviceIdentifierSystem; Create).
     #[arg(long, value_name = "URI")]
     device_identifier_system: Option<String>,
-    /// Device messages, in ingestion order.
+    /// How Patient, Device (and Encounter) ids are found, as identity.mode.
+    #[arg(long, value_enum, default_value = "Create", ignore_case = true)]
+    identity_mode: IdentityMode,
+    /// The Devices (and Encounters) Lookup modes find, as JSON (see below).
+    #[arg(long, value_name = "FILE")]
+    identities: Option<PathBuf>,
+    /// Device messages, in ingestion order; - reads one from stdin.
     #[arg(value_name = "MESSAGE_FILE", required = true)]
     messages: Vec<PathBuf>,
 }
@@ -344,10 +457,32 @@ struct ValidateArgs {
     /// FHIR mapping (MedTech CollectionFhir JSON); enables the cross-checks.
     #[arg(long, value_name = "FILE")]
     fhir_mapping: Option<PathBuf>,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
-/// A failure that ends the command: its exit code and what to print on stderr.
-struct Failure(u8, String);
+/// What ends a command, by its exit status (EXIT_STATUS); the text goes to stderr and names what
+/// to fix.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    InvalidMapping(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Failed(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::InvalidMapping(_) => 3,
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -361,18 +496,24 @@ fn main() -> ExitCode {
         Command::Studio(a) => studio(a),
         Command::DeadLetters(DeadLettersCommand::List(a)) => dead_letters_list(a),
         Command::DeadLetters(DeadLettersCommand::Redrive(a)) => dead_letters_redrive(a),
+        Command::Config(a) => config(a),
+        Command::Health(a) => health(a),
+        Command::Completions(a) => {
+            clap_complete::generate(a.shell, &mut Cli::command(), "iomt-connector", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(code, message)) => {
-            eprintln!("{message}");
-            ExitCode::from(code)
+        Err(failure) => {
+            eprintln!("{failure}");
+            ExitCode::from(failure.code())
         }
     }
 }
 
 fn read(path: &Path) -> Result<String, Failure> {
-    std::fs::read_to_string(path).map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("error: cannot read {}: {e}", path.display())))
 }
 
 fn mapping_errors(path: &Path, errors: &[TemplateError]) -> String {
@@ -380,16 +521,16 @@ fn mapping_errors(path: &Path, errors: &[TemplateError]) -> String {
 }
 
 /// Loads a mapping pair (or a device mapping alone) through the engine, refusing it with every
-/// problem located; exit status 2. Cross-check findings do not refuse a pair.
+/// problem located. Cross-check findings do not refuse a pair.
 fn load(device: &Path, fhir: Option<&Path>) -> Result<(DeviceMapping, Option<FhirMapping>), Failure> {
     let fhir_text = fhir.map(read).transpose()?;
     let fhir_file = fhir.map(|p| p.display().to_string()).unwrap_or_default();
     let Checked { device: d, fhir: f, report } = engine::check(&read(device)?, fhir_text.as_deref(), &fhir_file);
     if !report.device.is_empty() {
-        return Err(Failure(2, mapping_errors(device, &report.device)));
+        return Err(Failure::InvalidMapping(mapping_errors(device, &report.device)));
     }
     if let Some(path) = fhir.filter(|_| !report.fhir.is_empty()) {
-        return Err(Failure(2, mapping_errors(path, &report.fhir)));
+        return Err(Failure::InvalidMapping(mapping_errors(path, &report.fhir)));
     }
     Ok((d, f))
 }
@@ -403,48 +544,172 @@ fn load_pair(device: &Path, fhir: &Path) -> Result<(DeviceMapping, FhirMapping),
     Ok((d, f.unwrap_or_default()))
 }
 
-fn normalize_file(mapping: &DeviceMapping, path: &Path, whole_envelope: bool) -> Result<Vec<Measurement>, Failure> {
-    let bytes = std::fs::read(path).map_err(|e| Failure(2, format!("error: cannot read {}: {e}", path.display())))?;
-    let result = if whole_envelope { mapping.normalize_event_bytes(&bytes) } else { mapping.normalize_body(&bytes) };
-    result.map_err(|e| Failure(1, format!("error: {}: {e}", path.display())))
+fn is_stdin(path: &Path) -> bool {
+    path == Path::new("-")
+}
+
+/// How a message argument is named in errors.
+fn shown(path: &Path) -> String {
+    if is_stdin(path) { "(stdin)".to_string() } else { path.display().to_string() }
+}
+
+/// A message argument's bytes: the file's, or stdin's for `-`.
+fn read_message(path: &Path) -> Result<Vec<u8>, Failure> {
+    let mut bytes = Vec::new();
+    let read = if is_stdin(path) {
+        std::io::stdin().read_to_end(&mut bytes).map(|_| ())
+    } else {
+        std::fs::read(path).map(|b| bytes = b)
+    };
+    read.map_err(|e| Failure::Usage(format!("error: cannot read {}: {e}", shown(path))))?;
+    Ok(bytes)
+}
+
+fn normalize_bytes(
+    mapping: &DeviceMapping,
+    path: &Path,
+    bytes: &[u8],
+    envelope: bool,
+) -> Result<Vec<Measurement>, Failure> {
+    let result = if envelope { mapping.normalize_event_bytes(bytes) } else { mapping.normalize_body(bytes) };
+    result.map_err(|e| Failure::Failed(format!("error: {}: {e}", shown(path))))
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), Failure> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Failure(2, format!("error: {e}")))?;
+    let text = serde_json::to_string_pretty(v).map_err(|e| Failure::Usage(format!("error: {e}")))?;
     println!("{text}");
     Ok(())
 }
 
 fn normalize(a: NormalizeArgs) -> Result<(), Failure> {
     let mapping = load_device(&a.device_mapping)?;
-    let measurements = normalize_file(&mapping, &a.message, a.envelope)?;
+    let bytes = read_message(&a.message)?;
+    let measurements = normalize_bytes(&mapping, &a.message, &bytes, a.envelope)?;
     print_json(&measurements)
 }
 
+/// The identity `transform` resolves with: Create from the message, Lookup modes from the file.
+fn offline_identity(a: &TransformArgs) -> Result<Box<dyn OfflineIdentity>, Failure> {
+    match (a.identity_mode, &a.identities) {
+        (IdentityMode::Create, None) => {
+            Ok(Box::new(CreateIdentity { device_system: a.device_identifier_system.clone() }))
+        }
+        (IdentityMode::Create, Some(_)) => Err(Failure::Usage(
+            "error: --identities is read only with --identity-mode Lookup or LookupWithEncounter (Create derives the ids from the message)".into(),
+        )),
+        (mode, None) => Err(Failure::Usage(format!(
+            "error: --identity-mode {mode:?} needs --identities FILE: the Devices (and Encounters) to find, as JSON (see transform --help)"
+        ))),
+        (mode, Some(path)) => {
+            let lookup = LookupIdentities::parse(mode, &path.display().to_string(), &read(path)?)
+                .map_err(|e| Failure::Usage(format!("error: {e}")))?;
+            Ok(Box::new(lookup))
+        }
+    }
+}
+
+/// Converts what it can: every message and group that fails is one line of the failure, and the
+/// Observations of the others are printed all the same.
 fn transform_cmd(a: TransformArgs) -> Result<(), Failure> {
+    if a.messages.iter().filter(|p| is_stdin(p)).count() > 1 {
+        return Err(Failure::Usage("error: - (stdin) can be given once among the MESSAGE_FILEs".into()));
+    }
+    let identity = offline_identity(&a)?;
     let (device, fhir) = load_pair(&a.device_mapping, &a.fhir_mapping)?;
-    let mut measurements = Vec::new();
-    for path in &a.messages {
-        measurements.extend(normalize_file(&device, path, a.envelope)?);
+    let inputs: Vec<Vec<u8>> = a.messages.iter().map(|p| read_message(p)).collect::<Result<_, _>>()?;
+    let (mut measurements, mut failures) = (Vec::new(), Vec::new());
+    for (path, bytes) in a.messages.iter().zip(&inputs) {
+        match normalize_bytes(&device, path, bytes, a.envelope) {
+            Ok(ms) => measurements.extend(ms),
+            Err(f) => failures.push(f.to_string()),
+        }
     }
-    let identity = CreateIdentity { device_system: a.device_identifier_system };
-    let batch = transform(&fhir, measurements, &identity, chrono::Utc::now());
+    let batch = transform(&fhir, measurements, &*identity, chrono::Utc::now());
     print_json(&batch.observations)?;
-    if batch.errors.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure(1, batch.errors.iter().map(|e| format!("error: {e}")).collect::<Vec<_>>().join("\n")))
-    }
+    failures.extend(batch.errors.iter().map(|e| format!("error: {e}")));
+    if failures.is_empty() { Ok(()) } else { Err(Failure::Failed(failures.join("\n"))) }
 }
 
 fn run(a: RunArgs) -> Result<(), Failure> {
-    let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+    use iomt_connector::pipeline::mappings::LoadError;
+    use iomt_connector::service::RunError;
+    let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure::Usage(format!("error: {e}")))?;
     init_logging(&settings.log);
-    iomt_connector::service::run(settings, a.dry_run).map_err(|e| Failure(1, format!("error: {e}")))
+    iomt_connector::service::run(settings, a.dry_run).map_err(|e| match e {
+        RunError::Mappings(LoadError::Mapping { .. }) => Failure::InvalidMapping(format!("error: {e}")),
+        e => Failure::Failed(format!("error: {e}")),
+    })
+}
+
+fn config(a: ConfigArgs) -> Result<(), Failure> {
+    let settings = Settings::load_unchecked(a.config.as_deref()).map_err(|e| Failure::Usage(format!("error: {e}")))?;
+    let shown = settings.redacted();
+    let text = if a.json {
+        serde_json::to_string_pretty(&shown).map_err(|e| Failure::Failed(format!("error: {e}")))?
+    } else {
+        toml::to_string(&shown).map_err(|e| Failure::Failed(format!("error: {e}")))?
+    };
+    if !a.json {
+        println!("# The effective settings: defaults, then --config, then IOMT_* variables. Secrets: ***");
+    }
+    println!("{}", text.trim_end());
+    settings.check().map_err(|e| Failure::Usage(format!("error: {e}")))
+}
+
+/// The endpoint `health` probes without --url: liveness on the settings' listen address, reached
+/// over loopback when it listens on every address.
+fn health_url(a: &HealthArgs) -> Result<String, Failure> {
+    if let Some(url) = &a.url {
+        return Ok(url.clone());
+    }
+    let http = Settings::load_http(a.config.as_deref()).map_err(|e| Failure::Usage(format!("error: {e}")))?;
+    let addr: std::net::SocketAddr = http.listen.parse().map_err(|_| {
+        Failure::Usage(format!(
+            "error: http.listen '{}' is not an address like 127.0.0.1:8080; or pass --url",
+            http.listen
+        ))
+    })?;
+    let host = match addr.ip() {
+        ip if !ip.is_unspecified() => ip,
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    Ok(format!("http://{}/health/live", std::net::SocketAddr::new(host, addr.port())))
+}
+
+fn health(a: HealthArgs) -> Result<(), Failure> {
+    let url = health_url(&a)?;
+    let parsed = reqwest::Url::parse(&url).ok().filter(|u| u.scheme() == "http" || u.scheme() == "https");
+    let Some(parsed) = parsed else {
+        return Err(Failure::Usage(format!("error: --url '{url}' is not an http(s) URL")));
+    };
+    let timeout = std::time::Duration::try_from_secs_f64(a.timeout_secs)
+        .map_err(|_| Failure::Usage(format!("error: --timeout-secs {} is not a duration", a.timeout_secs)))?;
+    let shown = iomt_connector::problems::redact(&url);
+    let answer = runtime()?.block_on(async {
+        let client = reqwest::Client::builder().timeout(timeout).build()?;
+        let response = client.get(parsed).send().await?;
+        let status = response.status();
+        Ok::<_, reqwest::Error>((status, response.text().await.unwrap_or_default()))
+    });
+    match answer {
+        Ok((status, body)) if status.is_success() => {
+            println!("{} {}", status.as_u16(), body.trim());
+            Ok(())
+        }
+        Ok((status, body)) => Err(Failure::Failed(format!("error: GET {shown} answered {status}: {}", body.trim()))),
+        Err(e) => Err(Failure::Failed(format!(
+            "error: GET {shown}: no answer ({}); is the connector running and listening there (http.listen)?",
+            iomt_connector::problems::redact(&e.to_string())
+        ))),
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Failure(2, format!("error: {e}")))
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Usage(format!("error: {e}")))
 }
 
 fn studio(a: StudioArgs) -> Result<(), Failure> {
@@ -453,13 +718,10 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
         Err(_) => a.listen.starts_with("localhost:"),
     };
     if !loopback && a.token.is_empty() {
-        return Err(Failure(
-            2,
-            format!(
-                "error: refusing to serve the mapping debugger on {} without --token (or IOMT_STUDIO_TOKEN): anyone who can reach it could read the mappings and samples; set a token, or listen on 127.0.0.1",
-                a.listen
-            ),
-        ));
+        return Err(Failure::Usage(format!(
+            "error: refusing to serve the mapping debugger on {} without --token (or IOMT_STUDIO_TOKEN): anyone who can reach it could read the mappings and samples; set a token, or listen on 127.0.0.1",
+            a.listen
+        )));
     }
     let studio = iomt_connector::studio::Studio {
         device: a.device_mapping,
@@ -470,16 +732,16 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
         session: iomt_connector::studio::new_session(),
     };
     iomt_connector::studio::serve(&a.listen, studio)
-        .map_err(|e| Failure(1, format!("error: cannot serve on {} (--listen): {e}", a.listen)))
+        .map_err(|e| Failure::Failed(format!("error: cannot serve on {} (--listen): {e}", a.listen)))
 }
 
 fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
     let source = iomt_connector::source::registry::dead_letters_of(a.config.as_deref())
-        .map_err(|e| Failure(2, format!("error: {e}")))?;
+        .map_err(|e| Failure::Usage(format!("error: {e}")))?;
     let rt = runtime()?;
-    let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
+    let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure::Failed(format!("error: {e}")))?;
     let (name, what) = (letters.name(), letters.what());
-    let kinds = rt.block_on(deadletters::list(letters)).map_err(|e| Failure(1, format!("error: {e}")))?;
+    let kinds = rt.block_on(deadletters::list(letters)).map_err(|e| Failure::Failed(format!("error: {e}")))?;
     if a.json {
         return print_json(&serde_json::json!({"queue": name, "kinds": kinds}));
     }
@@ -493,15 +755,15 @@ fn dead_letters_list(a: DeadLettersListArgs) -> Result<(), Failure> {
 }
 
 fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
-    let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure(2, format!("error: {e}")))?;
+    let settings = Settings::load(a.config.as_deref()).map_err(|e| Failure::Usage(format!("error: {e}")))?;
     let (device, fhir) = load_pair(&settings.mappings.device, &settings.mappings.fhir)?;
     let source = iomt_connector::source::registry::configured(&settings);
     let rt = runtime()?;
-    let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure(1, format!("error: {e}")))?;
+    let letters = rt.block_on(source.dead_letters()).map_err(|e| Failure::Failed(format!("error: {e}")))?;
     let (name, what, back_to) = (letters.name(), letters.what(), letters.back_to());
     let r = rt
         .block_on(deadletters::redrive(letters, &device, &fhir, a.kind.as_deref(), a.dry_run))
-        .map_err(|e| Failure(1, format!("error: {e}")))?;
+        .map_err(|e| Failure::Failed(format!("error: {e}")))?;
     if a.json {
         print_json(&r)?;
     } else {
@@ -520,7 +782,7 @@ fn dead_letters_redrive(a: DeadLettersRedriveArgs) -> Result<(), Failure> {
     if r.not_moved.is_empty() {
         Ok(())
     } else {
-        Err(Failure(1, format!("error: {} message(s) not moved: {}", r.not_moved.len(), r.not_moved[0])))
+        Err(Failure::Failed(format!("error: {} message(s) not moved: {}", r.not_moved.len(), r.not_moved[0])))
     }
 }
 
@@ -528,10 +790,10 @@ fn publish(a: PublishArgs) -> Result<(), Failure> {
     let source = a.broker.target()?;
     let mut bodies = Vec::new();
     for p in &a.messages {
-        bodies.push(std::fs::read(p).map_err(|e| Failure(2, format!("error: cannot read {}: {e}", p.display())))?);
+        bodies.push(std::fs::read(p).map_err(|e| Failure::Usage(format!("error: cannot read {}: {e}", p.display())))?);
     }
     runtime()?.block_on(async {
-        let fail = |e: String| Failure(1, format!("error: {e}"));
+        let fail = |e: String| Failure::Failed(format!("error: {e}"));
         let mut p = source.publisher(256).await.map_err(fail)?;
         for body in &bodies {
             p.send(body, a.routing_key.as_deref()).await.map_err(fail)?;
@@ -539,7 +801,7 @@ fn publish(a: PublishArgs) -> Result<(), Failure> {
         p.flush().await.map_err(fail)?;
         let ((confirmed, refused), to) = (p.counts(), p.target());
         println!("published {} message(s) to {to}: {confirmed} confirmed, {refused} refused", bodies.len());
-        if refused > 0 { Err(Failure(1, "error: some messages were refused".into())) } else { Ok(()) }
+        if refused > 0 { Err(Failure::Failed("error: some messages were refused".into())) } else { Ok(()) }
     })
 }
 
@@ -562,7 +824,7 @@ fn simulate(a: SimulateArgs) -> Result<(), Failure> {
         in_flight: a.in_flight,
         progress: true,
     };
-    let s = runtime()?.block_on(run(&plan)).map_err(|e| Failure(1, format!("error: {e}")))?;
+    let s = runtime()?.block_on(run(&plan)).map_err(|e| Failure::Failed(format!("error: {e}")))?;
     println!(
         "sent {}, confirmed {}, refused {}, elapsed {:.2} s, rate {:.0} msg/s",
         s.sent,
@@ -571,7 +833,7 @@ fn simulate(a: SimulateArgs) -> Result<(), Failure> {
         s.elapsed.as_secs_f64(),
         s.rate()
     );
-    if s.refused > 0 { Err(Failure(1, "error: the broker refused some messages".into())) } else { Ok(()) }
+    if s.refused > 0 { Err(Failure::Failed("error: the broker refused some messages".into())) } else { Ok(()) }
 }
 
 fn init_logging(log: &iomt_connector::config::Log) {
@@ -589,10 +851,43 @@ fn init_logging(log: &iomt_connector::config::Log) {
     }
 }
 
+/// Exit status 3 when the pair would be refused, 1 when only the cross-checks found problems.
+fn validate_failure(report: &engine::Report, text: String) -> Failure {
+    if report.refuses() { Failure::InvalidMapping(text) } else { Failure::Failed(text) }
+}
+
+fn problem_json(file: &str, e: &TemplateError, cross: bool) -> serde_json::Value {
+    serde_json::json!({"file": file, "line": e.line, "column": e.column, "template": e.template,
+        "message": e.message, "crossCheck": cross})
+}
+
+fn validate_json(a: &ValidateArgs, checked: &Checked) -> Result<(), Failure> {
+    let Checked { device, fhir, report } = checked;
+    let device_file = a.device_mapping.display().to_string();
+    let fhir_file = a.fhir_mapping.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let mut problems: Vec<_> = report.device.iter().map(|e| problem_json(&device_file, e, false)).collect();
+    problems.extend(report.fhir.iter().map(|e| problem_json(&fhir_file, e, false)));
+    problems.extend(report.cross.iter().map(|e| problem_json(&device_file, e, true)));
+    let count = report.problem_count();
+    print_json(&serde_json::json!({
+        "valid": count == 0,
+        "loads": !report.refuses(),
+        "deviceMapping": {"file": device_file, "templates": device.templates.len()},
+        "fhirMapping": fhir.as_ref().map(|f| serde_json::json!({"file": fhir_file, "templates": f.templates.len()})),
+        "problems": problems,
+        "notes": report.notes.iter().map(|e| problem_json(&fhir_file, e, false)).collect::<Vec<_>>(),
+    }))?;
+    if count == 0 { Ok(()) } else { Err(validate_failure(report, format!("{count} problem(s) found"))) }
+}
+
 fn validate(a: ValidateArgs) -> Result<(), Failure> {
     let fhir_text = a.fhir_mapping.as_deref().map(read).transpose()?;
     let fhir_file = a.fhir_mapping.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    let Checked { device, fhir, report } = engine::check(&read(&a.device_mapping)?, fhir_text.as_deref(), &fhir_file);
+    let checked = engine::check(&read(&a.device_mapping)?, fhir_text.as_deref(), &fhir_file);
+    if a.json {
+        return validate_json(&a, &checked);
+    }
+    let Checked { device, fhir, report } = checked;
     let device_file = a.device_mapping.display().to_string();
     let mut problems = vec![mapping_errors(&a.device_mapping, &report.device)];
     let mut summary = vec![format!("{device_file}: {} device template(s)", device.templates.len())];
@@ -607,7 +902,7 @@ fn validate(a: ValidateArgs) -> Result<(), Failure> {
     let count = report.problem_count();
     if count > 0 {
         let problems: Vec<String> = problems.into_iter().filter(|p| !p.is_empty()).collect();
-        return Err(Failure(1, format!("{}\n{count} problem(s) found", problems.join("\n"))));
+        return Err(validate_failure(&report, format!("{}\n{count} problem(s) found", problems.join("\n"))));
     }
     println!("{}\nvalid", summary.join("\n"));
     Ok(())

@@ -1,5 +1,6 @@
 //! Prometheus metrics: one registry for the process, rendered at `/metrics`.
 
+pub use prometheus::proto::MetricType;
 use prometheus::{
     Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -22,6 +23,7 @@ pub struct Metrics {
     pub backlog: IntGauge,
     pub unacked: IntGauge,
     pub in_flight_bytes: IntGauge,
+    pub in_flight_bytes_limit: IntGauge,
     pub source_pauses: IntCounter,
     pub fhir_circuit_open: IntGauge,
     pub fhir_outage_seconds: Counter,
@@ -34,6 +36,7 @@ pub struct Metrics {
     pub unconfirmed_writes: IntCounterVec,
     pub mappings_info: IntGaugeVec,
     pub mapping_reloads: IntCounterVec,
+    pub mappings_refused: IntGauge,
     pub source_info: IntGaugeVec,
     pub partitions_owned: IntGauge,
     pub checkpoint_lag: IntGaugeVec,
@@ -44,11 +47,24 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     register(r, name, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
+/// Every metric registered, with its type: a labelled metric none of whose labels has been seen
+/// yet is absent from `/metrics`, and the dashboard's and alerts' tests need them all.
+static CATALOGUE: std::sync::Mutex<Vec<(String, MetricType)>> = std::sync::Mutex::new(Vec::new());
+
 /// Registers a metric whose name and labels are fixed here, so neither can fail at run time.
 fn register<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, name: &str, m: prometheus::Result<M>) -> M {
     let m = m.unwrap_or_else(|e| panic!("metric {name}: {e}"));
     r.register(Box::new(m.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    if let Ok(mut c) = CATALOGUE.lock() {
+        c.extend(m.collect().iter().map(|f| (f.name().to_string(), f.get_field_type())));
+    }
     m
+}
+
+/// The name and type of every metric the connector exports, seen or not.
+pub fn catalogue() -> Vec<(String, MetricType)> {
+    get();
+    CATALOGUE.lock().map(|c| c.clone()).unwrap_or_default()
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -98,6 +114,11 @@ pub fn get() -> &'static Metrics {
                 "iomt_in_flight_bytes",
                 "Bytes of the messages received and not yet settled (bounded by pipeline.max_in_flight_bytes)",
             ),
+            in_flight_bytes_limit: gauge(
+                &r,
+                "iomt_in_flight_bytes_limit",
+                "pipeline.max_in_flight_bytes: the source pauses when iomt_in_flight_bytes reaches it",
+            ),
             source_pauses: counter(
                 &r,
                 "iomt_source_pauses_total",
@@ -110,6 +131,7 @@ pub fn get() -> &'static Metrics {
             queue_active: queue_active(&r),
             mappings_info: mappings_info(&r),
             mapping_reloads: mapping_reloads(&r),
+            mappings_refused: mappings_refused(&r),
             create_races: create_races(&r),
             fhir_invalid_responses: fhir_invalid_responses(&r),
             unconfirmed_writes: unconfirmed_writes(&r),
@@ -138,8 +160,7 @@ fn latency(r: &Registry) -> Histogram {
         ]),
     )
     .unwrap_or_else(|e| panic!("latency histogram: {e}"));
-    r.register(Box::new(latency.clone())).unwrap_or_else(|e| panic!("latency histogram: {e}"));
-    latency
+    register(r, "iomt_end_to_end_latency_seconds", Ok(latency))
 }
 
 fn fhir_batch_entries(r: &Registry) -> HistogramVec {
@@ -224,6 +245,14 @@ fn mappings_info(r: &Registry) -> IntGaugeVec {
 
 fn mapping_reloads(r: &Registry) -> IntCounterVec {
     counter_vec(r, "iomt_mapping_reloads_total", "Mapping reloads by result (applied, refused)", &["result"])
+}
+
+fn mappings_refused(r: &Registry) -> IntGauge {
+    gauge(
+        r,
+        "iomt_mappings_refused",
+        "1 while the mapping files on disk are refused (the pair in force keeps running), 0 once a reload loads",
+    )
 }
 
 fn create_races(r: &Registry) -> IntCounter {

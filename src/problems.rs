@@ -32,9 +32,12 @@ impl Problems {
 }
 
 /// `text` with the user information of an address hidden (`amqp://user:password@host` →
-/// `amqp://***@host`, also without a scheme), and the key of a connection string
-/// (`SharedAccessKey=…`): fit for errors, logs and endpoints.
+/// `amqp://***@host`, also without a scheme), the key of a connection string
+/// (`SharedAccessKey=…`) and a PostgreSQL password (`password=…`, quoted or not, also as a URL
+/// query parameter): fit for errors, logs and endpoints.
 pub fn redact(text: &str) -> String {
+    // First, or an `@` inside the password would be taken for the end of a URL's user part.
+    let text = &redact_password(text);
     let mut out = match text.rfind('@') {
         Some(at) => {
             let start = text.find("://").map_or(0, |s| s + 3);
@@ -53,9 +56,44 @@ pub fn redact(text: &str) -> String {
     out
 }
 
+/// libpq's `password=secret` or `password='it\'s secret'`, and `?password=secret&…` in a URL.
+fn redact_password(text: &str) -> String {
+    const KEY: &str = "password=";
+    let Some(i) = text.to_ascii_lowercase().find(KEY) else { return text.to_string() };
+    let from = i + KEY.len();
+    let rest = &text[from..];
+    let len = if let Some(quoted) = rest.strip_prefix('\'') {
+        // libpq escapes a quote inside as \'; the value ends at the first quote not escaped.
+        let bytes = quoted.as_bytes();
+        let mut k = 0;
+        while k < bytes.len() {
+            match bytes[k] {
+                b'\\' => k += 2,
+                b'\'' => break,
+                _ => k += 1,
+            }
+        }
+        (k + 2).min(rest.len())
+    } else {
+        rest.find(|c: char| c.is_whitespace() || c == '&' || c == ';').unwrap_or(rest.len())
+    };
+    format!("{}***{}", &text[..from], redact_password(&rest[len..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact;
+
+    #[test]
+    fn postgres_passwords_are_hidden_in_both_forms() {
+        assert_eq!(redact("host=db user=iomt password=p@ss dbname=x"), "host=db user=iomt password=*** dbname=x");
+        assert_eq!(redact(r"host=db password='a b\' c' dbname=x"), "host=db password=*** dbname=x");
+        assert_eq!(
+            redact("postgres://db/x?user=u&password=s3cret&sslmode=require"),
+            "postgres://db/x?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(redact("postgres://u:s3cret@db/x"), "postgres://***@db/x");
+    }
 
     #[test]
     fn secrets_are_hidden_with_or_without_a_scheme() {

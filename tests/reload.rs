@@ -102,6 +102,7 @@ async fn a_changed_mapping_applies_to_the_messages_after_the_swap_and_an_invalid
     assert_eq!(m.get("iomt_mapping_reloads_total{result=\"applied\"}"), Some(&1.0), "{m:?}");
     assert!(ready(&c).await.get("mappingsRefused").is_some(), "the refusal stays shown until a reload succeeds");
     assert!(m.get("iomt_mapping_reloads_total{result=\"refused\"}").copied().unwrap_or(0.0) >= 1.0);
+    assert_eq!(m.get("iomt_mappings_refused"), Some(&1.0), "what ops/alerts.yml's IomtMappingReloadRefused reads");
 
     // SIGHUP reloads at once, even a change the file watch cannot see (same modification time).
     let stamp = std::fs::metadata(&device).and_then(|m| m.modified()).unwrap_or_else(|e| panic!("{e}"));
@@ -119,6 +120,7 @@ async fn a_changed_mapping_applies_to_the_messages_after_the_swap_and_an_invalid
         assert!(hup.elapsed() < Duration::from_secs(10), "SIGHUP did not reload:\n{}", c.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(c.metric("iomt_mappings_refused").await, 0.0, "a reload that loads ends the refusal");
 
     // Slots before the swap hold heartRate, those after it pulse: one switch, nothing lost.
     let obs = Fhir::new().search(&format!("Observation?subject=Patient/{}", patient_id(&run, 0))).await;

@@ -124,6 +124,7 @@ fn reload(settings: &Settings, current: &Current, shared: &Shared) {
             if let Ok(mut r) = shared.mappings_refused.lock() {
                 *r = None;
             }
+            m.mappings_refused.set(0);
         }
         Ok(new) => {
             tracing::info!(version = %new.version, previous = %current.get().version, "mappings reloaded");
@@ -133,6 +134,7 @@ fn reload(settings: &Settings, current: &Current, shared: &Shared) {
                 *r = None;
             }
             m.mapping_reloads.with_label_values(&["applied"]).inc();
+            m.mappings_refused.set(0);
         }
         Err(e) => {
             let active = current.get().version.clone();
@@ -141,6 +143,7 @@ fn reload(settings: &Settings, current: &Current, shared: &Shared) {
                 *r = Some(e.to_string());
             }
             m.mapping_reloads.with_label_values(&["refused"]).inc();
+            m.mappings_refused.set(1);
         }
     }
 }

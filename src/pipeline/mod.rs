@@ -145,6 +145,7 @@ impl Pipeline {
             settings.pipeline.max_in_flight_bytes,
             settings.pipeline.max_message_bytes,
         );
+        crate::metrics::get().in_flight_bytes_limit.set(i64::try_from(budget.limit()).unwrap_or(i64::MAX));
         let intake = Arc::new(ingest::Ingest::new(settings.unmatched(), current, shards.clone(), work, budget));
         Pipeline { intake, shards, arbiters }
     }
