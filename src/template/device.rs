@@ -422,8 +422,8 @@ const COMMON: [&str; 7] = [
 fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> {
     let w = wrapped(r, item, "a device template")?;
     let Some(kind) = ContentKind::parse(&w.template_type) else {
-        r.error(
-            w.at,
+        w.unknown_type(
+            r,
             format!(
                 "unknown templateType '{}'; use CalculatedContent, JsonPathContent, IotJsonPathContent or IotCentralJsonPathContent",
                 w.template_type
@@ -583,5 +583,16 @@ mod explain_tests {
         assert!(why.contains("timestampExpression") && why.contains("$.matchedToken.time"), "{why}");
         assert_eq!((report[1].matches, report[1].measurements, report[1].error.clone()), (0, 0, None));
         assert_eq!(report[1].template, "CalculatedContent 'spo2'");
+    }
+
+    #[test]
+    fn an_unknown_template_type_is_reported_at_the_member_with_the_templates_name() {
+        let text = "{\"templateType\": \"CollectionContent\", \"template\": [\n  {\n    \"templateType\": \"CalculatedContnet\",\n    \"template\": {\"typeName\": \"hr\"}\n  }\n]}";
+        let (mapping, errors) = DeviceMapping::parse_partial(text);
+        assert!(mapping.templates.is_empty());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].line, errors[0].column), (3, 21), "{}", errors[0]);
+        assert_eq!(errors[0].template.as_deref(), Some("template 'hr'"));
+        assert!(errors[0].message.contains("unknown templateType 'CalculatedContnet'"), "{}", errors[0]);
     }
 }
