@@ -461,6 +461,10 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
             ),
         ));
     }
+    // Warned, not refused: Apply on the page can create them, and the page says it too.
+    for why in iomt_connector::studio::missing(&a.device_mapping, &a.fhir_mapping) {
+        eprintln!("warning: cannot read {why}; the editor opens empty (--device-mapping, --fhir-mapping)");
+    }
     let studio = iomt_connector::studio::Studio {
         device: a.device_mapping,
         fhir: a.fhir_mapping,
@@ -468,6 +472,7 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
         token: a.token,
         hosts: a.allow_host,
         session: iomt_connector::studio::new_session(),
+        live: None,
     };
     iomt_connector::studio::serve(&a.listen, studio)
         .map_err(|e| Failure(1, format!("error: cannot serve on {} (--listen): {e}", a.listen)))

@@ -94,6 +94,9 @@ pub struct TemplateReport {
     pub measurements: usize,
     /// The first failure: the field, the expression and the reason.
     pub error: Option<String>,
+    /// The expression that failed, as written in the mapping: the debugger finds its line by it.
+    #[serde(rename = "errorExpression", skip_serializing_if = "Option::is_none")]
+    pub error_expression: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -165,12 +168,17 @@ impl DeviceMapping {
                 let root_input = Input { scope: Scope { root: event, matched: None }, jmes: &jmes_event };
                 let matched = t.type_match.select_all(&root_input).map(|m| m.len());
                 let mut out = Vec::new();
-                let error = match &matched {
-                    Ok(_) => t.extract(event, &jmes_event, &mut out).err().map(|e| e.to_string()),
-                    Err(why) => {
-                        Some(t.error(Field::Member("typeMatchExpression"), &t.type_match, why.clone()).to_string())
-                    }
+                let failure = match &matched {
+                    Ok(_) => t.extract(event, &jmes_event, &mut out).err(),
+                    Err(why) => Some(t.error(Field::Member("typeMatchExpression"), &t.type_match, why.clone())),
                 };
+                let error_expression = match &failure {
+                    Some(
+                        NormalizeError::Expression { expression, .. } | NormalizeError::MissingValue { expression, .. },
+                    ) => Some(expression.clone()),
+                    _ => None,
+                };
+                let error = failure.map(|e| e.to_string());
                 TemplateReport {
                     template: format!("{} '{}'", t.kind.name(), t.type_name),
                     line: t.line,
@@ -179,6 +187,7 @@ impl DeviceMapping {
                     matches: matched.unwrap_or(0),
                     measurements: if error.is_some() { 0 } else { out.len() },
                     error,
+                    error_expression,
                 }
             })
             .collect()
