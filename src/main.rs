@@ -57,7 +57,9 @@ Serves the mapping debugger on --listen (127.0.0.1 only by default): both mappin
 every problem `validate` finds marked at its line as you type, device messages (pasted or uploaded,
 bodies or whole envelopes), why each template did or did not match, the normalized measurements and
 the Observations `transform` would write. Needs no broker and no FHIR server; nothing leaves the
-machine. `run` serves the same page at /debugger with http.debugger = true.
+machine. Save to files writes both mappings back to --device-mapping and --fhir-mapping once they
+load (each atomically); a missing file is warned about at start. `run` serves the same page at
+/debugger with http.debugger = true, where Apply writes the running service's files and reloads.
 
 Example:
   iomt-connector studio --listen 127.0.0.1:8181   # then open http://127.0.0.1:8181/";
