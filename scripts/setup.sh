@@ -193,17 +193,20 @@ setup_fault_proxy() {
 
 # ---------------------------------------------------------------- browser tests
 # The mapping debugger's end-to-end test drives Debian's Chromium with playwright-core (its own
-# browser download is not used: executablePath is /usr/bin/chromium).
+# browser download is not used: executablePath is /usr/bin/chromium), and checks the page with
+# axe-core (@axe-core/playwright, which works on playwright-core).
 setup_browser() {
     local need=()
     [[ -x /usr/bin/chromium ]] || need+=(chromium)
     command -v node >/dev/null 2>&1 || need+=(nodejs)
     command -v npm >/dev/null 2>&1 || need+=(npm)
     if ((${#need[@]})); then apt_install "${need[@]}"; fi
-    if [[ -d "$ROOT/tests/browser/node_modules/playwright-core" ]]; then
-        log "playwright-core already installed in tests/browser"
+    # Every package of package.json, not only the first: a dependency added later (axe-core)
+    # must reach clones that already ran setup.
+    if (cd "$ROOT/tests/browser" && npm ls --all >/dev/null 2>&1); then
+        log "tests/browser's npm packages already installed (playwright-core, @axe-core/playwright)"
     else
-        log "npm ci in tests/browser (playwright-core)"
+        log "npm ci in tests/browser (playwright-core, @axe-core/playwright)"
         (cd "$ROOT/tests/browser" && npm ci --silent --no-audit --no-fund) || die "npm ci in tests/browser failed"
     fi
     log "browser: $(/usr/bin/chromium --version 2>/dev/null | head -1)"

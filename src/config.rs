@@ -156,10 +156,11 @@ pub struct Mappings {
 #[serde(deny_unknown_fields)]
 pub struct Http {
     pub listen: String,
-    /// Serve the mapping debugger at `/debugger` (the running mappings; no data leaves the machine).
+    /// Serve the mapping debugger at `/debugger` (the running mappings; Apply writes the mapping
+    /// files, and only with `debugger_token` set).
     #[serde(default)]
     pub debugger: bool,
-    /// When set, the debugger asks for it (`Authorization: Bearer …` or `?token=…`).
+    /// When set, the debugger asks for it (the sign-in form, or `Authorization: Bearer …`).
     #[serde(default)]
     pub debugger_token: String,
     /// Host names (without port) the debugger answers besides the loopback ones: a page on another

@@ -139,7 +139,9 @@ Serves the mapping debugger on --listen (127.0.0.1 only by default): both mappin
 every problem `validate` finds marked at its line as you type, device messages (pasted or uploaded,
 bodies or whole envelopes), why each template did or did not match, the normalized measurements and
 the Observations `transform` would write. Needs no broker and no FHIR server; nothing leaves the
-machine. `run` serves the same page at /debugger with http.debugger = true.
+machine. Save to files writes both mappings back to --device-mapping and --fhir-mapping once they
+load (each atomically); a missing file is warned about at start. `run` serves the same page at
+/debugger with http.debugger = true, where Apply writes the running service's files and reloads.
 
 Example:
   iomt-connector studio --listen 127.0.0.1:8181   # then open http://127.0.0.1:8181/";
@@ -723,6 +725,10 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
             a.listen
         )));
     }
+    // Warned, not refused: Apply on the page can create them, and the page says it too.
+    for why in iomt_connector::studio::missing(&a.device_mapping, &a.fhir_mapping) {
+        eprintln!("warning: cannot read {why}; the editor opens empty (--device-mapping, --fhir-mapping)");
+    }
     let studio = iomt_connector::studio::Studio {
         device: a.device_mapping,
         fhir: a.fhir_mapping,
@@ -730,6 +736,7 @@ fn studio(a: StudioArgs) -> Result<(), Failure> {
         token: a.token,
         hosts: a.allow_host,
         session: iomt_connector::studio::new_session(),
+        live: None,
     };
     iomt_connector::studio::serve(&a.listen, studio)
         .map_err(|e| Failure::Failed(format!("error: cannot serve on {} (--listen): {e}", a.listen)))

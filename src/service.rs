@@ -74,6 +74,7 @@ pub async fn serve(
     let current = mappings::Current::new(mappings);
     // Bound before any actor starts: a port in use ends the start with its message, and nothing
     // half-started is left to fail on its own.
+    let live = mappings::Live { settings: settings.clone(), current: current.clone(), shared: shared.clone() };
     let debugger = settings.http.debugger.then(|| crate::studio::Studio {
         device: settings.mappings.device.clone(),
         fhir: settings.mappings.fhir.clone(),
@@ -81,6 +82,7 @@ pub async fn serve(
         token: settings.http.debugger_token.clone(),
         hosts: settings.http.debugger_hosts.clone(),
         session: crate::studio::new_session(),
+        live: Some(live),
     });
     let server = crate::http::server(&settings.http.listen, shared.clone(), debugger)
         .map_err(|e| RunError::Http { addr: settings.http.listen.clone(), message: e.to_string() })?;

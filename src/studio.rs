@@ -6,6 +6,7 @@
 //! in once with the token (a form; a session cookie after), a script sends it as a bearer token.
 
 use crate::engine::{self, Checked};
+use crate::pipeline::mappings::{Live, write_atomically};
 use crate::template::TemplateError;
 use crate::template::device::{DeviceMapping, envelope};
 use crate::template::fhir::FhirMapping;
@@ -32,7 +33,13 @@ pub struct Studio {
     /// What the sign-in cookie carries: random, made at start, so a session ends with the process
     /// and the token itself never travels in a cookie or a URL.
     pub session: std::sync::Arc<String>,
+    /// Under `run`: the running pair, the last refusal and the watched files. `None` for `studio`,
+    /// which shows and writes the files it was given.
+    pub live: Option<Live>,
 }
+
+/// The largest request the endpoints take (mappings plus messages).
+const LIMIT: usize = 16 << 20;
 
 /// The sign-in cookie's name.
 const COOKIE: &str = "iomt_debugger";
@@ -60,8 +67,9 @@ struct Pair {
 }
 
 /// Every problem of both mappings with its line and column, and the cross-checks when both parse
-/// (`engine::check`, as `validate` and the service's loads).
-fn check(pair: &Pair) -> (Value, Option<(DeviceMapping, FhirMapping)>) {
+/// (`engine::check`, as `validate` and the service's loads); and both mappings as far as they
+/// load, with whether that is all of them (the service would refuse the pair otherwise).
+fn check(pair: &Pair) -> (Value, DeviceMapping, FhirMapping, bool) {
     let Checked { device, fhir, report } = engine::check(&pair.device, Some(&pair.fhir), "the FHIR mapping");
     let json = json!({
         "device": problems(&report.device),
@@ -69,8 +77,7 @@ fn check(pair: &Pair) -> (Value, Option<(DeviceMapping, FhirMapping)>) {
         "cross": problems(&report.cross),
         "notes": problems(&report.notes),
     });
-    let usable = fhir.filter(|_| !report.refuses()).map(|f| (device, f));
-    (json, usable)
+    (json, device, fhir.unwrap_or_default(), !report.refuses())
 }
 
 #[derive(Deserialize)]
@@ -86,13 +93,12 @@ struct Run {
 }
 
 /// Each message's envelope, per-template explanation and measurements; then the Observations the
-/// offline transform writes for all of them (Create identity, empty FHIR server).
+/// offline transform writes for all of them (Create identity, empty FHIR server). A template with a
+/// problem is left out and the others still run: one typo should not hide every result, but the
+/// answer says the results are partial, since the service would refuse such a pair.
 fn run(r: &Run) -> Value {
     let pair = Pair { device: r.device.clone(), fhir: r.fhir.clone() };
-    let (problems, usable) = check(&pair);
-    let Some((device, fhir)) = usable else {
-        return json!({"problems": problems, "messages": [], "observations": [], "errors": ["fix the mappings first"]});
-    };
+    let (problems, device, fhir, whole) = check(&pair);
     let mut all = Vec::new();
     let mut messages = Vec::new();
     for (i, text) in r.messages.iter().enumerate() {
@@ -102,7 +108,7 @@ fn run(r: &Run) -> Value {
         match event {
             Err(why) => messages.push(json!({"error": why, "templates": [], "measurements": []})),
             Ok(event) => {
-                let templates = device.explain(&event);
+                let templates = located(device.explain(&event), &r.device);
                 let (measurements, error) = match device.normalize(&event) {
                     Ok(ms) => (ms, None),
                     Err(e) => (Vec::new(), Some(format!("{} ({})", e, e.kind()))),
@@ -114,12 +120,43 @@ fn run(r: &Run) -> Value {
     }
     let identity = CreateIdentity { device_system: r.device_identifier_system.clone().filter(|s| !s.is_empty()) };
     let batch = transform(&fhir, all, &identity, chrono::Utc::now());
+    let partial = (!whole).then(|| {
+        format!(
+            "the mappings have problems: these results come from the templates that load ({} device, {} FHIR); \
+             the service would refuse this pair",
+            device.templates.len(),
+            fhir.templates.len()
+        )
+    });
     json!({
         "problems": problems,
+        "partial": partial,
         "messages": messages,
         "observations": batch.observations,
         "errors": batch.errors.iter().map(|e| format!("{e} ({})", e.kind())).collect::<Vec<_>>(),
     })
+}
+
+/// Each report with `errorLine`: the line of the device mapping holding the expression that failed
+/// (the first line from the template's own that quotes it; the template's line when none does,
+/// as for the IoT kinds' fixed expressions), so the page marks it in the editor.
+fn located(reports: Vec<crate::template::device::TemplateReport>, text: &str) -> Vec<Value> {
+    let lines: Vec<&str> = text.lines().collect();
+    reports
+        .into_iter()
+        .map(|t| {
+            let line = t.error_expression.as_ref().map(|e| {
+                let quoted = serde_json::to_string(e).unwrap_or_default();
+                let from = t.line.saturating_sub(1);
+                lines.iter().skip(from).position(|l| l.contains(&quoted)).map_or(t.line, |i| from + i + 1)
+            });
+            let mut v = serde_json::to_value(&t).unwrap_or_default();
+            if t.error.is_some() {
+                v["errorLine"] = json!(line.unwrap_or(t.line));
+            }
+            v
+        })
+        .collect()
 }
 
 /// The request's `Host` is a loopback name or one of `hosts`; anything else may be a page of
@@ -228,8 +265,74 @@ async fn run_endpoint(req: HttpRequest, s: web::Data<Studio>, body: web::Json<Ru
     HttpResponse::Ok().json(run(&body))
 }
 
-/// The sample mappings and messages (`mappings/`), for the page's "load samples".
-async fn samples(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
+/// The mapping files: under `run` the watched ones, for `studio` the ones it was given.
+fn files(s: &Studio) -> (PathBuf, PathBuf) {
+    match &s.live {
+        Some(live) => (live.settings.mappings.device.clone(), live.settings.mappings.fhir.clone()),
+        None => (s.device.clone(), s.fhir.clone()),
+    }
+}
+
+/// A path as the user should read it: absolute, since a relative default (`mappings/…`) is
+/// resolved against a working directory the user may not have in mind.
+fn shown(p: &std::path::Path) -> String {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+}
+
+/// The mapping files that cannot be read, each with why; the page and `studio`'s start say so
+/// instead of opening an empty editor that reports "the mapping file is empty".
+pub fn missing(device: &std::path::Path, fhir: &std::path::Path) -> Vec<String> {
+    [("device", device), ("FHIR", fhir)]
+        .into_iter()
+        .filter_map(|(what, p)| {
+            std::fs::read_to_string(p).err().map(|e| format!("the {what} mapping {}: {e}", shown(p)))
+        })
+        .collect()
+}
+
+/// What the page shows above the editors: the running pair (under `run`), the files on disk, the
+/// last refusal, and whether Apply is possible and where it writes.
+fn state(s: &Studio) -> Value {
+    let (device, fhir) = files(s);
+    let texts = (std::fs::read_to_string(&device), std::fs::read_to_string(&fhir));
+    let disk_version = match &texts {
+        (Ok(d), Ok(f)) => Some(engine::version(d, f)),
+        _ => None,
+    };
+    let running = s.live.as_ref().map(|l| l.current.get());
+    let apply = match (&s.live, s.token.is_empty()) {
+        (Some(_), true) => {
+            json!({"available": false, "why": "Apply needs a token: set http.debugger_token (the debugger then asks for it)"})
+        }
+        _ => json!({"available": true}),
+    };
+    json!({
+        "mode": if s.live.is_some() { "run" } else { "studio" },
+        "running": running.map(|m| json!({"version": m.version})),
+        "disk": {"device": shown(&device), "fhir": shown(&fhir), "version": disk_version},
+        "missing": missing(&device, &fhir),
+        "refused": s.live.as_ref().and_then(|l| l.refused()),
+        "apply": apply,
+    })
+}
+
+async fn state_endpoint(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
+    if !allowed(&req, &s) {
+        return refused(&req, &s);
+    }
+    HttpResponse::Ok().json(state(&s))
+}
+
+#[derive(Deserialize)]
+struct Open {
+    /// `running` (the pair in force, under `run`) or `disk`.
+    #[serde(default)]
+    from: String,
+}
+
+/// The mappings the page opens with (the running pair under `run`, else the files; `?from=disk`
+/// the files), the sample messages, and `state`.
+async fn samples(req: HttpRequest, s: web::Data<Studio>, q: web::Query<Open>) -> HttpResponse {
     if !allowed(&req, &s) {
         return refused(&req, &s);
     }
@@ -244,24 +347,85 @@ async fn samples(req: HttpRequest, s: web::Data<Studio>) -> HttpResponse {
             messages.push(json!({"name": name, "text": read(f)}));
         }
     }
-    HttpResponse::Ok().json(json!({
-        "device": read(s.device.clone()),
-        "fhir": read(s.fhir.clone()),
-        "messages": messages,
-    }))
+    let (device, fhir) = match s.live.as_ref().filter(|_| q.from != "disk") {
+        Some(live) => {
+            let m = live.current.get();
+            (m.device_text.clone(), m.fhir_text.clone())
+        }
+        None => {
+            let (d, f) = files(&s);
+            (read(d), read(f))
+        }
+    };
+    HttpResponse::Ok().json(json!({"device": device, "fhir": fhir, "messages": messages, "state": state(&s)}))
+}
+
+/// Validates the pair with the engine (as the service's load: problems refuse it, cross-check
+/// findings do not) and writes it over the mapping files, each atomically. Under `run` only with a
+/// token configured (writing the service's mappings is more than reading them), and the service
+/// reloads it at once: the answer carries the reload's result.
+async fn apply(req: HttpRequest, s: web::Data<Studio>, body: web::Json<Pair>) -> HttpResponse {
+    if !allowed(&req, &s) {
+        return refused(&req, &s);
+    }
+    if s.live.is_some() && s.token.is_empty() {
+        return HttpResponse::Forbidden().json(json!({"error":
+            "Apply is off: it writes the running service's mapping files, so it needs http.debugger_token to be set"}));
+    }
+    let (problems, _, _, whole) = check(&body);
+    if !whole {
+        return HttpResponse::UnprocessableEntity().json(json!({
+            "error": "not written: the mappings have problems (marked in the editors); the service would refuse them",
+            "problems": problems,
+        }));
+    }
+    let (device, fhir) = files(&s);
+    let version = engine::version(&body.device, &body.fhir);
+    let written = json!([shown(&device), shown(&fhir)]);
+    let result = match &s.live {
+        Some(live) => live.apply(&body.device, &body.fhir).map(|r| serde_json::to_value(r).unwrap_or_default()),
+        None => write_atomically(&device, &body.device)
+            .and_then(|_| write_atomically(&fhir, &body.fhir))
+            .map(|_| json!({"reload": "none"})),
+    };
+    match result {
+        Ok(mut r) => {
+            r["written"] = written;
+            r["fileVersion"] = json!(version);
+            HttpResponse::Ok().json(r)
+        }
+        Err(e) => HttpResponse::InternalServerError().json(json!({"error": e.to_string()})),
+    }
+}
+
+/// A body the JSON extractor refuses, answered in JSON with its reason; past the limit that is
+/// 413 and says the limit, so the page can tell "too large" from a broken server.
+fn json_error(err: actix_web::error::JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    use actix_web::error::{InternalError, JsonPayloadError};
+    let response = match &err {
+        JsonPayloadError::OverflowKnownLength { length, limit } => HttpResponse::PayloadTooLarge().json(json!({
+            "error": format!("the request is {length} bytes; the debugger takes at most {limit} (mappings and messages together)")
+        })),
+        JsonPayloadError::Overflow { limit } => HttpResponse::PayloadTooLarge()
+            .json(json!({"error": format!("the request is over {limit} bytes, the most the debugger takes")})),
+        other => HttpResponse::BadRequest().json(json!({"error": other.to_string()})),
+    };
+    InternalError::from_response(err, response).into()
 }
 
 /// The debugger's routes, for an actix-web `App` or `scope`.
 pub fn routes(cfg: &mut web::ServiceConfig, studio: Studio) {
     cfg.app_data(web::Data::new(studio))
         // Mappings and messages of several MB are fine; the default JSON limit is 32 KB.
-        .app_data(web::JsonConfig::default().limit(16 << 20))
+        .app_data(web::JsonConfig::default().limit(LIMIT).error_handler(json_error))
         .route("/", web::get().to(page))
         .route("/signin", web::get().to(sign_in_page))
         .route("/signin", web::post().to(sign_in))
         .route("/api/check", web::post().to(check_endpoint))
         .route("/api/run", web::post().to(run_endpoint))
-        .route("/api/samples", web::get().to(samples));
+        .route("/api/samples", web::get().to(samples))
+        .route("/api/state", web::get().to(state_endpoint))
+        .route("/api/apply", web::post().to(apply));
 }
 
 /// `iomt-connector studio`: the debugger alone, until SIGINT/SIGTERM.
@@ -278,4 +442,65 @@ pub fn serve(listen: &str, studio: Studio) -> std::io::Result<()> {
         eprintln!("iomt-connector studio: http://{listen}/");
         server.await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str) -> String {
+        let path = format!("{}/mappings/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn a_broken_template_leaves_the_others_running_and_says_so() {
+        let device = sample("devicecontent.json").replacen("CalculatedContent", "CalculatedContnet", 1);
+        let r = run(&Run {
+            device,
+            fhir: sample("fhirmapping.json"),
+            messages: vec![sample("messages/spo2.json")],
+            envelope: false,
+            device_identifier_system: None,
+        });
+        assert!(r["partial"].as_str().is_some_and(|p| p.contains("templates that load")), "{r}");
+        let codes: Vec<&str> = r["observations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o["code"]["coding"][0]["code"].as_str())
+            .collect();
+        assert_eq!(codes, ["59408-5"], "{r}");
+    }
+
+    #[test]
+    fn an_error_met_while_running_is_located_at_its_expressions_line() {
+        let device = sample("devicecontent.json");
+        let r = run(&Run {
+            device: device.clone(),
+            fhir: sample("fhirmapping.json"),
+            messages: vec![r#"{"deviceId": "d1", "heartRate": 70}"#.into()],
+            envelope: false,
+            device_identifier_system: None,
+        });
+        let failed = r["messages"][0]["templates"].as_array().into_iter().flatten().find(|t| !t["error"].is_null());
+        let line = failed.and_then(|t| t["errorLine"].as_u64()).unwrap_or_default() as usize;
+        let text = device.lines().nth(line.saturating_sub(1)).unwrap_or_default();
+        assert!(text.contains("\"timestampExpression\""), "line {line}: {text}");
+        assert!(r["partial"].is_null(), "{r}");
+    }
+
+    #[test]
+    fn a_write_replaces_the_file_whole_and_leaves_nothing_beside_it() {
+        let dir = std::env::temp_dir().join(format!("iomt-studio-write-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("m.json");
+        std::fs::write(&file, "old").unwrap_or_else(|e| panic!("{e}"));
+        write_atomically(&file, "new").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(std::fs::read_to_string(&file).ok().as_deref(), Some("new"));
+        assert_eq!(std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or_default(), 1);
+        let missing = write_atomically(&dir.join("no/such/dir/m.json"), "x").err().map(|e| e.to_string());
+        assert!(missing.is_some_and(|e| e.contains("cannot write")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -5,6 +5,7 @@ mod common;
 
 use common::services::{self, Bed, Connector, Setup};
 use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -12,14 +13,23 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
-/// `iomt-connector studio` on a port of its own, answering.
+/// `iomt-connector studio` on a port of its own, answering, from the repository.
 async fn studio() -> (tokio::process::Child, String) {
+    let (child, url, _) = studio_with(&services::repo_path(""), &[]).await;
+    (child, url)
+}
+
+/// `iomt-connector studio ARGS` run in `dir`, answering; its stderr goes to the returned file.
+async fn studio_with(dir: &Path, args: &[&str]) -> (tokio::process::Child, String, PathBuf) {
     let listen = format!("127.0.0.1:{}", free_port());
+    let stderr = std::env::temp_dir().join(format!("iomt-studio-{}.log", listen.replace([':', '.'], "-")));
+    let log = std::fs::File::create(&stderr).unwrap_or_else(|e| panic!("{e}"));
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_iomt-connector"))
         .args(["studio", "--listen", &listen])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .current_dir(dir)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start the studio: {e}"));
@@ -29,7 +39,38 @@ async fn studio() -> (tokio::process::Child, String) {
         assert!(Instant::now() < deadline, "the studio did not answer at {url}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (child, url)
+    (child, url, stderr)
+}
+
+/// Runs a browser script of tests/browser (`debugger.mjs URL SCENARIOS` or `debugger-run.mjs URL`)
+/// in headless Chromium; its output, after asserting that it passed.
+fn browser(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
+    let dir = services::repo_path("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir() && dir.join("node_modules/@axe-core/playwright").is_dir(),
+        "tests/browser/node_modules is incomplete: run scripts/setup.sh (npm ci there, and Debian's chromium)"
+    );
+    let out = std::process::Command::new("node")
+        .arg(script)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("node (needed for the browser test): {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success(), "the browser test failed:\n{text}");
+    text
+}
+
+/// A folder holding copies of the sample mappings, for tests that write them.
+fn copies(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(services::unique(name));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (device, fhir) = (dir.join("devicecontent.json"), dir.join("fhirmapping.json"));
+    std::fs::write(&device, sample("mappings/devicecontent.json")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&fhir, sample("mappings/fhirmapping.json")).unwrap_or_else(|e| panic!("{e}"));
+    (dir, device, fhir)
 }
 
 fn sample(path: &str) -> String {
@@ -78,25 +119,63 @@ async fn the_endpoints_answer_with_the_engines_own_results() {
     assert!(samples["messages"].as_array().is_some_and(|m| m.len() >= 6), "{samples}");
 }
 
+/// The walk-through (a broken mapping marked, a message to its Observation) and issue 19's items
+/// 5, 6, 7 and 8, an error met while running marked at its line, opening files, and axe-core.
+/// IOMT_SCREENSHOTS=docs refreshes docs/debugger-1024.png and docs/debugger-1500.png.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_page_in_headless_chromium_marks_errors_and_shows_the_observation() {
     let (_child, url) = studio().await;
-    let browser = services::repo_path("tests/browser");
-    assert!(
-        browser.join("node_modules/playwright-core").is_dir(),
-        "tests/browser/node_modules is missing: run scripts/setup.sh (npm ci there, and Debian's chromium)"
-    );
-    let mut cmd = std::process::Command::new("node");
-    cmd.arg("debugger.mjs").arg(&url).current_dir(&browser);
-    // IOMT_SCREENSHOT=docs/studio.png refreshes the README's picture.
-    if let Ok(shot) = std::env::var("IOMT_SCREENSHOT") {
-        cmd.arg(services::repo_path(&shot));
+    let mut env = Vec::new();
+    if let Ok(dir) = std::env::var("IOMT_SCREENSHOTS") {
+        env.push(("IOMT_SCREENSHOTS", services::repo_path(&dir).display().to_string()));
     }
-    let out = cmd.output().unwrap_or_else(|e| panic!("node (needed for the browser test): {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{text}");
-    assert!(out.status.success(), "the browser test failed:\n{text}");
-    assert!(text.contains("debugger page: ok"), "{text}");
+    let text = browser("debugger.mjs", &[&url, "basics,partial,runtime,layout,files,a11y"], &env);
+    for item in
+        ["item 5", "item 6", "item 7", "item 8", "missing timestamp is marked", "opened from the page", "axe-core"]
+    {
+        assert!(text.contains(&format!("ok: {item}")) || text.contains(item), "{item} not checked:\n{text}");
+    }
+}
+
+/// `studio`'s Apply ("Save to files"): refused while the mappings have problems, then written over
+/// the files it opened.
+#[tokio::test(flavor = "multi_thread")]
+async fn studio_saves_valid_mappings_over_the_files_it_opened() {
+    let (dir, device, fhir) = copies("studio-save");
+    let (d, f) = (device.display().to_string(), fhir.display().to_string());
+    let messages = services::repo_path("mappings/messages").display().to_string();
+    let (_child, url, _) =
+        studio_with(&dir, &["--device-mapping", &d, "--fhir-mapping", &f, "--messages", &messages]).await;
+    browser("debugger.mjs", &[&url, "save"], &[("IOMT_DEVICE_FILE", d.clone()), ("IOMT_FHIR_FILE", f.clone())]);
+    assert_eq!(std::fs::read_to_string(&device).ok(), Some(sample("mappings/devicecontent.json")));
+    let left: Vec<_> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 2, "no temporary file is left beside the mappings: {left:?}");
+}
+
+/// Issue 19, item 1: a request past 16 MiB and a stopped studio are said so on the page, and the
+/// results shown are marked out of date.
+#[tokio::test(flavor = "multi_thread")]
+async fn too_large_and_unreachable_are_said_and_old_results_marked_out_of_date() {
+    let (child, url) = studio().await;
+    let pid = child.id().unwrap_or_default().to_string();
+    let text = browser("debugger.mjs", &[&url, "too-large,unreachable"], &[("IOMT_STUDIO_PID", pid)]);
+    assert!(text.contains("Too large") && text.contains("Server unreachable"), "{text}");
+}
+
+/// Issue 19, item 4: started where its files are not, `studio` warns and the page names them.
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_mapping_files_are_warned_at_start_and_on_the_page() {
+    let dir = std::env::temp_dir().join(services::unique("studio-missing"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let nope = dir.join("nope.json").display().to_string();
+    let (_child, url, stderr) = studio_with(&dir, &["--device-mapping", &nope]).await;
+    let warned = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(
+        warned.contains(&format!("warning: cannot read the device mapping {nope}"))
+            && warned.contains(&format!("the FHIR mapping {}", dir.join("mappings/fhirmapping.json").display())),
+        "{warned}"
+    );
+    browser("debugger.mjs", &[&url, "missing"], &[]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -176,4 +255,56 @@ async fn a_foreign_host_is_refused_and_the_loopback_names_are_answered() {
             assert!(body.contains("--allow-host"), "{body}");
         }
     }
+}
+
+/// Issue 19, item 3 and Apply on `/debugger` of `run`, in the browser (debugger-run.mjs): the
+/// running pair and its version beside the files on disk, a refused reload named, Apply writing
+/// the watched files and showing the reload. Then, by the endpoint: an invalid pair is not
+/// written, and without a configured token Apply is refused and says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_debugger_on_run_shows_the_running_pair_and_applies_through_the_reload() {
+    let Bed { system, queue, ch, _conn, .. } = services::bed("debugger-apply").await;
+    let (_dir, device, fhir) = copies("debugger-apply");
+    let mut setup = Setup::new(&queue, "Create", &system);
+    (setup.device_mapping, setup.fhir_mapping) = (device.clone(), fhir.clone());
+    setup.extra.push(("IOMT_HTTP__DEBUGGER", "true".into()));
+    setup.extra.push(("IOMT_HTTP__DEBUGGER_TOKEN", "s3cret".into()));
+    let c = Connector::start(&setup).await;
+    let base = format!("http://{}/", c.http);
+    browser(
+        "debugger-run.mjs",
+        &[&base],
+        &[
+            ("IOMT_TOKEN", "s3cret".into()),
+            ("IOMT_DEVICE_FILE", device.display().to_string()),
+            ("IOMT_FHIR_FILE", fhir.display().to_string()),
+        ],
+    );
+    let applied = std::fs::read_to_string(&fhir).unwrap_or_default();
+    assert!(applied.contains("8867-4-applied"), "{applied}");
+
+    let apply = |token: Option<&'static str>, http: String, body: Value| async move {
+        let mut r = services::http().post(format!("http://{http}/debugger/api/apply")).json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let r = r.send().await.unwrap_or_else(|e| panic!("{e}"));
+        (r.status().as_u16(), r.json::<Value>().await.unwrap_or_default())
+    };
+    let (status, body) = apply(Some("s3cret"), c.http.clone(), json!({"device": "{", "fhir": applied})).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["problems"]["device"].as_array().is_some_and(|p| !p.is_empty()), "{body}");
+    assert_eq!(std::fs::read_to_string(&device).ok(), Some(sample("mappings/devicecontent.json")), "not written");
+    drop(c);
+
+    let mut setup = Setup::new(&queue, "Create", &system);
+    (setup.device_mapping, setup.fhir_mapping) = (device.clone(), fhir.clone());
+    setup.extra.push(("IOMT_HTTP__DEBUGGER", "true".into()));
+    let open = Connector::start(&setup).await;
+    let pair = json!({"device": sample("mappings/devicecontent.json"), "fhir": sample("mappings/fhirmapping.json")});
+    let (status, body) = apply(None, open.http.clone(), pair).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("http.debugger_token"), "{body}");
+    assert_eq!(std::fs::read_to_string(&fhir).ok(), Some(applied), "not written without a token");
+    services::delete_queue(&ch, &queue).await;
 }

@@ -11,7 +11,7 @@ use crate::template::device::DeviceMapping;
 use crate::template::fhir::FhirMapping;
 use crate::template::located_all;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
 /// A device mapping and a FHIR mapping, loaded together.
@@ -20,6 +20,10 @@ pub struct Mappings {
     pub fhir: FhirMapping,
     /// The first 12 hex digits of the sha256 of both files' text.
     pub version: String,
+    /// The texts this pair was loaded from: what `/debugger` shows as running, which the files
+    /// on disk need not be any more (a refused reload, an edit not yet picked up).
+    pub device_text: String,
+    pub fhir_text: String,
 }
 
 /// Why a pair of mapping files does not load.
@@ -31,12 +35,18 @@ pub enum LoadError {
     Io(String),
 }
 
-/// The pair in force; swapped whole.
-pub struct Current(RwLock<Arc<Mappings>>);
+/// The pair in force; swapped whole. `reloading` is held while a reload reads the files and while
+/// the debugger's Apply writes them, so a reload never reads a new device file beside the old FHIR
+/// file (and runs a pair nobody wrote).
+pub struct Current(RwLock<Arc<Mappings>>, Mutex<()>);
 
 impl Current {
     pub fn new(m: Mappings) -> Arc<Current> {
-        Arc::new(Current(RwLock::new(Arc::new(m))))
+        Arc::new(Current(RwLock::new(Arc::new(m)), Mutex::new(())))
+    }
+
+    fn reloading(&self) -> MutexGuard<'_, ()> {
+        self.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn get(&self) -> Arc<Mappings> {
@@ -74,7 +84,7 @@ pub fn load(s: &Settings) -> Result<Mappings, LoadError> {
         tracing::warn!("{}", p.located(&device_file));
     }
     let version = engine::version(&device_text, &fhir_text);
-    Ok(Mappings { device, fhir: fhir.unwrap_or_default(), version })
+    Ok(Mappings { device, fhir: fhir.unwrap_or_default(), version, device_text, fhir_text })
 }
 
 fn modified(s: &Settings) -> (Option<SystemTime>, Option<SystemTime>) {
@@ -116,34 +126,105 @@ pub async fn watch(settings: Arc<Settings>, current: Arc<Current>, shared: Arc<S
     }
 }
 
-fn reload(settings: &Settings, current: &Current, shared: &Shared) {
+/// What a reload did; the debugger's Apply shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "reload", rename_all = "lowercase")]
+pub enum Reloaded {
+    /// A new pair is in force.
+    Applied { version: String },
+    /// The files hold the pair already in force.
+    Unchanged { version: String },
+    /// The files do not load; `running` keeps running.
+    Refused { running: String, why: String },
+}
+
+fn reload(settings: &Settings, current: &Current, shared: &Shared) -> Reloaded {
+    let _files = current.reloading();
+    reload_held(settings, current, shared)
+}
+
+/// A reload, with `Current::reloading` held by the caller.
+fn reload_held(settings: &Settings, current: &Current, shared: &Shared) -> Reloaded {
     let m = metrics::get();
+    let refused = |why: Option<String>| {
+        m.mappings_refused.set(i64::from(why.is_some()));
+        if let Ok(mut r) = shared.mappings_refused.lock() {
+            *r = why;
+        }
+    };
     match load(settings) {
         // The files are back to the pair in force: whatever was refused in between is moot.
         Ok(new) if new.version == current.get().version => {
-            if let Ok(mut r) = shared.mappings_refused.lock() {
-                *r = None;
-            }
-            m.mappings_refused.set(0);
+            refused(None);
+            Reloaded::Unchanged { version: new.version }
         }
         Ok(new) => {
             tracing::info!(version = %new.version, previous = %current.get().version, "mappings reloaded");
             announce(&new, shared);
+            let version = new.version.clone();
             current.set(new);
-            if let Ok(mut r) = shared.mappings_refused.lock() {
-                *r = None;
-            }
+            refused(None);
             m.mapping_reloads.with_label_values(&["applied"]).inc();
-            m.mappings_refused.set(0);
+            Reloaded::Applied { version }
         }
         Err(e) => {
-            let active = current.get().version.clone();
-            tracing::error!(active = %active, "new mappings refused; the active ones keep running: {e}");
-            if let Ok(mut r) = shared.mappings_refused.lock() {
-                *r = Some(e.to_string());
-            }
+            let running = current.get().version.clone();
+            tracing::error!(active = %running, "new mappings refused; the active ones keep running: {e}");
+            refused(Some(e.to_string()));
             m.mapping_reloads.with_label_values(&["refused"]).inc();
-            m.mappings_refused.set(1);
+            Reloaded::Refused { running, why: e.to_string() }
         }
     }
+}
+
+/// What the debugger under `run` reaches of the running service: the pair in force, the last
+/// refusal, and the watched files (for Apply).
+#[derive(Clone)]
+pub struct Live {
+    pub settings: Arc<Settings>,
+    pub current: Arc<Current>,
+    pub shared: Arc<Shared>,
+}
+
+impl Live {
+    /// Why the last reload was refused, while the files on disk still do not load.
+    pub fn refused(&self) -> Option<String> {
+        self.shared.mappings_refused.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Writes a pair the engine loads over the watched files and reloads it at once, under the
+    /// reload lock, so the watcher cannot load half of it (nor reload it first, which would make
+    /// this reload say "unchanged"); the watcher then finds it in force.
+    pub fn apply(&self, device: &str, fhir: &str) -> std::io::Result<Reloaded> {
+        let _files = self.current.reloading();
+        let (device_path, fhir_path) = (&self.settings.mappings.device, &self.settings.mappings.fhir);
+        let before = std::fs::read_to_string(device_path).ok();
+        write_atomically(device_path, device)?;
+        if let Err(e) = write_atomically(fhir_path, fhir) {
+            // Put the device file back: beside the old FHIR file it is a pair nobody asked for.
+            if let Some(old) = before {
+                let _ = write_atomically(device_path, &old);
+            }
+            return Err(e);
+        }
+        Ok(reload_held(&self.settings, &self.current, &self.shared))
+    }
+}
+
+/// Writes beside the file and renames over it: a reader (the watcher, an editor) sees the old text
+/// or the new, never a half-written file.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::File::create(&aside).and_then(|mut f| {
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|_| std::fs::rename(&aside, path)) {
+        let _ = std::fs::remove_file(&aside);
+        return Err(std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())));
+    }
+    Ok(())
 }

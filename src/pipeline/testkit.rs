@@ -25,9 +25,10 @@ pub fn sample_mappings() -> Arc<Mappings> {
         let path = format!("{}/mappings/{f}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     };
-    let device = DeviceMapping::parse(&read("devicecontent.json")).unwrap_or_else(|e| panic!("{e}"));
-    let fhir = FhirMapping::parse(&read("fhirmapping.json")).unwrap_or_else(|e| panic!("{e}"));
-    Arc::new(Mappings { device, fhir, version: "test".into() })
+    let (device_text, fhir_text) = (read("devicecontent.json"), read("fhirmapping.json"));
+    let device = DeviceMapping::parse(&device_text).unwrap_or_else(|e| panic!("{e}"));
+    let fhir = FhirMapping::parse(&fhir_text).unwrap_or_else(|e| panic!("{e}"));
+    Arc::new(Mappings { device, fhir, version: "test".into(), device_text, fhir_text })
 }
 
 pub fn stats(name: &str) -> Arc<ActorStats> {

@@ -94,6 +94,9 @@ pub struct TemplateReport {
     pub measurements: usize,
     /// The first failure: the field, the expression and the reason.
     pub error: Option<String>,
+    /// The expression that failed, as written in the mapping: the debugger finds its line by it.
+    #[serde(rename = "errorExpression", skip_serializing_if = "Option::is_none")]
+    pub error_expression: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -165,12 +168,17 @@ impl DeviceMapping {
                 let root_input = Input { scope: Scope { root: event, matched: None }, jmes: &jmes_event };
                 let matched = t.type_match.select_all(&root_input).map(|m| m.len());
                 let mut out = Vec::new();
-                let error = match &matched {
-                    Ok(_) => t.extract(event, &jmes_event, &mut out).err().map(|e| e.to_string()),
-                    Err(why) => {
-                        Some(t.error(Field::Member("typeMatchExpression"), &t.type_match, why.clone()).to_string())
-                    }
+                let failure = match &matched {
+                    Ok(_) => t.extract(event, &jmes_event, &mut out).err(),
+                    Err(why) => Some(t.error(Field::Member("typeMatchExpression"), &t.type_match, why.clone())),
                 };
+                let error_expression = match &failure {
+                    Some(
+                        NormalizeError::Expression { expression, .. } | NormalizeError::MissingValue { expression, .. },
+                    ) => Some(expression.clone()),
+                    _ => None,
+                };
+                let error = failure.map(|e| e.to_string());
                 TemplateReport {
                     template: format!("{} '{}'", t.kind.name(), t.type_name),
                     line: t.line,
@@ -179,6 +187,7 @@ impl DeviceMapping {
                     matches: matched.unwrap_or(0),
                     measurements: if error.is_some() { 0 } else { out.len() },
                     error,
+                    error_expression,
                 }
             })
             .collect()
@@ -422,8 +431,8 @@ const COMMON: [&str; 7] = [
 fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<DeviceTemplate> {
     let w = wrapped(r, item, "a device template")?;
     let Some(kind) = ContentKind::parse(&w.template_type) else {
-        r.error(
-            w.at,
+        w.unknown_type(
+            r,
             format!(
                 "unknown templateType '{}'; use CalculatedContent, JsonPathContent, IotJsonPathContent or IotCentralJsonPathContent",
                 w.template_type
@@ -583,5 +592,16 @@ mod explain_tests {
         assert!(why.contains("timestampExpression") && why.contains("$.matchedToken.time"), "{why}");
         assert_eq!((report[1].matches, report[1].measurements, report[1].error.clone()), (0, 0, None));
         assert_eq!(report[1].template, "CalculatedContent 'spo2'");
+    }
+
+    #[test]
+    fn an_unknown_template_type_is_reported_at_the_member_with_the_templates_name() {
+        let text = "{\"templateType\": \"CollectionContent\", \"template\": [\n  {\n    \"templateType\": \"CalculatedContnet\",\n    \"template\": {\"typeName\": \"hr\"}\n  }\n]}";
+        let (mapping, errors) = DeviceMapping::parse_partial(text);
+        assert!(mapping.templates.is_empty());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].line, errors[0].column), (3, 21), "{}", errors[0]);
+        assert_eq!(errors[0].template.as_deref(), Some("template 'hr'"));
+        assert!(errors[0].message.contains("unknown templateType 'CalculatedContnet'"), "{}", errors[0]);
     }
 }

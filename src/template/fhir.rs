@@ -196,7 +196,7 @@ fn read_collection(r: &mut Reader<'_>, root: &Node<'_>, mapping: &mut FhirMappin
 fn read_template(r: &mut Reader<'_>, item: &Node<'_>) -> Option<CodeValueTemplate> {
     let w = wrapped(r, item, "a FHIR template")?;
     if !w.template_type.eq_ignore_ascii_case("CodeValueFhir") {
-        r.error(w.at, format!("unknown templateType '{}'; use CodeValueFhir", w.template_type));
+        w.unknown_type(r, format!("unknown templateType '{}'; use CodeValueFhir", w.template_type));
         return None;
     }
     let Node::Object(obj) = w.template else {

@@ -248,6 +248,30 @@ pub(crate) struct Wrapped<'a, 't> {
     pub template_type: String,
     pub template: &'a Node<'t>,
     pub at: &'a Object<'t>,
+    /// The `templateType` value: where a wrong type is reported, rather than at the enclosing
+    /// object, so an editor marks the member to change.
+    pub type_at: Option<&'a Node<'t>>,
+}
+
+impl Wrapped<'_, '_> {
+    /// Reports an unknown `templateType` at its value, naming the template by its `typeName` when
+    /// it has one: the type's error stops the template being read, so without this nothing would
+    /// say which of several templates it is.
+    pub fn unknown_type(&self, r: &mut Reader<'_>, message: String) {
+        let name = match self.template {
+            Node::Object(o) => o.properties.iter().find(|p| p.name.as_str().eq_ignore_ascii_case("typeName")),
+            _ => None,
+        };
+        let context = r.context.take();
+        if let Some(Node::StringLit(s)) = name.map(|p| &p.value) {
+            r.context = Some(format!("template '{}'", s.value));
+        }
+        match self.type_at {
+            Some(node) => r.error(node, message),
+            None => r.error(self.at, message),
+        }
+        r.context = context;
+    }
 }
 
 pub(crate) fn wrapped<'a, 't>(r: &mut Reader<'_>, node: &'a Node<'t>, what: &str) -> Option<Wrapped<'a, 't>> {
@@ -258,5 +282,5 @@ pub(crate) fn wrapped<'a, 't>(r: &mut Reader<'_>, node: &'a Node<'t>, what: &str
     let m = Members::read(r, obj, &["templateType", "template"], what);
     let template_type = m.string(r, "templateType", true);
     let template = m.required(r, "template");
-    Some(Wrapped { template_type: template_type?, template: template?, at: obj })
+    Some(Wrapped { template_type: template_type?, template: template?, at: obj, type_at: m.get("templateType") })
 }
