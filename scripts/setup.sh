@@ -387,8 +387,11 @@ subjectAltName=DNS:client.localhost"
 tls_verifies() {
     local addr="$1" name="$2"
     shift 2
-    openssl s_client -connect "$addr" -servername "$name" -verify_hostname "$name" "$@" </dev/null 2>&1 \
-        | grep -q 'Verify return code: 0 (ok)'
+    # Read whole before it is searched: `grep -q` leaving early would end s_client with SIGPIPE,
+    # which pipefail reports as a failed check.
+    local out
+    out="$(openssl s_client -connect "$addr" -servername "$name" -verify_hostname "$name" "$@" </dev/null 2>&1 || true)"
+    grep -q 'Verify return code: 0 (ok)' <<<"$out"
 }
 
 # The marked block setup.sh keeps in rabbitmq.conf; everything outside it is the operator's.
