@@ -218,6 +218,7 @@ pub async fn declare(conn: &Connection, b: &Broker) -> Result<Vec<String>, Broke
             }
         }
     }
+    bind_mqtt_topics(&channel, b).await?;
     channel
         .exchange_declare(b.dead_letter_exchange.as_str().into(), ExchangeKind::Fanout, ex, FieldTable::default())
         .await?;
@@ -233,6 +234,53 @@ pub async fn declare(conn: &Connection, b: &Broker) -> Result<Vec<String>, Broke
         .await?;
     let _ = channel.close(200, "declared".into()).await;
     Ok(warnings)
+}
+
+/// Binds what reads (the queue; sharded: the consistent-hash exchange, exchange to exchange) to
+/// `broker.mqtt_exchange` for each of `broker.mqtt_topics`. The hash exchange hashes the routing
+/// key, which is the MQTT topic: a device publishing on its own topic stays on one shard queue.
+async fn bind_mqtt_topics(channel: &Channel, b: &Broker) -> Result<(), BrokerError> {
+    for filter in &b.mqtt_topics {
+        let key = settings::mqtt_binding_key(filter)
+            .map_err(|e| BrokerError::Topology(format!("broker.mqtt_topics: {e}")))?;
+        let (source, destination) = (b.mqtt_exchange.as_str().into(), b.queue.as_str().into());
+        match b.topology {
+            Topology::Queue => {
+                channel
+                    .queue_bind(
+                        destination,
+                        source,
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?
+            }
+            Topology::Sharded => {
+                let options = lapin::options::ExchangeBindOptions::default();
+                channel.exchange_bind(destination, source, key.as_str().into(), options, FieldTable::default()).await?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What an MQTT publish adds to `SystemProperties` (deliveries from `broker.mqtt_exchange` when
+/// `broker.mqtt_topics` is set): `mqtt-topic`, the topic as the device published it (the routing
+/// key with the plugin's swap of `.` and `/` undone), and `mqtt-topic-levels`, its levels, so a
+/// mapping reads the device id of `devices/{id}/telemetry` as
+/// `$.SystemProperties.mqtt-topic-levels[1]`.
+pub fn add_mqtt_topic(envelope: &mut Value, routing_key: &str) {
+    let levels: Vec<Value> = routing_key.split('.').map(|l| Value::String(l.replace('/', "."))).collect();
+    let topic = routing_key.chars().map(|c| match c {
+        '.' => '/',
+        '/' => '.',
+        c => c,
+    });
+    if let Some(system) = envelope.get_mut("SystemProperties").and_then(Value::as_object_mut) {
+        system.insert("mqtt-topic".into(), Value::String(topic.collect()));
+        system.insert("mqtt-topic-levels".into(), Value::Array(levels));
+    }
 }
 
 /// Shard queue `k` of the sharded topology.
@@ -610,5 +658,16 @@ mod tests {
         assert_eq!(sent_at(&absurd), None);
         assert!(envelope(b"{}", &absurd, "", "", false).is_ok());
         assert_eq!(envelope(b"", &props, "", "", false).map(|e| e["Body"].clone()), Ok(Value::Null));
+    }
+
+    #[test]
+    fn an_mqtt_publish_gives_the_mapping_its_topic_and_levels() {
+        let mut e =
+            envelope(br#"{"hr": 1}"#, &BasicProperties::default(), "amq.topic", "devices.d1/x.telemetry", false)
+                .unwrap_or_default();
+        add_mqtt_topic(&mut e, "devices.d1/x.telemetry");
+        assert_eq!(e["SystemProperties"]["mqtt-topic"], "devices/d1.x/telemetry");
+        assert_eq!(e["SystemProperties"]["mqtt-topic-levels"], json!(["devices", "d1.x", "telemetry"]));
+        assert_eq!(e["SystemProperties"]["routing-key"], "devices.d1/x.telemetry");
     }
 }
