@@ -425,10 +425,20 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// The evaluation envelope the connector would build for the original message.
-    pub fn envelope(&self) -> Result<Value, String> {
-        envelope(&self.body, &self.properties, "", &self.routing_key, false)
+    /// The evaluation envelope the connector would build for the original message (an MQTT
+    /// publish's with its topic, so that `redrive` checks a mapping that reads it).
+    pub fn envelope(&self, b: &Broker) -> Result<Value, String> {
+        let mut e = envelope(&self.body, &self.properties, &self.original_exchange, &self.routing_key, false)?;
+        if is_mqtt(b, &self.original_exchange) {
+            add_mqtt_topic(&mut e, &self.routing_key);
+        }
+        Ok(e)
     }
+}
+
+/// Whether a delivery through `exchange` is an MQTT publish the connector was bound to read.
+pub fn is_mqtt(b: &Broker, exchange: &str) -> bool {
+    !b.mqtt_topics.is_empty() && exchange == b.mqtt_exchange
 }
 
 fn header_text(h: &FieldTable, key: &str) -> Option<String> {

@@ -193,7 +193,7 @@ impl Consumer {
             Some(why) => Err(why),
             None => Ok(envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered)
                 .map(|mut e| {
-                    if !self.broker.mqtt_topics.is_empty() && d.exchange.as_str() == self.broker.mqtt_exchange {
+                    if super::is_mqtt(&self.broker, d.exchange.as_str()) {
                         super::add_mqtt_topic(&mut e, d.routing_key.as_str());
                     }
                     e
