@@ -243,3 +243,44 @@ async fn consume_all(conn: &lapin::Connection, queue: &str) -> Vec<Vec<u8>> {
     let _ = ch.close(200, "drained".into()).await;
     out
 }
+
+/// Dead letters of MQTT publishes carry their topic: read with a mapping that did not look at it
+/// (no device id in the body), they are dead-lettered; `dead-letters redrive` with the topic
+/// mapping finds that they now pass (it rebuilds the envelope with the topic) and sends them back
+/// through `amq.topic` with their topic, and they are written.
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt_dead_letters_redrive_with_their_topic() {
+    require_mqtt();
+    let Bed { run, system, queue, ch, _conn } = bed("mqttredrive").await;
+    let (devices, readings) = (2, 5);
+    let (with_id, per_topic) = device_messages(&run, devices, readings);
+    let fixed = mqtt_setup(&run, &queue, &system);
+    let mut broken = mqtt_setup(&run, &queue, &system);
+    broken.device_mapping = repo_path("mappings/devicecontent.json");
+    let c = Connector::start(&broken).await;
+    for (topic, lines) in &per_topic {
+        assert_eq!(mqtt_publish(mqtt_port(), Some(("guest", "guest")), topic, lines).await, lines.len());
+    }
+    c.wait_acked(with_id.len() as f64, Duration::from_secs(60)).await;
+    let m = c.metrics().await;
+    let dead: f64 = m.iter().filter(|(k, _)| k.starts_with("iomt_dead_lettered_total")).map(|(_, v)| v).sum();
+    assert_eq!(dead, with_id.len() as f64, "every message dead-lettered: {m:?}");
+    drop(c);
+    let dlq = format!("{queue}.dlq");
+    assert_eq!(services::ready_count(&ch, &dlq).await as usize, with_id.len(), "in the dead-letter queue");
+
+    let env = Connector::env_for(&fixed);
+    let (code, out) = services::dead_letters(&env, &["redrive", "--dry-run"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("would now pass the mappings: {}", with_id.len())), "{out}");
+    let c = Connector::start(&fixed).await;
+    let (code, out) = services::dead_letters(&env, &["redrive"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("moved {} back", with_id.len())), "{out}");
+    c.wait_acked(with_id.len() as f64, Duration::from_secs(60)).await;
+    assert_converged(&Fhir::new(), &run, devices, &uninterrupted(&with_id, &system)).await;
+    drop(c);
+    for q in [queue, dlq] {
+        services::delete_queue(&ch, &q).await;
+    }
+}
