@@ -284,3 +284,20 @@ async fn mqtt_dead_letters_redrive_with_their_topic() {
         services::delete_queue(&ch, &q).await;
     }
 }
+
+/// The plugin's topic → routing key, as the binding keys assume it: `/` becomes `.`, a `.` stays
+/// (RabbitMQ 3.10), so a filter with a dotted level matches the topic it names.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_filter_with_a_dot_in_a_level_matches_its_topic() {
+    require_mqtt();
+    let Bed { run, queue, ch, _conn, .. } = bed("mqttdot").await;
+    let mut b = services::broker_settings(&queue);
+    b.mqtt_topics = vec![format!("fw/v1.2/+/{run}")];
+    iomt_connector::source::rabbitmq::declare(&_conn, &b).await.unwrap_or_else(|e| panic!("declare: {e}"));
+    let lines = vec!["{}".to_string()];
+    let auth = Some(("guest", "guest"));
+    assert_eq!(mqtt_publish(mqtt_port(), auth, &format!("fw/v1.2/dev-1/{run}"), &lines).await, 1);
+    assert_eq!(mqtt_publish(mqtt_port(), auth, &format!("fw/v1.3/dev-1/{run}"), &lines).await, 1);
+    assert_eq!(services::ready_count(&ch, &queue).await, 1, "fw/v1.2/dev-1 routed, fw/v1.3/dev-1 not");
+    services::delete_queue(&ch, &queue).await;
+}

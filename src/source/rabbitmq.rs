@@ -266,19 +266,15 @@ async fn bind_mqtt_topics(channel: &Channel, b: &Broker) -> Result<(), BrokerErr
 }
 
 /// What an MQTT publish adds to `SystemProperties` (deliveries from `broker.mqtt_exchange` when
-/// `broker.mqtt_topics` is set): `mqtt-topic`, the topic as the device published it (the routing
-/// key with the plugin's swap of `.` and `/` undone), and `mqtt-topic-levels`, its levels, so a
-/// mapping reads the device id of `devices/{id}/telemetry` as
-/// `$.SystemProperties.mqtt-topic-levels[1]`.
+/// `broker.mqtt_topics` is set): `mqtt-topic`, the topic (the routing key's `.` turned back into
+/// `/`), and `mqtt-topic-levels`, its levels, so a mapping reads the device id of
+/// `devices/{id}/telemetry` as `$.SystemProperties['mqtt-topic-levels'][1]`. RabbitMQ 3.10's
+/// plugin turns `/` into `.` and keeps a `.` as it is, so a level with a `.` in it comes back as
+/// two levels.
 pub fn add_mqtt_topic(envelope: &mut Value, routing_key: &str) {
-    let levels: Vec<Value> = routing_key.split('.').map(|l| Value::String(l.replace('/', "."))).collect();
-    let topic = routing_key.chars().map(|c| match c {
-        '.' => '/',
-        '/' => '.',
-        c => c,
-    });
+    let levels: Vec<Value> = routing_key.split('.').map(|l| Value::String(l.to_string())).collect();
     if let Some(system) = envelope.get_mut("SystemProperties").and_then(Value::as_object_mut) {
-        system.insert("mqtt-topic".into(), Value::String(topic.collect()));
+        system.insert("mqtt-topic".into(), Value::String(routing_key.replace('.', "/")));
         system.insert("mqtt-topic-levels".into(), Value::Array(levels));
     }
 }
@@ -672,12 +668,12 @@ mod tests {
 
     #[test]
     fn an_mqtt_publish_gives_the_mapping_its_topic_and_levels() {
-        let mut e =
-            envelope(br#"{"hr": 1}"#, &BasicProperties::default(), "amq.topic", "devices.d1/x.telemetry", false)
-                .unwrap_or_default();
-        add_mqtt_topic(&mut e, "devices.d1/x.telemetry");
-        assert_eq!(e["SystemProperties"]["mqtt-topic"], "devices/d1.x/telemetry");
-        assert_eq!(e["SystemProperties"]["mqtt-topic-levels"], json!(["devices", "d1.x", "telemetry"]));
-        assert_eq!(e["SystemProperties"]["routing-key"], "devices.d1/x.telemetry");
+        // RabbitMQ 3.10's plugin publishes topic `devices/d1/telemetry` with this routing key.
+        let rk = "devices.d1.telemetry";
+        let mut e = envelope(br#"{"hr": 1}"#, &BasicProperties::default(), "amq.topic", rk, false).unwrap_or_default();
+        add_mqtt_topic(&mut e, rk);
+        assert_eq!(e["SystemProperties"]["mqtt-topic"], "devices/d1/telemetry");
+        assert_eq!(e["SystemProperties"]["mqtt-topic-levels"], json!(["devices", "d1", "telemetry"]));
+        assert_eq!(e["SystemProperties"]["routing-key"], rk);
     }
 }

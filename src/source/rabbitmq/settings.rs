@@ -83,8 +83,10 @@ fn default_mqtt_exchange() -> String {
 }
 
 /// An MQTT topic filter as the AMQP topic binding key RabbitMQ's MQTT plugin routes it by: levels
-/// `/` become words `.`, `+` (one level) becomes `*`, `#` (the rest) stays `#`; a `.` inside a level
-/// becomes `/`, as the plugin swaps them. `Err` for a filter MQTT itself refuses.
+/// `/` become words `.`, `+` (one level) becomes `*`, `#` (the rest) stays `#`. RabbitMQ 3.10's
+/// plugin turns every `/` of a topic into `.` and leaves a `.` as it is, so a `.` inside a level
+/// splits it into two words there as here (`v1.2/+` is `v1.2.*`, which `v1.2/x` matches). `Err`
+/// for a filter MQTT itself refuses.
 pub fn mqtt_binding_key(filter: &str) -> Result<String, String> {
     if filter.is_empty() {
         return Err("an empty topic filter matches nothing".into());
@@ -103,7 +105,7 @@ pub fn mqtt_binding_key(filter: &str) -> Result<String, String> {
             l if l.contains('*') => {
                 return Err(format!("'{filter}': * would be an AMQP wildcard; MQTT's one-level wildcard is +"));
             }
-            l => words.push(l.replace('.', "/")),
+            l => words.push(l.to_string()),
         }
     }
     Ok(words.join("."))
@@ -255,7 +257,7 @@ mod tests {
         assert_eq!(mqtt_binding_key("devices/+/telemetry").as_deref(), Ok("devices.*.telemetry"));
         assert_eq!(mqtt_binding_key("wards/#").as_deref(), Ok("wards.#"));
         assert_eq!(mqtt_binding_key("#").as_deref(), Ok("#"));
-        assert_eq!(mqtt_binding_key("v1.2/+/x").as_deref(), Ok("v1/2.*.x"));
+        assert_eq!(mqtt_binding_key("v1.2/+/x").as_deref(), Ok("v1.2.*.x"));
         for bad in ["", "a/#/b", "a/b+", "a/*/b", "a#"] {
             assert!(mqtt_binding_key(bad).is_err(), "{bad}");
         }
