@@ -164,6 +164,7 @@ async fn a_mosquitto_bridge_forwards_devices_topics_to_the_connector() {
     assert_converged(&Fhir::new(), &run, devices, &uninterrupted(&with_id, &system)).await;
     drop(connector);
     services::delete_queue(&ch, &queue).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn is_root() -> bool {
