@@ -398,17 +398,22 @@ tls_verifies() {
 RABBIT_TLS_BEGIN="# BEGIN iomt-connector test TLS listener (scripts/setup.sh; docs/tls.md)"
 RABBIT_TLS_END="# END iomt-connector test TLS listener"
 
-# rabbit_tls_block FILE print|drop: the marked block alone, or the file without it (lines compared
-# whole, so the markers need no escaping).
-rabbit_tls_block() {
-    as_root awk -v b="$RABBIT_TLS_BEGIN" -v e="$RABBIT_TLS_END" -v mode="$2" '
+# rabbit_block FILE BEGIN END print|drop: the block marked BEGIN ... END alone, or the file without
+# it (lines compared whole, so the markers need no escaping).
+rabbit_block() {
+    as_root awk -v b="$2" -v e="$3" -v mode="$4" '
         $0 == b { inblock = 1 }
         (mode == "print") == (inblock == 1) { print }
         $0 == e { inblock = 0 }' "$1" 2>/dev/null || true
 }
 
+# rabbit_tls_block FILE print|drop: the TLS block.
+rabbit_tls_block() { rabbit_block "$1" "$RABBIT_TLS_BEGIN" "$RABBIT_TLS_END" "$2"; }
+
+# rabbit_restart [WHY]: restarts the node and waits for its AMQP, AMQPS (and, once configured, MQTT)
+# listeners.
 rabbit_restart() {
-    log "restarting RabbitMQ to load its TLS listener"
+    log "restarting RabbitMQ to load ${1:-its TLS listener}"
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
         as_root systemctl restart rabbitmq-server || { rabbit_log_tail; die "systemctl restart rabbitmq-server failed"; }
     else
@@ -429,6 +434,61 @@ rabbit_restart() {
         sleep 1
     done
     as_root rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1 || warn "rabbitmqctl await_startup failed after the restart"
+    if rabbit_block /etc/rabbitmq/rabbitmq.conf "$RABBIT_MQTT_BEGIN" "$RABBIT_MQTT_END" print | grep -q listeners; then
+        deadline=$((SECONDS + 60))
+        until port_open "$AMQP_HOST" "$MQTT_PORT"; do
+            (( SECONDS < deadline )) || { rabbit_log_tail; die "RabbitMQ's MQTT listener is not on $AMQP_HOST:$MQTT_PORT after its restart"; }
+            sleep 1
+        done
+    fi
+}
+
+# RabbitMQ's MQTT plugin (docs/mqtt.md) on a port of its own, 127.0.0.1:1884 (1883 is often
+# Mosquitto's), publishing into amq.topic; MQTT clients sign in as guest/guest (no anonymous
+# access; guest is let in from loopback only, as over AMQP). tests/mqtt.rs publishes with
+# mosquitto_pub and bridges a Mosquitto of its own to it, so both are installed.
+MQTT_PORT="${IOMT_MQTT_PORT:-1884}"
+RABBIT_MQTT_BEGIN="# BEGIN iomt-connector test MQTT listener (scripts/setup.sh; docs/mqtt.md)"
+RABBIT_MQTT_END="# END iomt-connector test MQTT listener"
+setup_rabbitmq_mqtt() {
+    local changed=0 conf=/etc/rabbitmq/rabbitmq.conf block current
+    command -v mosquitto_pub >/dev/null 2>&1 || apt_install mosquitto-clients
+    # The broker itself, for the bridge test; Debian's package starts it on 1883 where it can.
+    command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || apt_install mosquitto
+    # Enabled offline, then loaded by the restart below: enabled on the running node it would
+    # start its listener on 1883 before the port below is read. Enabled before its keys are
+    # written: a node refuses to boot on keys of a plugin that is not enabled.
+    if ! grep -qs rabbitmq_mqtt /etc/rabbitmq/enabled_plugins; then
+        as_root rabbitmq-plugins -q enable --offline rabbitmq_mqtt >/dev/null || die "could not enable RabbitMQ plugin rabbitmq_mqtt"
+        log "RabbitMQ plugin rabbitmq_mqtt enabled"
+        changed=1
+    fi
+    block="$RABBIT_MQTT_BEGIN
+mqtt.listeners.tcp.default = $AMQP_HOST:$MQTT_PORT
+mqtt.allow_anonymous = false
+mqtt.vhost = /
+mqtt.exchange = amq.topic
+$RABBIT_MQTT_END"
+    current="$(rabbit_block "$conf" "$RABBIT_MQTT_BEGIN" "$RABBIT_MQTT_END" print)"
+    if [[ "$current" != "$block" ]]; then
+        if rabbit_block "$conf" "$RABBIT_MQTT_BEGIN" "$RABBIT_MQTT_END" drop | grep -qE '^[[:space:]]*mqtt\.'; then
+            die "$conf already configures MQTT (mqtt.*) outside setup.sh's block: the tests need the listener described in docs/mqtt.md on $AMQP_HOST:$MQTT_PORT; remove those lines or adapt them"
+        fi
+        log "writing RabbitMQ's MQTT listener ($AMQP_HOST:$MQTT_PORT) into $conf"
+        local tmp
+        tmp="$(mktemp)"
+        { rabbit_block "$conf" "$RABBIT_MQTT_BEGIN" "$RABBIT_MQTT_END" drop; printf '%s\n' "$block"; } > "$tmp"
+        as_root install -m 0644 "$tmp" "$conf"
+        rm -f "$tmp"
+        changed=1
+    fi
+    if (( changed )) || ! port_open "$AMQP_HOST" "$MQTT_PORT"; then
+        rabbit_restart "its MQTT listener"
+    else
+        log "RabbitMQ MQTT listener already on $AMQP_HOST:$MQTT_PORT"
+    fi
+    mosquitto_pub -h "$AMQP_HOST" -p "$MQTT_PORT" -u guest -P guest -q 1 -t iomt/setup/probe -m '{}' \
+        || die "mosquitto_pub as guest to RabbitMQ's MQTT listener on $AMQP_HOST:$MQTT_PORT failed"
 }
 
 # RabbitMQ's TLS listener on 127.0.0.1:5671 next to the plain one. verify_peer with
@@ -566,6 +626,7 @@ timed setup_rabbitmq
 if [[ $CORE -eq 0 ]]; then
     timed setup_tls_certs
     timed setup_rabbitmq_tls
+    timed setup_rabbitmq_mqtt
 fi
 timed "$SCRIPT_DIR/fhir-server.sh" start
 if [[ $CORE -eq 0 ]]; then

@@ -218,6 +218,7 @@ pub async fn declare(conn: &Connection, b: &Broker) -> Result<Vec<String>, Broke
             }
         }
     }
+    bind_mqtt_topics(&channel, b).await?;
     channel
         .exchange_declare(b.dead_letter_exchange.as_str().into(), ExchangeKind::Fanout, ex, FieldTable::default())
         .await?;
@@ -233,6 +234,49 @@ pub async fn declare(conn: &Connection, b: &Broker) -> Result<Vec<String>, Broke
         .await?;
     let _ = channel.close(200, "declared".into()).await;
     Ok(warnings)
+}
+
+/// Binds what reads (the queue; sharded: the consistent-hash exchange, exchange to exchange) to
+/// `broker.mqtt_exchange` for each of `broker.mqtt_topics`. The hash exchange hashes the routing
+/// key, which is the MQTT topic: a device publishing on its own topic stays on one shard queue.
+async fn bind_mqtt_topics(channel: &Channel, b: &Broker) -> Result<(), BrokerError> {
+    for filter in &b.mqtt_topics {
+        let key = settings::mqtt_binding_key(filter)
+            .map_err(|e| BrokerError::Topology(format!("broker.mqtt_topics: {e}")))?;
+        let (source, destination) = (b.mqtt_exchange.as_str().into(), b.queue.as_str().into());
+        match b.topology {
+            Topology::Queue => {
+                channel
+                    .queue_bind(
+                        destination,
+                        source,
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?
+            }
+            Topology::Sharded => {
+                let options = lapin::options::ExchangeBindOptions::default();
+                channel.exchange_bind(destination, source, key.as_str().into(), options, FieldTable::default()).await?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What an MQTT publish adds to `SystemProperties` (deliveries from `broker.mqtt_exchange` when
+/// `broker.mqtt_topics` is set): `mqtt-topic`, the topic (the routing key's `.` turned back into
+/// `/`), and `mqtt-topic-levels`, its levels, so a mapping reads the device id of
+/// `devices/{id}/telemetry` as `$.SystemProperties['mqtt-topic-levels'][1]`. RabbitMQ 3.10's
+/// plugin turns `/` into `.` and keeps a `.` as it is, so a level with a `.` in it comes back as
+/// two levels.
+pub fn add_mqtt_topic(envelope: &mut Value, routing_key: &str) {
+    let levels: Vec<Value> = routing_key.split('.').map(|l| Value::String(l.to_string())).collect();
+    if let Some(system) = envelope.get_mut("SystemProperties").and_then(Value::as_object_mut) {
+        system.insert("mqtt-topic".into(), Value::String(routing_key.replace('.', "/")));
+        system.insert("mqtt-topic-levels".into(), Value::Array(levels));
+    }
 }
 
 /// Shard queue `k` of the sharded topology.
@@ -377,10 +421,20 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// The evaluation envelope the connector would build for the original message.
-    pub fn envelope(&self) -> Result<Value, String> {
-        envelope(&self.body, &self.properties, "", &self.routing_key, false)
+    /// The evaluation envelope the connector would build for the original message (an MQTT
+    /// publish's with its topic, so that `redrive` checks a mapping that reads it).
+    pub fn envelope(&self, b: &Broker) -> Result<Value, String> {
+        let mut e = envelope(&self.body, &self.properties, &self.original_exchange, &self.routing_key, false)?;
+        if is_mqtt(b, &self.original_exchange) {
+            add_mqtt_topic(&mut e, &self.routing_key);
+        }
+        Ok(e)
     }
+}
+
+/// Whether a delivery through `exchange` is an MQTT publish the connector was bound to read.
+pub fn is_mqtt(b: &Broker, exchange: &str) -> bool {
+    !b.mqtt_topics.is_empty() && exchange == b.mqtt_exchange
 }
 
 fn header_text(h: &FieldTable, key: &str) -> Option<String> {
@@ -610,5 +664,16 @@ mod tests {
         assert_eq!(sent_at(&absurd), None);
         assert!(envelope(b"{}", &absurd, "", "", false).is_ok());
         assert_eq!(envelope(b"", &props, "", "", false).map(|e| e["Body"].clone()), Ok(Value::Null));
+    }
+
+    #[test]
+    fn an_mqtt_publish_gives_the_mapping_its_topic_and_levels() {
+        // RabbitMQ 3.10's plugin publishes topic `devices/d1/telemetry` with this routing key.
+        let rk = "devices.d1.telemetry";
+        let mut e = envelope(br#"{"hr": 1}"#, &BasicProperties::default(), "amq.topic", rk, false).unwrap_or_default();
+        add_mqtt_topic(&mut e, rk);
+        assert_eq!(e["SystemProperties"]["mqtt-topic"], "devices/d1/telemetry");
+        assert_eq!(e["SystemProperties"]["mqtt-topic-levels"], json!(["devices", "d1", "telemetry"]));
+        assert_eq!(e["SystemProperties"]["routing-key"], rk);
     }
 }

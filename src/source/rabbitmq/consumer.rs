@@ -191,7 +191,13 @@ impl Consumer {
         let lease = budget.lease(d.data.len());
         let event = match too_large {
             Some(why) => Err(why),
-            None => Ok(envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered)),
+            None => Ok(envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered)
+                .map(|mut e| {
+                    if super::is_mqtt(&self.broker, d.exchange.as_str()) {
+                        super::add_mqtt_topic(&mut e, d.routing_key.as_str());
+                    }
+                    e
+                })),
         };
         let record = Record {
             acker: d.acker,

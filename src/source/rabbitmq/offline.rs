@@ -58,7 +58,7 @@ impl DeadLetters for Letters {
 
     async fn take(&mut self) -> Result<Option<DeadLetter>, String> {
         let Some(d) = self.q.take().await.map_err(|e| broker_error(&self.broker, e))? else { return Ok(None) };
-        let (kind, error, envelope) = (d.kind.clone(), d.error.clone(), d.envelope());
+        let (kind, error, envelope) = (d.kind.clone(), d.error.clone(), d.envelope(&self.broker));
         Ok(Some(DeadLetter { kind, error, envelope, record: Position::new(d) }))
     }
 

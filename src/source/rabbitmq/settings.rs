@@ -68,6 +68,47 @@ pub struct Broker {
     pub tls_cert_file: String,
     #[serde(default)]
     pub tls_key_file: String,
+    /// MQTT topic filters (`devices/+/telemetry`, `wards/#`) whose publishes the connector reads:
+    /// at declare, the queue (sharded: the consistent-hash exchange) is bound to `mqtt_exchange`
+    /// with each filter as an AMQP binding key (`/` → `.`, `+` → `*`, `#` → `#`). Empty: no binding.
+    #[serde(default)]
+    pub mqtt_topics: Vec<String>,
+    /// The exchange RabbitMQ's MQTT plugin publishes into (its `mqtt.exchange`, `amq.topic` by default).
+    #[serde(default = "default_mqtt_exchange")]
+    pub mqtt_exchange: String,
+}
+
+fn default_mqtt_exchange() -> String {
+    "amq.topic".into()
+}
+
+/// An MQTT topic filter as the AMQP topic binding key RabbitMQ's MQTT plugin routes it by: levels
+/// `/` become words `.`, `+` (one level) becomes `*`, `#` (the rest) stays `#`. RabbitMQ 3.10's
+/// plugin turns every `/` of a topic into `.` and leaves a `.` as it is, so a `.` inside a level
+/// splits it into two words there as here (`v1.2/+` is `v1.2.*`, which `v1.2/x` matches). `Err`
+/// for a filter MQTT itself refuses.
+pub fn mqtt_binding_key(filter: &str) -> Result<String, String> {
+    if filter.is_empty() {
+        return Err("an empty topic filter matches nothing".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let mut words = Vec::with_capacity(levels.len());
+    for (i, level) in levels.iter().enumerate() {
+        match *level {
+            "+" => words.push("*".to_string()),
+            "#" if i + 1 == levels.len() => words.push("#".to_string()),
+            l if l.contains('#') || l.contains('+') => {
+                return Err(format!(
+                    "'{filter}': + and # must fill a whole level, and # must be the last (MQTT 3.1.1 section 4.7.1)"
+                ));
+            }
+            l if l.contains('*') => {
+                return Err(format!("'{filter}': * would be an AMQP wildcard; MQTT's one-level wildcard is +"));
+            }
+            l => words.push(l.to_string()),
+        }
+    }
+    Ok(words.join("."))
 }
 
 fn default_takeover_grace_ms() -> u64 {
@@ -144,6 +185,14 @@ impl Broker {
             p.bad("broker.management_url", format!("'{}' is not a URL", self.management_url));
         }
         self.check_tls(p);
+        for f in &self.mqtt_topics {
+            if let Err(e) = mqtt_binding_key(f) {
+                p.bad("broker.mqtt_topics", e);
+            }
+        }
+        if !self.mqtt_topics.is_empty() && self.mqtt_exchange.trim().is_empty() {
+            p.bad("broker.mqtt_exchange", "must name the exchange the MQTT plugin publishes to (amq.topic)");
+        }
     }
 
     fn check_tls(&self, p: &mut Problems) {
@@ -201,6 +250,20 @@ mod tests {
 
     fn problem(b: &Broker) -> String {
         b.validate().err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn mqtt_filters_become_amqp_topic_binding_keys() {
+        assert_eq!(mqtt_binding_key("devices/+/telemetry").as_deref(), Ok("devices.*.telemetry"));
+        assert_eq!(mqtt_binding_key("wards/#").as_deref(), Ok("wards.#"));
+        assert_eq!(mqtt_binding_key("#").as_deref(), Ok("#"));
+        assert_eq!(mqtt_binding_key("v1.2/+/x").as_deref(), Ok("v1.2.*.x"));
+        for bad in ["", "a/#/b", "a/b+", "a/*/b", "a#"] {
+            assert!(mqtt_binding_key(bad).is_err(), "{bad}");
+        }
+        let mut b = broker("amqp://h/%2f", "", "", "");
+        b.mqtt_topics = vec!["devices/#/x".into()];
+        assert!(problem(&b).contains("configuration key broker.mqtt_topics:"), "{}", problem(&b));
     }
 
     #[test]
