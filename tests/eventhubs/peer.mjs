@@ -660,6 +660,21 @@ for (const ev of ['connection_close', 'disconnected']) {
     }
   });
 }
+// azure-eventhub 5.15 (Python) detaches its $management links after it ended their session, as it
+// closes a client: frames on a channel that is no longer there, which rhea reports as a protocol
+// error of the connection (and ends its socket; the client is closing it anyway). Those are left
+// unsaid; any other protocol error is printed as rhea prints it.
+container.on('session_close', (context) => {
+  (context.connection.eh_ended ??= new Set()).add(context.session.remote.channel);
+});
+container.on('connection_open', (context) => {
+  const conn = context.connection;
+  conn.on('protocol_error', (err) => {
+    const m = /^detach received on invalid channel (\d+)$/.exec(err?.message ?? '');
+    if (m && conn.eh_ended?.has(Number(m[1]))) return;
+    console.error(`[${conn.options.id}] error on read: ${err}`);
+  });
+});
 container.on('error', (err) => console.error('peer error:', err?.stack ?? err));
 
 // The OPEN the service sends names its frame size and channel limit (65536 and 4999, with an
