@@ -1,7 +1,12 @@
 // An Event Hubs-shaped AMQP 1.0 peer for iomt-connector's tests: there is no Event Hubs emulator to
 // install here, so the tests talk to this instead. It speaks what Microsoft's clients need of the
-// service (learned by running them against it; prove.mjs runs @azure/event-hubs against it):
+// service (learned by running them against it; prove.mjs runs @azure/event-hubs against it, and
+// prove.py azure-eventhub, Microsoft's Python client, whose AMQP stack is its own, not rhea):
 //
+//   * every field of every performative (OPEN, BEGIN, ATTACH, FLOW, TRANSFER, ...) and of the
+//     composites in them, as the service sends them: rhea leaves trailing null fields out (AMQP
+//     allows it), and the Python client cannot read that (see "full field lists" below); the
+//     service's OPEN limits (max-frame-size 65536, channel-max 4999) and BEGIN handle-max 255;
 //   * plain TCP on 127.0.0.1, SASL ANONYMOUS (and PLAIN, any credentials);
 //   * $cbs put-token: answered 202, any token accepted;
 //   * $management READ of com.microsoft:eventhub and com.microsoft:partition;
@@ -104,9 +109,9 @@ const FIELDS = {
 };
 
 // Values the service sends where rhea sends none and offers no option: a BEGIN's handle-max (the
-// service's is 255: https://github.com/Azure/go-amqp's predecessor, vcabbage/amqp issue 56, shows
-// it). The Python stack compares it with its count of links, and a null one fails. (The OPEN's
-// values are rhea options: see container.listen below.)
+// service's is 255, as a frame trace in https://github.com/vcabbage/amqp/issues/56 shows). The
+// Python stack compares it with its count of links, and a null one fails. (The OPEN's values are
+// rhea options: see container.listen below.)
 const SERVICE_VALUES = { 0x11: { 4: types.wrap_uint(255) } };
 
 /** A described list with all its fields (a new value; null when `t` is no AMQP composite). */
