@@ -89,7 +89,7 @@ rhea.message.decode = (buffer) => {
 
 // ------------------------------------------------------------------------------------ full field lists
 
-// AMQP 1.0 lets an encoder leave out a composite's trailing null fields (section 1.4), and rhea
+// AMQP 1.0 lets an encoder leave out a composite's trailing null fields (part 1, 1.4), and rhea
 // does: its OPEN, BEGIN, ATTACH, FLOW, TRANSFER, ... stop at the last field it set. The service
 // sends every field, and some clients rely on it: the pure-Python AMQP stack of Microsoft's
 // azure-eventhub (5.15) reads performatives by index (frame[9], a TRANSFER's payload at
@@ -672,6 +672,7 @@ for (const ev of ['connection_close', 'disconnected']) {
 container.on('session_close', (context) => {
   (context.connection.eh_ended ??= new Set()).add(context.session.remote.channel);
 });
+container.on('session_open', (context) => context.connection.eh_ended?.delete(context.session.remote.channel));
 container.on('connection_open', (context) => {
   const conn = context.connection;
   conn.on('protocol_error', (err) => {
