@@ -15,7 +15,8 @@
 #   mitmproxy    .services/mitm-venv/bin/mitmdump         (PyPI; the outage tests' fault-injecting proxy)
 #   Chromium     /usr/bin/chromium + tests/browser/node_modules (Debian package; playwright-core from npm)
 #   PostgreSQL   127.0.0.1:5432, database test (the Event Hubs checkpoint store)
-#   Event Hubs   tests/eventhubs (rhea test peer, proven against @azure/event-hubs; npm)
+#   Event Hubs   tests/eventhubs (rhea test peer, proven against @azure/event-hubs; npm) and
+#                .services/eventhub-venv (azure-eventhub from PyPI: the peer proven against it too)
 #   promtool     /usr/bin/promtool (Debian package prometheus; tests ops/alerts.yml and the dashboard)
 #   TLS          a test CA and certificates in /var/lib/iomt-connector-test/tls (openssl; IOMT_TEST_TLS_DIR); RabbitMQ's TLS listener
 #                amqps://127.0.0.1:5671; stunnel4 on 127.0.0.2:5671 for the Event Hubs test peer,
@@ -215,7 +216,11 @@ setup_browser() {
 # ---------------------------------------------------------------- Event Hubs tests
 # The Event Hubs source keeps ownership and checkpoints in PostgreSQL; its tests talk AMQP 1.0 to the
 # repo's Event Hubs-shaped test peer (tests/eventhubs/peer.mjs, on rhea from npm), which CI first
-# proves against Microsoft's own client (@azure/event-hubs, tests/eventhubs/prove.mjs).
+# proves against Microsoft's own clients: @azure/event-hubs (tests/eventhubs/prove.mjs; rhea too)
+# and azure-eventhub (tests/eventhubs/prove.py; its own pure-Python AMQP stack), so that the peer
+# is not only what rhea accepts.
+EVENTHUB_PY_VERSION="5.15.1"
+EVENTHUB_VENV="${IOMT_SERVICES_DIR:-$ROOT/.services}/eventhub-venv"
 PG_HOST=127.0.0.1
 PG_PORT=5432
 setup_postgres() {
@@ -249,6 +254,33 @@ setup_eventhubs_peer() {
     fi
     log "proving the Event Hubs test peer against @azure/event-hubs"
     (cd "$ROOT" && node tests/eventhubs/prove.mjs) || die "the Event Hubs test peer failed against Microsoft's client (tests/eventhubs/prove.mjs)"
+    setup_eventhub_venv
+    log "proving the Event Hubs test peer against azure-eventhub $EVENTHUB_PY_VERSION (Python)"
+    (cd "$ROOT" && "$EVENTHUB_VENV/bin/python" tests/eventhubs/prove.py) \
+        || die "the Event Hubs test peer failed against Microsoft's Python client (tests/eventhubs/prove.py)"
+}
+
+# azure-eventhub (PyPI) in its own virtualenv, as mitmproxy is: only prove.py uses it.
+setup_eventhub_venv() {
+    if [[ -x "$EVENTHUB_VENV/bin/python" ]] && "$EVENTHUB_VENV/bin/python" -c \
+        "import sys, azure.eventhub as e; sys.exit(e.__version__ != '$EVENTHUB_PY_VERSION')" 2>/dev/null; then
+        log "azure-eventhub $EVENTHUB_PY_VERSION already installed in $EVENTHUB_VENV"
+        return 0
+    fi
+    local py
+    py="$(command -v python3 || true)"
+    [[ -n "$py" ]] || die "python3 not found (needed for azure-eventhub)"
+    log "installing azure-eventhub $EVENTHUB_PY_VERSION into $EVENTHUB_VENV"
+    mkdir -p "$(dirname "$EVENTHUB_VENV")"
+    [[ -f "$(dirname "$EVENTHUB_VENV")/.gitignore" ]] || printf '*\n' > "$(dirname "$EVENTHUB_VENV")/.gitignore"
+    rm -rf "$EVENTHUB_VENV"
+    if ! "$py" -m venv "$EVENTHUB_VENV" 2>/dev/null; then
+        rm -rf "$EVENTHUB_VENV"
+        apt_install python3-venv
+        /usr/bin/python3 -m venv "$EVENTHUB_VENV" || die "could not create a virtualenv for azure-eventhub"
+    fi
+    "$EVENTHUB_VENV/bin/python" -m pip install -q --disable-pip-version-check "azure-eventhub==$EVENTHUB_PY_VERSION" \
+        || die "pip install azure-eventhub==$EVENTHUB_PY_VERSION failed"
 }
 
 

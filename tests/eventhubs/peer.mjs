@@ -1,7 +1,12 @@
 // An Event Hubs-shaped AMQP 1.0 peer for iomt-connector's tests: there is no Event Hubs emulator to
 // install here, so the tests talk to this instead. It speaks what Microsoft's clients need of the
-// service (learned by running them against it; prove.mjs runs @azure/event-hubs against it):
+// service (learned by running them against it; prove.mjs runs @azure/event-hubs against it, and
+// prove.py azure-eventhub, Microsoft's Python client, whose AMQP stack is its own, not rhea):
 //
+//   * every field of every performative (OPEN, BEGIN, ATTACH, FLOW, TRANSFER, ...) and of the
+//     composites in them, as the service sends them: rhea leaves trailing null fields out (AMQP
+//     allows it), and the Python client cannot read that (see "full field lists" below); the
+//     service's OPEN limits (max-frame-size 65536, channel-max 4999) and BEGIN handle-max 255;
 //   * plain TCP on 127.0.0.1, SASL ANONYMOUS (and PLAIN, any credentials);
 //   * $cbs put-token: answered 202, any token accepted;
 //   * $management READ of com.microsoft:eventhub and com.microsoft:partition;
@@ -25,6 +30,7 @@ import rhea from 'rhea';
 import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { createRequire } from 'node:module';
 
 const USAGE = 'usage: node peer.mjs --data DIR [--port 5673] [--partitions 4] [--ready-file FILE]';
 let opts;
@@ -80,6 +86,56 @@ rhea.message.decode = (buffer) => {
   Object.defineProperty(m, 'encoded', { value: Buffer.from(buffer), enumerable: false });
   return m;
 };
+
+// ------------------------------------------------------------------------------------ full field lists
+
+// AMQP 1.0 lets an encoder leave out a composite's trailing null fields (part 1, 1.4), and rhea
+// does: its OPEN, BEGIN, ATTACH, FLOW, TRANSFER, ... stop at the last field it set. The service
+// sends every field, and some clients rely on it: the pure-Python AMQP stack of Microsoft's
+// azure-eventhub (5.15) reads performatives by index (frame[9], a TRANSFER's payload at
+// frame[11]) and fails with "list index out of range" on the first OPEN otherwise. rhea has no
+// option for it, so every frame the peer writes is passed through fullFields(): the performative
+// and the AMQP composites in its fields (source, target, error, delivery states) are padded with
+// nulls to their full length, which means the same thing to every reader (a null field is an
+// absent one). Messages (a TRANSFER's payload) are not touched: they are delivered as stored.
+//
+// The number of fields of each composite, by descriptor code (AMQP 1.0, parts 2, 3 and 5).
+const FIELDS = {
+  0x10: 10, 0x11: 8, 0x12: 14, 0x13: 11, 0x14: 11, 0x15: 6, 0x16: 3, 0x17: 1, 0x18: 1, // open .. close
+  0x1d: 3, // error
+  0x23: 2, 0x24: 0, 0x25: 1, 0x26: 0, 0x27: 3, // received, accepted, rejected, released, modified
+  0x28: 11, 0x29: 7, // source, target
+  0x40: 1, 0x41: 3, 0x42: 1, 0x43: 1, 0x44: 2, // sasl-mechanisms, -init, -challenge, -response, -outcome
+};
+
+// Values the service sends where rhea sends none and offers no option: a BEGIN's handle-max (the
+// service's is 255, as a frame trace in https://github.com/vcabbage/amqp/issues/56 shows). The
+// Python stack compares it with its count of links, and a null one fails. (The OPEN's values are
+// rhea options: see container.listen below.)
+const SERVICE_VALUES = { 0x11: { 4: types.wrap_uint(255) } };
+
+/** A described list with all its fields (a new value; null when `t` is no AMQP composite). */
+function padded(t) {
+  const code = t?.descriptor?.value;
+  const n = typeof code === 'number' ? FIELDS[code] : undefined;
+  if (n === undefined || !Array.isArray(t.value) || !t.type?.name?.startsWith('List')) return null;
+  const items = t.value.map((x) => padded(x) ?? x ?? types.Null());
+  while (items.length < n) items.push(types.Null());
+  for (const [i, v] of Object.entries(SERVICE_VALUES[code] ?? {})) {
+    if (items[i].type?.name === 'Null') items[i] = v;
+  }
+  return types.described(types.wrap_ulong(code), items.length ? types.List32(items) : types.List0());
+}
+
+function fullFields(performative) {
+  const t = performative?.described ? performative.described() : performative;
+  return padded(t) ?? performative;
+}
+
+// rhea's frames module (the one its connections use: the same file, so the same module instance).
+const rheaFrames = createRequire(import.meta.url)('rhea/lib/frames.js');
+const writeFrame = rheaFrames.write_frame;
+rheaFrames.write_frame = (frame) => writeFrame(frame.performative ? { ...frame, performative: fullFields(frame.performative) } : frame);
 
 // ------------------------------------------------------------------------------------ sections
 
@@ -609,9 +665,29 @@ for (const ev of ['connection_close', 'disconnected']) {
     }
   });
 }
+// azure-eventhub 5.15 (Python) detaches its $management links after it ended their session, as it
+// closes a client: frames on a channel that is no longer there, which rhea reports as a protocol
+// error of the connection (and ends its socket; the client is closing it anyway). Those are left
+// unsaid; any other protocol error is printed as rhea prints it.
+container.on('session_close', (context) => {
+  (context.connection.eh_ended ??= new Set()).add(context.session.remote.channel);
+});
+container.on('session_open', (context) => context.connection.eh_ended?.delete(context.session.remote.channel));
+container.on('connection_open', (context) => {
+  const conn = context.connection;
+  conn.on('protocol_error', (err) => {
+    const m = /^detach received on invalid channel (\d+)$/.exec(err?.message ?? '');
+    if (m && conn.eh_ended?.has(Number(m[1]))) return;
+    console.error(`[${conn.options.id}] error on read: ${err}`);
+  });
+});
 container.on('error', (err) => console.error('peer error:', err?.stack ?? err));
 
-const server = container.listen({ port: PORT, host: '127.0.0.1' });
+// The OPEN the service sends names its frame size and channel limit (65536 and 4999, with an
+// idle-time-out of 240000 ms: https://github.com/Azure/azure-sdk-for-python/issues/5316), and
+// azure-eventhub's Python stack needs the frame size (it compares it, and a null one fails). The
+// idle time-out is left out: rhea would then drop a client quiet for twice that, which no test needs.
+const server = container.listen({ port: PORT, host: '127.0.0.1', max_frame_size: 65536, channel_max: 4999 });
 server.on('listening', () => {
   const address = `127.0.0.1:${server.address().port}`;
   if (READY_FILE) {

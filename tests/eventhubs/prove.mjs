@@ -9,9 +9,11 @@
 //   enqueued time, the latest event and a position not reached yet; owner levels (a higher one
 //   takes the partition, a lower one and one without are refused); a restart of the peer on the
 //   same data directory (same events, same sequence numbers and offsets, numbering goes on).
-// Then, with plain rhea, what the client does not show: the AMQP types on the wire (partition ids
-// an array, status codes ints, the x-opt-* annotations, a sender's own types kept), the selector
-// filter's other spellings and its echo, max-message-size, detach answered in kind, SASL PLAIN.
+// Then, with plain rhea, what the client does not show: every field of the performatives (rhea
+// would leave trailing ones out, which prove.py's client cannot read), the AMQP types on the wire
+// (partition ids an array, status codes ints, the x-opt-* annotations, a sender's own types kept),
+// the selector filter's other spellings and its echo, max-message-size, detach answered in kind,
+// SASL PLAIN. prove.py does the same with Microsoft's Python client, another AMQP stack.
 // One line per check; exits 1 if any failed.
 //
 //   node tests/eventhubs/prove.mjs
@@ -354,6 +356,19 @@ async function wireChecks() {
     const got = messages(replies);
     const requests = conn.open_sender({ target: { address: '$management' } });
     await Promise.all([opened(replies), opened(requests)]);
+
+    // Every field of the performatives (rhea leaves trailing ones out, which azure-eventhub's
+    // Python stack cannot read), and the service's OPEN and BEGIN limits.
+    const fields = (composite) => composite?.value?.length;
+    const open = conn.remote.open;
+    check(fields(open) === 10 && open.max_frame_size === 65536 && open.channel_max === 4999,
+      'wire: OPEN with all 10 fields, max-frame-size 65536, channel-max 4999', `${fields(open)} ${open.max_frame_size} ${open.channel_max}`);
+    const begin = replies.session.remote.begin;
+    check(fields(begin) === 8 && begin.handle_max === 255, 'wire: BEGIN with all 8 fields, handle-max 255', `${fields(begin)} ${begin.handle_max}`);
+    const att = replies.remote.attach;
+    const terminus = (t) => t?.value?.length;
+    check(fields(att) === 14 && terminus(att.value[5]) === 11 && terminus(att.value[6]) === 7 && fields(requests.remote.attach) === 14,
+      'wire: ATTACH with all 14 fields, its source with 11 and target with 7', `${fields(att)} ${terminus(att.value[5])} ${terminus(att.value[6])}`);
     requests.send({ message_id: 'req-1', reply_to: 'prove-reply', application_properties: { operation: 'READ', name: WIRE_HUB, type: 'com.microsoft:eventhub' }, body: Buffer.from('[]') });
     await waitFor(() => got.length >= 1, 5000);
     const rep = got[0];
@@ -419,6 +434,8 @@ async function wireChecks() {
     const bad = conn.open_receiver({ source: { address: `${WIRE_HUB}/ConsumerGroups/$Default/Partitions/3`, filter: { [SELECTOR]: rhea.types.wrap_described('x-opt-offset < 3', SELECTOR) } } });
     await closed(bad);
     check(bad.error?.condition === 'amqp:invalid-field', 'wire: an unknown filter is refused', bad.error?.condition);
+    check(fields(bad.remote.detach) === 3 && fields(bad.remote.detach.value[2]) === 3, 'wire: DETACH with all 3 fields, its error with 3',
+      `${fields(bad.remote.detach)} ${fields(bad.remote.detach.value[2])}`);
 
     // A non-closing detach is answered with a non-closing one (Rust's SDK detaches so, and would
     // re-attach on a closing answer), and the receiver is gone: a lower owner level attaches after.
