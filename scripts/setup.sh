@@ -166,6 +166,24 @@ setup_rabbitmq() {
 }
 
 # ---------------------------------------------------------------- fault proxy
+
+# pip_venv DIR REQUIREMENT: a fresh virtualenv at DIR (in a git-ignored folder) holding REQUIREMENT;
+# python3-venv is installed when the interpreter cannot make one.
+pip_venv() {
+    local dir="$1" req="$2" py
+    py="$(command -v python3 || true)"
+    [[ -n "$py" ]] || die "python3 not found (needed for $req)"
+    mkdir -p "$(dirname "$dir")"
+    [[ -f "$(dirname "$dir")/.gitignore" ]] || printf '*\n' > "$(dirname "$dir")/.gitignore"
+    rm -rf "$dir"
+    if ! "$py" -m venv "$dir" 2>/dev/null; then
+        rm -rf "$dir"
+        apt_install python3-venv
+        /usr/bin/python3 -m venv "$dir" || die "could not create a virtualenv for $req"
+    fi
+    "$dir/bin/python" -m pip install -q --disable-pip-version-check "$req" || die "pip install $req failed"
+}
+
 # The outage tests put mitmproxy (with tests/support/fault_proxy.py) between the connector and the
 # FHIR server to make it hang or answer 429/503 with Retry-After. Installed once, kept in .services/.
 MITM_VERSION="11.0.2"   # the newest release that runs on Python 3.11
@@ -175,20 +193,8 @@ setup_fault_proxy() {
         log "mitmproxy $MITM_VERSION already installed in $MITM_VENV"
         return 0
     fi
-    local py
-    py="$(command -v python3 || true)"
-    [[ -n "$py" ]] || die "python3 not found (needed for mitmproxy)"
     log "installing mitmproxy $MITM_VERSION into $MITM_VENV (takes ~30 s)"
-    mkdir -p "$(dirname "$MITM_VENV")"
-    [[ -f "$(dirname "$MITM_VENV")/.gitignore" ]] || printf '*\n' > "$(dirname "$MITM_VENV")/.gitignore"
-    rm -rf "$MITM_VENV"
-    if ! "$py" -m venv "$MITM_VENV" 2>/dev/null; then
-        rm -rf "$MITM_VENV"
-        apt_install python3-venv
-        /usr/bin/python3 -m venv "$MITM_VENV" || die "could not create a virtualenv for mitmproxy"
-    fi
-    "$MITM_VENV/bin/python" -m pip install -q --disable-pip-version-check "mitmproxy==$MITM_VERSION" \
-        || die "pip install mitmproxy==$MITM_VERSION failed"
+    pip_venv "$MITM_VENV" "mitmproxy==$MITM_VERSION"
     log "installed $("$MITM_VENV/bin/mitmdump" --version | head -1)"
 }
 
@@ -267,20 +273,8 @@ setup_eventhub_venv() {
         log "azure-eventhub $EVENTHUB_PY_VERSION already installed in $EVENTHUB_VENV"
         return 0
     fi
-    local py
-    py="$(command -v python3 || true)"
-    [[ -n "$py" ]] || die "python3 not found (needed for azure-eventhub)"
     log "installing azure-eventhub $EVENTHUB_PY_VERSION into $EVENTHUB_VENV"
-    mkdir -p "$(dirname "$EVENTHUB_VENV")"
-    [[ -f "$(dirname "$EVENTHUB_VENV")/.gitignore" ]] || printf '*\n' > "$(dirname "$EVENTHUB_VENV")/.gitignore"
-    rm -rf "$EVENTHUB_VENV"
-    if ! "$py" -m venv "$EVENTHUB_VENV" 2>/dev/null; then
-        rm -rf "$EVENTHUB_VENV"
-        apt_install python3-venv
-        /usr/bin/python3 -m venv "$EVENTHUB_VENV" || die "could not create a virtualenv for azure-eventhub"
-    fi
-    "$EVENTHUB_VENV/bin/python" -m pip install -q --disable-pip-version-check "azure-eventhub==$EVENTHUB_PY_VERSION" \
-        || die "pip install azure-eventhub==$EVENTHUB_PY_VERSION failed"
+    pip_venv "$EVENTHUB_VENV" "azure-eventhub==$EVENTHUB_PY_VERSION"
 }
 
 

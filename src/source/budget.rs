@@ -51,6 +51,12 @@ impl Budget {
         })
     }
 
+    /// Takes a delivery of `bytes`: its lease, counted even when it is too large (it is in memory
+    /// until it is dead-lettered), and why it is too large, if it is.
+    pub fn take(self: &Arc<Self>, bytes: usize) -> (Lease, Option<String>) {
+        (self.lease(bytes), self.too_large(bytes))
+    }
+
     /// Counts `bytes` in flight until the lease drops (the delivery is settled).
     pub fn lease(self: &Arc<Self>, bytes: usize) -> Lease {
         let used = self.used.fetch_add(bytes, Ordering::SeqCst) + bytes;

@@ -29,6 +29,16 @@ fn credential_error(message: String) -> azure_core::Error {
     azure_core::Error::with_message(azure_core::error::ErrorKind::Credential, message)
 }
 
+/// The scope the SDK asks for, or the hub's when it asks for none.
+fn scope_of<'a>(scopes: &[&'a str]) -> &'a str {
+    scopes.first().copied().unwrap_or("https://eventhubs.azure.net/.default")
+}
+
+/// A token valid for `ttl` from now, as the SDK takes it.
+fn access_token(token: String, ttl: Duration) -> AccessToken {
+    AccessToken::new(token, azure_core::time::OffsetDateTime::now_utc() + ttl)
+}
+
 /// Client credentials, one OAuth2 token source per scope asked for.
 struct Entra {
     s: EventHubs,
@@ -68,9 +78,9 @@ impl TokenCredential for Entra {
         scopes: &[&str],
         _options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
-        let scope = scopes.first().copied().unwrap_or("https://eventhubs.azure.net/.default");
-        let (token, ttl) = self.source(scope).token_with_ttl().await.map_err(|e| credential_error(e.to_string()))?;
-        Ok(AccessToken::new(token, azure_core::time::OffsetDateTime::now_utc() + ttl))
+        let (token, ttl) =
+            self.source(scope_of(scopes)).token_with_ttl().await.map_err(|e| credential_error(e.to_string()))?;
+        Ok(access_token(token, ttl))
     }
 }
 
@@ -183,10 +193,10 @@ impl TokenCredential for ManagedIdentity {
         _options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         // Managed identity endpoints take a resource, not a scope.
-        let scope = scopes.first().copied().unwrap_or("https://eventhubs.azure.net/.default");
+        let scope = scope_of(scopes);
         let resource = scope.strip_suffix("/.default").unwrap_or(scope);
         let (token, ttl) = self.token(resource).await.map_err(credential_error)?;
-        Ok(AccessToken::new(token, azure_core::time::OffsetDateTime::now_utc() + ttl))
+        Ok(access_token(token, ttl))
     }
 }
 

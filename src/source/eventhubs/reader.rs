@@ -286,8 +286,8 @@ fn handle(
     crate::source::book_received();
     let bytes = body_len(message);
     let budget = ctx.intake.budget();
-    let too_large = budget.too_large(bytes);
-    let record = Record { partition: pid.clone(), at, message: message.clone(), _lease: budget.lease(bytes) };
+    let (lease, too_large) = budget.take(bytes);
+    let record = Record { partition: pid.clone(), at, message: message.clone(), _lease: lease };
     let guard = DeliveryGuard::new(Position::new(record), sent_at(message), to_reader.clone());
     match too_large {
         // Never parsed: dead-lettered as it came, once the guard drops here.

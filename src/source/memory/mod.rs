@@ -112,8 +112,7 @@ async fn read(
         let Some(body) = body else { return };
         crate::source::book_received();
         let budget = intake.budget();
-        let too_large = budget.too_large(body.len());
-        let lease = budget.lease(body.len());
+        let (lease, too_large) = budget.take(body.len());
         let guard = DeliveryGuard::new(Position::new(Taken { n, _lease: lease }), None, to_settler.clone());
         match too_large {
             Some(why) => guard.fail(crate::model::kind::ErrorKind::MessageTooLarge, why),

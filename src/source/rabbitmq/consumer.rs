@@ -186,9 +186,7 @@ impl Consumer {
         book_received();
         queue.delivered();
         let budget = self.intake.budget();
-        // Counted even when too large: it is in memory until it is dead-lettered.
-        let too_large = budget.too_large(d.data.len());
-        let lease = budget.lease(d.data.len());
+        let (lease, too_large) = budget.take(d.data.len());
         let event = match too_large {
             Some(why) => Err(why),
             None => Ok(envelope(&d.data, &d.properties, d.exchange.as_str(), d.routing_key.as_str(), d.redelivered)
