@@ -104,6 +104,16 @@ async fn a_changed_mapping_applies_to_the_messages_after_the_swap_and_an_invalid
     assert!(m.get("iomt_mapping_reloads_total{result=\"refused\"}").copied().unwrap_or(0.0) >= 1.0);
     assert_eq!(m.get("iomt_mappings_refused"), Some(&1.0), "what ops/alerts.yml's IomtMappingReloadRefused reads");
 
+    // The refused file restored to the running text: nothing to reload, and the refusal ends (issue 19, item 2).
+    replace(&device, &device_mapping("pulse"));
+    let restored = Instant::now();
+    while ready(&c).await.get("mappingsRefused").is_some() {
+        assert!(restored.elapsed() < Duration::from_secs(10), "restoring the running text left the refusal shown");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready(&c).await["mappingsVersion"], second, "the same pair runs on");
+    assert_eq!(c.metric("iomt_mappings_refused").await, 0.0);
+
     // SIGHUP reloads at once, even a change the file watch cannot see (same modification time).
     let stamp = std::fs::metadata(&device).and_then(|m| m.modified()).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(&device, device_mapping("heartRate")).unwrap_or_else(|e| panic!("{e}"));
